@@ -1,0 +1,97 @@
+"""lime_fast: fast, dependable LIME (localized image editing via attention regularization)
+for InstructPix2Pix-family diffusers checkpoints.
+
+    import lime_fast
+    result = lime_fast.edit("photo.jpg", "make her outfit black")
+    result.image.save("edited.png"); result.overlay().save("roi.png")
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from .config import DEFAULT_MODEL, EditConfig
+from .engine import EditResult, Encoded, LimeEngine
+from .errors import LimeWarning, ModelLoadError, NonFiniteLatentsError
+
+__version__ = "0.1.0"
+__all__ = [
+    "DEFAULT_MODEL",
+    "EditConfig",
+    "EditResult",
+    "Encoded",
+    "LimeEngine",
+    "LimeWarning",
+    "ModelLoadError",
+    "NonFiniteLatentsError",
+    "edit",
+    "get_engine",
+]
+
+_ENGINES: dict[tuple, LimeEngine] = {}
+_ENGINES_LOCK = threading.Lock()
+
+
+def get_engine(model=DEFAULT_MODEL, *, device=None, torch_dtype=None, attention: str = "auto") -> LimeEngine:
+    """The cached ``LimeEngine`` for (model, device, dtype, attention); loaded on first use.
+
+    ``model`` may also be a ``LimeEngine`` (returned as is) or a loaded InstructPix2Pix pipeline.
+    """
+    if isinstance(model, LimeEngine):
+        return model
+    if hasattr(model, "unet") and hasattr(model, "vae"):
+        key = (id(model), attention)
+        with _ENGINES_LOCK:
+            if key not in _ENGINES:
+                _ENGINES[key] = LimeEngine.from_pipe(model, attention=attention)
+            return _ENGINES[key]
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch_dtype or (torch.float16 if dev.type == "cuda" else torch.float32)
+    key = (str(model), str(dev), dtype, attention)
+    with _ENGINES_LOCK:
+        if key not in _ENGINES:
+            _ENGINES[key] = LimeEngine.from_pretrained(model, torch_dtype=dtype, device=dev, attention=attention)
+        return _ENGINES[key]
+
+
+def edit(
+    image,
+    instruction: str,
+    *,
+    mask=None,
+    model=DEFAULT_MODEL,
+    steps: int = 30,
+    seed: int = 42,
+    device=None,
+    torch_dtype=None,
+    progress: bool = True,
+    **config,
+) -> EditResult:
+    """Edit ``image`` as ``instruction`` says, changing only the region the instruction is about.
+
+    Args:
+        image: path, PIL image, numpy array [H, W(, 3|4)] or torch tensor; any mode (converted to RGB).
+        instruction: the edit, e.g. "make her outfit black" (at most 77 CLIP tokens; longer is truncated).
+        mask: optional region to edit (path, PIL, numpy or torch, any size; True/white = inside). Skips
+            the automatic localization.
+        model: hub id or local folder of an InstructPix2Pix-family diffusers checkpoint, a loaded
+            pipeline, or a ``LimeEngine``. Loaded engines are cached across calls.
+        steps, seed: denoising steps and noise seed.
+        device, torch_dtype: default CUDA + fp16 when available, else CPU + fp32.
+        progress: show a progress bar per pass.
+        **config: any other ``EditConfig`` field (text_guidance, top_k, roi_words, clusters, ...).
+
+    Returns:
+        ``EditResult`` with the edited image at the input's size, the RoI mask, segments, heatmap,
+        chosen tokens and per-stage timings.
+    """
+    cfg = EditConfig(steps=steps, seed=seed, **config)  # validate before loading anything
+    from .inputs import check_instruction, load_image, load_mask
+
+    load_image(image), check_instruction(instruction)
+    if mask is not None:
+        load_mask(mask)
+    engine = get_engine(model, device=device, torch_dtype=torch_dtype)
+    return engine.edit(image, instruction, mask=mask, progress=progress, config=cfg)

@@ -1,0 +1,146 @@
+"""EditConfig: every knob of a LIME edit in one documented dataclass.
+
+Defaults are the table of ../shared/LIME_SPEC.md (the authors' released notebook, and the paper's
+top-k). ``capture_step`` and ``reg_steps`` default to ``None``, which scales them with ``steps``
+(one third and nine tenths of the run): at the default 30 steps they resolve to exactly the spec's
+10 and (0, 26), and at other step counts the defaults stay valid instead of raising.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+DEFAULT_MODEL = "timbrooks/instruct-pix2pix"
+SEGMENT_BACKENDS = ("native", "materialized", "cuml")
+
+
+@dataclass
+class EditConfig:
+    """Parameters of one LIME edit.
+
+    Attributes:
+        steps: denoising steps of both passes (Euler-ancestral, as the checkpoint ships).
+        seed: seed of the CPU generator that draws the initial noise and each step's noise; the same
+            seed gives the same image on every run (and the same noise on CPU and GPU).
+        text_guidance, image_guidance: guidance scales of the regularized edit (s_T, s_I).
+        loc_text_guidance, loc_image_guidance: guidance scales of the localization pass.
+        capture_step: step whose attention is captured for localization; the localization pass stops
+            right after it (capture_step + 1 UNet evaluations). None: round(steps / 3) (10 of 30).
+        reg_steps: inclusive (first, last) steps during which unrelated tokens are silenced inside the
+            RoI. None: (0, ceil(0.9 * steps) - 1), i.e. (0, 26) of 30.
+        feature_levels: UNet levels whose attention outputs and maps localize (level l runs at the
+            latent size / 2**l).
+        reg_levels: levels whose cross-attention is regularized.
+        grid_size: long side, in cells, of the output grid on which segments and the RoI live
+            (128 at 512 x 512: one cell per 4 x 4 pixels); the short side keeps the aspect ratio.
+        clusters: k of the k-means segmentation.
+        kmeans_n_init, kmeans_max_iter, kmeans_tol: k-means restarts, iteration cap and tolerance
+            (scikit-learn's rule: tol relative to the mean per-dimension variance).
+        segment_backend: "native" (exact, never builds the pixels x channels matrix), "materialized"
+            (the reference) or "cuml" (needs the cuml extra and a GPU).
+        top_k: number of highest-attention grid cells whose segments form the RoI.
+        roi_words: words of the instruction to localize instead of the automatic content words.
+        max_side: images whose long side exceeds this many pixels are processed at this long side
+            (with a warning) and the result is resized back to the input's size.
+    """
+
+    steps: int = 30
+    seed: int = 42
+    text_guidance: float = 2.0
+    image_guidance: float = 1.5
+    loc_text_guidance: float = 5.5
+    loc_image_guidance: float = 1.5
+    capture_step: int | None = None
+    reg_steps: tuple[int, int] | None = None
+    feature_levels: tuple[int, ...] = (1, 2, 3)
+    reg_levels: tuple[int, ...] = (0, 1)
+    grid_size: int = 128
+    clusters: int = 8
+    kmeans_n_init: int = 1
+    kmeans_max_iter: int = 300
+    kmeans_tol: float = 1e-4
+    segment_backend: str = "native"
+    top_k: int = 100
+    roi_words: tuple[str, ...] | None = None
+    max_side: int = 1024
+
+    def __post_init__(self):
+        if isinstance(self.roi_words, str):
+            self.roi_words = (self.roi_words,)
+        elif self.roi_words is not None:
+            self.roi_words = tuple(self.roi_words)
+        self.validate()
+
+    # --- resolved values -------------------------------------------------------------------
+    @property
+    def capture(self) -> int:
+        """The capture step after defaults are resolved."""
+        return self.capture_step if self.capture_step is not None else min(self.steps - 1, round(self.steps / 3))
+
+    @property
+    def reg_range(self) -> tuple[int, int]:
+        """Inclusive (first, last) regularized steps after defaults are resolved."""
+        if self.reg_steps is not None:
+            return tuple(self.reg_steps)
+        return (0, max(0, math.ceil(0.9 * self.steps) - 1))
+
+    def replace(self, **changes) -> "EditConfig":
+        """A copy with some fields changed (validated); unknown names raise TypeError."""
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self) if not f.name.startswith("_")}
+        if unknown:
+            raise TypeError(f"unknown EditConfig field(s): {', '.join(sorted(unknown))}")
+        return dataclasses.replace(self, **changes)
+
+    def validate(self) -> None:
+        """Raise ValueError/TypeError naming the first bad field."""
+
+        def _int(name, lo):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+            if v < lo:
+                raise ValueError(f"{name} must be >= {lo}, got {v}")
+
+        def _scale(name):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise TypeError(f"{name} must be a finite number, got {v!r}")
+            if v < 0:
+                raise ValueError(f"{name} must be >= 0 (guidance scales cannot be negative), got {v}")
+
+        _int("steps", 1)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise TypeError(f"seed must be an int, got {type(self.seed).__name__}")
+        for name in ("text_guidance", "image_guidance", "loc_text_guidance", "loc_image_guidance"):
+            _scale(name)
+        if self.capture_step is not None:
+            _int("capture_step", 0)
+            if self.capture_step >= self.steps:
+                raise ValueError(
+                    f"capture_step={self.capture_step} is beyond the step count: it must be < steps={self.steps}"
+                )
+        if self.reg_steps is not None:
+            if len(self.reg_steps) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) for s in self.reg_steps):
+                raise TypeError(f"reg_steps must be a (first, last) pair of ints, got {self.reg_steps!r}")
+            first, last = self.reg_steps
+            if not 0 <= first <= last < self.steps:
+                raise ValueError(
+                    f"reg_steps={tuple(self.reg_steps)} must satisfy 0 <= first <= last < steps={self.steps}"
+                )
+        for name in ("grid_size", "clusters", "kmeans_n_init", "kmeans_max_iter", "top_k"):
+            _int(name, 1)
+        _int("max_side", 64)
+        if not (isinstance(self.kmeans_tol, (int, float)) and self.kmeans_tol >= 0):
+            raise ValueError(f"kmeans_tol must be >= 0, got {self.kmeans_tol!r}")
+        if self.segment_backend not in SEGMENT_BACKENDS:
+            raise ValueError(f"segment_backend must be one of {SEGMENT_BACKENDS}, got {self.segment_backend!r}")
+        for name in ("feature_levels", "reg_levels"):
+            levels = getattr(self, name)
+            if not all(isinstance(x, int) and x >= 0 for x in levels):
+                raise ValueError(f"{name} must be non-negative ints, got {levels!r}")
+        if not self.feature_levels:
+            raise ValueError("feature_levels must name at least one level")
+        if self.roi_words is not None and not all(isinstance(w, str) and w.strip() for w in self.roi_words):
+            raise ValueError(f"roi_words must be non-empty strings, got {self.roi_words!r}")

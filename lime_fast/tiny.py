@@ -1,0 +1,102 @@
+"""Small random-weight InstructPix2Pix pipelines, built offline from configs.
+
+Used by the tests (saved, then loaded back through ``LimeEngine.from_pretrained`` like any checkpoint),
+by ``lime-fast demo`` until a trained demo model ships, and by ``replica`` for full-size GPU figures.
+The architecture mirrors SD 1.5 (3 CrossAttnDown + Down, mid block with attention, Up + 3
+CrossAttnUp; VAE factor 8) at a tiny width, so every LIME level exists.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+CONFIG_DIR = "data/configs/instruct-pix2pix"
+
+
+def shipped_config(component: str) -> dict:
+    """The real timbrooks/instruct-pix2pix config of one component (unet, vae, text_encoder, scheduler, tokenizer)."""
+    name = "scheduler_config.json" if component == "scheduler" else ("tokenizer_config.json" if component == "tokenizer" else "config.json")
+    text = resources.files("lime_fast").joinpath(f"{CONFIG_DIR}/{component}/{name}").read_text()
+    return {k: v for k, v in json.loads(text).items() if not k.startswith("_")}
+
+
+def tiny_pipeline(heads: int | tuple[int, ...] = 8, width: int = 32, text_width: int = 32, seed: int = 0, tokenizer=None):
+    """A random ~3 M-parameter ``StableDiffusionInstructPix2PixPipeline`` on the CPU, fp32.
+
+    heads: attention heads of the UNet (an int, or one per block); width: channels of the first UNet
+    block (then 2x, 2x, 2x); text_width: CLIP text-encoder width. tokenizer: default the real CLIP
+    tokenizer (``lime_fast.clip_bpe.clip_tokenizer``).
+    """
+    from diffusers import (
+        AutoencoderKL,
+        EulerAncestralDiscreteScheduler,
+        StableDiffusionInstructPix2PixPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from .clip_bpe import clip_tokenizer
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        in_channels=8,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(width, 2 * width, 2 * width, 2 * width),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=text_width,
+        attention_head_dim=heads,  # diffusers' legacy name: this is the number of heads
+        norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(16, 16, 32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=128,
+    )
+    tok = tokenizer or clip_tokenizer()
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tok),
+            hidden_size=text_width,
+            intermediate_size=2 * text_width,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+            projection_dim=text_width,
+        )
+    )
+    scheduler = EulerAncestralDiscreteScheduler(**{k: v for k, v in shipped_config("scheduler").items() if k in ("beta_end", "beta_schedule", "beta_start", "num_train_timesteps", "prediction_type", "steps_offset")})
+    pipe = StableDiffusionInstructPix2PixPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tok,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def save_tiny(path: str | Path, **kwargs) -> Path:
+    """Build ``tiny_pipeline(**kwargs)`` and save it (safetensors) as a diffusers folder at ``path``."""
+    path = Path(path)
+    tiny_pipeline(**kwargs).save_pretrained(path, safe_serialization=True)
+    return path

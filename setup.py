@@ -1,0 +1,32 @@
+from pathlib import Path
+
+from setuptools import setup
+
+setup(
+    name="lime-fast",
+    version="0.1.0",
+    description="Fast, dependable LIME: training-free localized image editing for InstructPix2Pix-family models",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8") if Path("README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["lime_fast", "lime_fast.kernels"],
+    package_dir={"lime_fast": "lime_fast", "lime_fast.kernels": "kernels"},
+    package_data={"lime_fast": ["data/*.txt", "data/*.json", "data/configs/*/*.json"]},
+    # torch is deliberately unpinned here; .ci/setup installs the CPU build (torch==2.13.0) first.
+    install_requires=[
+        "torch>=2.4",
+        "diffusers>=0.30",
+        "accelerate",
+        "transformers>=4.44",
+        "safetensors",
+        "numpy",
+        "pillow",
+        "tqdm",
+    ],
+    extras_require={
+        "dev": ["pytest", "pytest-benchmark", "scikit-learn"],
+        "triton": ["triton"],
+        "cuml": ["cuml-cu12"],
+    },
+    entry_points={"console_scripts": ["lime-fast=lime_fast.cli:main"]},
+)

@@ -1,0 +1,260 @@
+"""End-to-end behaviour of LimeEngine on tiny random checkpoints loaded through from_pretrained."""
+
+import warnings
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from lime_fast import EditConfig, LimeEngine, LimeWarning, ModelLoadError
+from lime_fast.attention import AttentionController
+
+
+def _count_unet_calls(engine, monkeypatch):
+    calls = []
+    forward = engine.unet.forward
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(engine.unet, "forward", counting)
+    return calls
+
+
+@pytest.mark.parametrize("model", ["tiny_dir", "tiny_dir_heads"])
+def test_full_edit_runs_on_both_head_layouts(request, model, shapes, fast):
+    engine = LimeEngine.from_pretrained(request.getfixturevalue(model), device="cpu")
+    heads = {p.heads for p in engine.unet.modules() if hasattr(p, "heads") and hasattr(p, "to_q")}
+    assert heads == ({8} if model == "tiny_dir" else {2, 4})
+    r = engine.edit(shapes, "make the red circle blue", progress=False, **fast)
+    assert r.image.size == shapes.size and r.image.mode == "RGB"
+    assert r.roi_mask.shape == (128, 128) and r.roi_mask.dtype == bool
+    assert r.roi_grid.shape == (32, 32) and r.segments.shape == (32, 32) and r.heatmap.shape == (32, 32)
+    assert r.roi_grid.any()
+    # the RoI is exactly the union of segments it touches
+    inside = np.unique(r.segments[r.roi_grid])
+    assert np.array_equal(r.roi_grid, np.isin(r.segments, inside))
+    assert r.tokens == ["red", "circle", "blue"] and r.silenced == ["the"]
+    assert set(r.timings) >= {"encode", "localize", "segment", "edit", "decode", "total"}
+    assert 0.0 <= r.heatmap.min() and r.heatmap.max() <= 1.0
+
+
+def test_unet_evaluation_counts(engine, shapes, fast, monkeypatch):
+    calls = _count_unet_calls(engine, monkeypatch)
+    cfg = EditConfig(**fast)
+    enc = engine.encode(engine.preprocess([shapes]), ["make the red circle blue"])
+    engine.localization_pass(enc, cfg, progress=False)
+    assert len(calls) == cfg.capture + 1
+    calls.clear()
+    r = engine.edit(shapes, "make the red circle blue", progress=False, **fast)
+    assert len(calls) == r.unet_evals == cfg.capture + 1 + cfg.steps
+    calls.clear()
+    engine.edit(shapes, "make the red circle blue", mask=np.ones((8, 8), bool), progress=False, **fast)
+    assert len(calls) == cfg.steps  # a user mask skips stage 1
+
+
+def test_default_config_is_41_evaluations():
+    cfg = EditConfig()
+    assert (cfg.steps, cfg.capture, cfg.reg_range) == (30, 10, (0, 26))
+    assert cfg.capture + 1 + cfg.steps == 41
+
+
+def test_same_seed_same_result_and_seed_matters(engine, shapes, fast):
+    a = engine.edit(shapes, "turn the blue square green", progress=False, seed=3, **fast)
+    b = engine.edit(shapes, "turn the blue square green", progress=False, seed=3, **fast)
+    c = engine.edit(shapes, "turn the blue square green", progress=False, seed=4, **fast)
+    assert np.array_equal(np.asarray(a.image), np.asarray(b.image))
+    assert np.array_equal(a.roi_grid, b.roi_grid) and np.array_equal(a.segments, b.segments)
+    assert not np.array_equal(np.asarray(a.image), np.asarray(c.image))
+
+
+def test_non_square_image(engine, fast):
+    img = PIL.Image.fromarray(np.random.default_rng().integers(0, 255, (64, 128, 3), dtype=np.uint8))
+    r = engine.edit(img, "make the sky purple", progress=False, **fast)
+    assert r.image.size == (128, 64)
+    assert r.roi_mask.shape == (64, 128) and r.roi_grid.shape == (16, 32) and r.segments.shape == (16, 32)
+
+
+def test_odd_size_image_is_resized_and_returned_at_its_size(engine, fast):
+    img = PIL.Image.fromarray(np.random.default_rng().integers(0, 255, (100, 150, 3), dtype=np.uint8))
+    r = engine.edit(img, "make the car red", progress=False, **fast)
+    assert r.image.size == (150, 100) and r.roi_mask.shape == (100, 150)
+
+
+def test_parity_with_diffusers_when_mask_is_empty(tiny_dir, shapes):
+    """An all-False mask gives exactly InstructPix2Pix (fp32)."""
+    from diffusers import StableDiffusionInstructPix2PixPipeline
+
+    pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(tiny_dir, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    steps, seed = 8, 123
+    ref = pipe(
+        "make the red circle blue",
+        image=shapes,
+        num_inference_steps=steps,
+        guidance_scale=2.0,
+        image_guidance_scale=1.5,
+        generator=torch.Generator().manual_seed(seed),
+    ).images[0]
+    engine = LimeEngine.from_pretrained(tiny_dir, device="cpu")
+    with pytest.warns(LimeWarning, match="empty"):
+        ours = engine.edit(shapes, "make the red circle blue", mask=np.zeros((128, 128), bool), steps=steps, seed=seed, progress=False)
+    a, b = np.asarray(ref).astype(int), np.asarray(ours.image).astype(int)
+    assert np.abs(a - b).max() <= 1, np.abs(a - b).max()
+    assert (a != b).mean() < 0.01
+
+
+def test_regularization_only_inside_roi_and_only_unrelated_tokens(engine, shapes, fast, monkeypatch):
+    """Spy on every cross-attention call of the edit pass: the penalty is applied at levels 0-1 during
+    the regularized steps only, to RoI pixels and unrelated tokens only, in all three branches; and
+    at the first regularized step, attention changes only there."""
+    cfg = EditConfig(**fast)
+    roi = np.zeros((32, 32), bool)
+    roi[4:20, 8:24] = True
+    calls = []
+    original = AttentionController.attend
+
+    def spy(self, q, k, v, roi_, keep, scale, capture):
+        out = original(self, q, k, v, roi_, keep, scale, capture)
+        calls.append((q.shape[2], q, k, roi_, keep))
+        return out
+
+    monkeypatch.setattr(AttentionController, "attend", spy)
+    step = {"i": -1}
+    original_eps = engine._guided_eps
+
+    def eps_spy(*a, **kw):
+        step["i"] += 1
+        calls.append(("step", step["i"]))
+        return original_eps(*a, **kw)
+
+    monkeypatch.setattr(engine, "_guided_eps", eps_spy)
+    r = engine.edit(shapes, "make the red circle blue", mask=roi, progress=False, **fast)
+    keep_expected = torch.zeros(77, dtype=torch.bool)
+    keep_expected[1:7] = torch.tensor([True, False, True, True, True, True])  # make the red circle blue EOS
+    level_n = {16 * 16: 0, 8 * 8: 1, 4 * 4: 2, 2 * 2: 3}
+    cur, seen = -1, 0
+    for c in calls:
+        if c[0] == "step":
+            cur = c[1]
+            continue
+        n, q, k, roi_, keep = c
+        level = level_n[n]
+        if level in cfg.reg_levels and cfg.reg_range[0] <= cur <= cfg.reg_range[1]:
+            assert roi_ is not None and keep is not None
+            assert roi_.shape == (3, n) and keep.shape == (3, 77)
+            assert torch.equal(keep, keep_expected.repeat(3, 1))  # same tokens in all three branches
+            side = int(np.sqrt(n))
+            grid_roi = torch.nn.functional.interpolate(torch.from_numpy(roi)[None, None].float(), size=(side, side), mode="nearest")[0, 0] > 0.5
+            assert torch.equal(roi_[0].reshape(side, side), grid_roi) and torch.equal(roi_[1], roi_[0]) and torch.equal(roi_[2], roi_[0])
+            if cur == 0:  # first regularized step: compare attention with and without the penalty
+                logits = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
+                plain = logits.softmax(-1)
+                reg = logits.masked_fill((roi_[:, None, :, None] & ~keep[:, None, None, :]), float("-inf")).softmax(-1)
+                outside = ~roi_[:, None, :].expand_as(plain[..., 0])
+                assert torch.equal(plain[outside], reg[outside])  # rows outside the RoI: unchanged
+                inside = ~outside
+                silenced = ~keep[:, None, None, :].expand_as(plain)
+                assert (reg[inside.unsqueeze(-1).expand_as(reg) & silenced] == 0).all()
+                kept = plain * keep[:, None, None, :]
+                renorm = kept / kept.sum(-1, keepdim=True)
+                torch.testing.assert_close(reg[inside], renorm[inside])
+                seen += 1
+        else:
+            assert roi_ is None and keep is None
+    # tiny UNet (layers_per_block=1): per level, 1 down + 2 up cross-attention layers; levels 0 and 1
+    assert seen == 2 * 3
+    assert r.unet_evals == cfg.steps
+
+
+def test_batch_of_two_edits_matches_single_edits(engine, shapes, fast):
+    other = PIL.Image.fromarray(np.asarray(shapes)[:, ::-1].copy())
+    singles = [engine.edit(im, s, progress=False, **fast) for im, s in ((shapes, "make the red circle blue"), (other, "turn the blue square green"))]
+    batch = engine.edit_batch([shapes, other], ["make the red circle blue", "turn the blue square green"], progress=False, **fast)
+    assert [r.tokens for r in batch] == [["red", "circle", "blue"], ["blue", "square", "green"]]
+    for s, b in zip(singles, batch):
+        assert np.array_equal(s.segments, b.segments) and np.array_equal(s.roi_grid, b.roi_grid)
+        diff = np.abs(np.asarray(s.image).astype(int) - np.asarray(b.image).astype(int))
+        assert diff.max() <= 2, diff.max()  # batched BLAS may round differently in fp32
+
+
+def test_user_mask_of_another_size(engine, shapes, fast):
+    m = np.zeros((40, 40), bool)
+    m[:20, :20] = True
+    r = engine.edit(shapes, "make the red circle blue", mask=PIL.Image.fromarray(m.astype(np.uint8) * 255), progress=False, **fast)
+    assert r.segments is None and r.heatmap is None
+    assert r.roi_grid[:16, :16].all() and not r.roi_grid[16:, :].any() and not r.roi_grid[:, 16:].any()
+    assert r.roi_mask.shape == (128, 128) and r.roi_mask[:64, :64].all() and not r.roi_mask[64:].any()
+
+
+def test_full_mask_warns_and_is_finite(engine, shapes, fast):
+    with pytest.warns(LimeWarning, match="whole image"):
+        r = engine.edit(shapes, "make the red circle blue", mask=np.ones((128, 128), bool), progress=False, **fast)
+    assert r.roi_mask.all() and np.isfinite(np.asarray(r.image, dtype=float)).all()
+
+
+def test_instruction_without_content_words_falls_back(engine, shapes, fast):
+    with pytest.warns(LimeWarning):
+        r = engine.edit(shapes, "make it so", progress=False, **fast)
+    assert r.fallback == "non_stop_words" and r.tokens == ["make"]
+    with pytest.warns(LimeWarning, match="whole image"):
+        r = engine.edit(shapes, "do it!", progress=False, **fast)
+    assert r.fallback == "whole_image" and r.roi_mask.all() and r.tokens == []
+
+
+def test_roi_words_override(engine, shapes, fast):
+    r = engine.edit(shapes, "make the red circle blue", roi_words=["circle"], progress=False, **fast)
+    assert r.tokens == ["circle"]
+    with pytest.raises(ValueError, match="square"):
+        engine.edit(shapes, "make the red circle blue", roi_words=["square"], progress=False, **fast)
+
+
+def test_not_an_instructpix2pix_unet_is_refused(clip_tok):
+    from lime_fast.tiny import tiny_pipeline
+
+    pipe = tiny_pipeline(tokenizer=clip_tok)
+    from diffusers import UNet2DConditionModel
+
+    cfg = dict(pipe.unet.config)
+    cfg["in_channels"] = 4
+    pipe.unet = UNet2DConditionModel.from_config(cfg)
+    with pytest.raises(ModelLoadError, match="InstructPix2Pix"):
+        LimeEngine.from_pipe(pipe)
+
+
+def test_missing_weights_give_one_clear_error(tmp_path):
+    with pytest.raises(ModelLoadError) as e:
+        LimeEngine.from_pretrained("someone/not-a-cached-model", device="cpu")
+    msg = str(e.value)
+    assert "someone/not-a-cached-model" in msg and "huggingface-cli download" in msg
+    assert e.value.__cause__ is None and e.value.__suppress_context__
+    with pytest.raises(ModelLoadError, match="model_index.json"):
+        LimeEngine.from_pretrained(tmp_path / "empty-folder-that-does-not-exist", device="cpu")
+
+
+def test_from_pipe_shares_modules(tiny_dir, shapes, fast):
+    from diffusers import StableDiffusionInstructPix2PixPipeline
+
+    pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(tiny_dir, safety_checker=None, requires_safety_checker=False)
+    eng = LimeEngine.from_pipe(pipe)
+    assert eng.unet is pipe.unet
+    r = eng.edit(shapes, "make the red circle blue", progress=False, **fast)
+    assert r.image.size == shapes.size
+
+
+def test_non_finite_latents_raise_naming_the_step(engine, shapes, fast, monkeypatch):
+    from lime_fast import NonFiniteLatentsError
+
+    original = engine._guided_eps
+    n = {"i": 0}
+
+    def poisoned(*a, **kw):
+        n["i"] += 1
+        eps = original(*a, **kw)
+        return eps * float("nan") if n["i"] == 2 else eps
+
+    monkeypatch.setattr(engine, "_guided_eps", poisoned)
+    with pytest.raises(NonFiniteLatentsError, match="step 1"):
+        engine.edit(shapes, "make the red circle blue", mask=np.ones((4, 4), bool), progress=False, **fast)

@@ -1,0 +1,167 @@
+"""Bad input gets a clear error before any model work; odd-but-valid input is converted."""
+
+import io
+import warnings
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+import lime_fast
+from lime_fast import EditConfig, LimeWarning
+from lime_fast.inputs import check_instruction, grid_shape, load_image, load_mask, working_size
+
+NO_MODEL = "/nonexistent/model/folder"  # loading it would fail: errors below must come first
+
+
+def _edit(image=None, instruction="make the car red", **kw):
+    image = np.zeros((64, 64, 3), np.uint8) if image is None else image
+    return lime_fast.edit(image, instruction, model=NO_MODEL, progress=False, **kw)
+
+
+def test_missing_and_corrupt_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        _edit(tmp_path / "nope.png")
+    bad = tmp_path / "corrupt.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\nthis is not a png")
+    with pytest.raises(ValueError, match="cannot read"):
+        _edit(bad)
+    truncated = tmp_path / "truncated.jpg"
+    buf = io.BytesIO()
+    PIL.Image.new("RGB", (64, 64), (10, 20, 30)).save(buf, "JPEG")
+    truncated.write_bytes(buf.getvalue()[:100])
+    with pytest.raises(ValueError, match="cannot read"):
+        _edit(truncated)
+
+
+@pytest.mark.parametrize(
+    "arr, match",
+    [
+        (np.zeros((0, 64, 3), np.uint8), "empty"),
+        (np.zeros((64,), np.uint8), "shape"),
+        (np.zeros((64, 64, 5), np.uint8), "shape"),
+        (np.zeros((2, 64, 64, 3), np.uint8), "shape"),
+        (np.array([["a"]], dtype=object), "numeric"),
+        (np.full((8, 8, 3), 2.0, np.float32), r"\[0, 1\]"),
+        (np.full((8, 8, 3), np.nan, np.float32), "NaN"),
+    ],
+)
+def test_arrays_that_are_not_images(arr, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        _edit(arr)
+
+
+def test_wrong_image_type():
+    with pytest.raises(TypeError, match="PIL.Image"):
+        _edit(12345)
+
+
+def test_zero_size_pil_image():
+    with pytest.raises(ValueError, match="empty"):
+        load_image(PIL.Image.new("RGB", (0, 10)))
+
+
+def test_modes_are_converted(tmp_path):
+    gray = PIL.Image.new("L", (20, 10), 128)
+    assert load_image(gray).mode == "RGB" and load_image(gray).getpixel((0, 0)) == (128, 128, 128)
+    rgba = PIL.Image.new("RGBA", (20, 10), (255, 0, 0, 0))  # fully transparent -> white
+    assert load_image(rgba).getpixel((0, 0)) == (255, 255, 255)
+    i16 = PIL.Image.fromarray(np.full((10, 20), 65535, np.uint16))
+    assert load_image(i16).getpixel((0, 0)) == (255, 255, 255)
+    arr16 = np.full((10, 20, 3), 257 * 100, np.uint16)
+    assert load_image(arr16).getpixel((0, 0)) == (100, 100, 100)
+    cmyk = PIL.Image.new("CMYK", (20, 10), (0, 255, 255, 0))
+    assert load_image(cmyk).getpixel((0, 0)) == (255, 0, 0)
+    path = tmp_path / "cmyk.jpg"
+    cmyk.save(path)
+    assert load_image(path).mode == "RGB"
+    chw = torch.rand(3, 10, 20)
+    assert load_image(chw).size == (20, 10)
+    assert load_image(np.random.rand(10, 20)).size == (20, 10)
+    assert load_image(np.zeros((10, 20), bool)).mode == "RGB"
+
+
+def test_very_large_images():
+    with pytest.raises(ValueError, match="maximum side"):
+        load_image(PIL.Image.new("L", (20000, 8)))
+    with pytest.warns(LimeWarning, match="max_side"):
+        assert working_size(4000, 3000, 64, 1024) == (1024, 768)
+
+
+def test_working_size_and_grid():
+    assert working_size(512, 512, 64, 1024) == (512, 512)
+    assert working_size(500, 330, 64, 1024) == (512, 320)
+    assert working_size(10, 10, 64, 1024) == (64, 64)
+    assert grid_shape(512, 512, 128) == (128, 128)
+    assert grid_shape(512, 768, 128) == (85, 128)
+    assert grid_shape(768, 512, 128) == (128, 85)
+
+
+@pytest.mark.parametrize("instruction, exc", [("", ValueError), ("   ", ValueError), (None, TypeError), (42, TypeError), (["a"], TypeError)])
+def test_bad_instructions(instruction, exc):
+    with pytest.raises(exc, match="instruction"):
+        _edit(instruction=instruction)
+
+
+def test_mask_types_and_values():
+    m = np.zeros((6, 8), bool)
+    m[2:4, 3:6] = True
+    for mask in (m, torch.from_numpy(m), PIL.Image.fromarray(m.astype(np.uint8) * 255), m.astype(np.float32),
+                 m.astype(np.uint8) * 255, m[None], m[..., None]):
+        assert np.array_equal(load_mask(mask), m)
+    for bad, exc, match in [
+        ("not a file.png", FileNotFoundError, "no such file"),
+        (3.5, TypeError, "mask"),
+        ([[1, 0]], TypeError, "mask"),
+        (np.zeros((4, 4, 3)), ValueError, "single-channel"),
+        (np.zeros((0, 4)), ValueError, "empty"),
+        (np.array([[np.nan]]), ValueError, "NaN"),
+        (np.array([["x"]]), TypeError, "dtype"),
+    ]:
+        with pytest.raises(exc, match=match):
+            _edit(mask=bad)
+
+
+@pytest.mark.parametrize(
+    "kw, exc, match",
+    [
+        (dict(steps=0), ValueError, "steps"),
+        (dict(steps=2.5), TypeError, "steps"),
+        (dict(capture_step=30), ValueError, "capture_step"),
+        (dict(steps=10, capture_step=12), ValueError, "capture_step"),
+        (dict(reg_steps=(0, 30)), ValueError, "reg_steps"),
+        (dict(reg_steps=(5, 2)), ValueError, "reg_steps"),
+        (dict(text_guidance=-1.0), ValueError, "negative"),
+        (dict(image_guidance=-0.5), ValueError, "negative"),
+        (dict(loc_text_guidance=float("nan")), TypeError, "finite"),
+        (dict(top_k=0), ValueError, "top_k"),
+        (dict(segment_backend="gpu"), ValueError, "segment_backend"),
+        (dict(no_such_field=1), TypeError, "no_such_field"),
+    ],
+)
+def test_bad_config(kw, exc, match):
+    with pytest.raises(exc, match=match):
+        _edit(**kw)
+
+
+def test_config_defaults_follow_the_spec():
+    c = EditConfig()
+    assert (c.steps, c.seed, c.text_guidance, c.image_guidance) == (30, 42, 2.0, 1.5)
+    assert (c.loc_text_guidance, c.loc_image_guidance, c.capture, c.reg_range) == (5.5, 1.5, 10, (0, 26))
+    assert (c.grid_size, c.clusters, c.top_k, c.feature_levels, c.reg_levels) == (128, 8, 100, (1, 2, 3), (0, 1))
+    assert (c.kmeans_n_init, c.kmeans_max_iter, c.kmeans_tol, c.segment_backend) == (1, 300, 1e-4, "native")
+    assert EditConfig(steps=20).reg_range == (0, 17) and EditConfig(steps=20).capture == 7
+
+
+def test_valid_input_reaches_the_model_loader():
+    """With every input valid, the first error is the loader's: validation really ran first."""
+    with pytest.raises(lime_fast.ModelLoadError, match="model_index.json"):
+        _edit()
+
+
+def test_long_instruction_is_truncated_with_a_warning(engine, shapes):
+    long = "make the " + " ".join(["very"] * 90) + " red circle blue"
+    with pytest.warns(LimeWarning, match="tokens were dropped"):
+        r = engine.edit(shapes, long, mask=np.ones((4, 4), bool), steps=1, progress=False)
+    assert r.image.size == shapes.size
