@@ -100,3 +100,30 @@ def save_tiny(path: str | Path, **kwargs) -> Path:
     path = Path(path)
     tiny_pipeline(**kwargs).save_pretrained(path, safe_serialization=True)
     return path
+
+
+def replica_pipeline(seed: int = 0, tokenizer=None):
+    """A full-size random-weight replica of timbrooks/instruct-pix2pix (SD 1.5 UNet, VAE, CLIP ViT-L/14
+    text tower), built from the configs shipped in ``lime_fast/data/configs``: for GPU timings and
+    memory figures with no download. ~1.07 B parameters, fp32 on the CPU (move it with ``.to``)."""
+    from diffusers import AutoencoderKL, EulerAncestralDiscreteScheduler, StableDiffusionInstructPix2PixPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from .clip_bpe import clip_tokenizer
+
+    torch.manual_seed(seed)
+    text_cfg = {k: v for k, v in shipped_config("text_encoder").items() if k not in ("architectures", "torch_dtype")}
+    tok = tokenizer or clip_tokenizer()
+    text_cfg.update(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    pipe = StableDiffusionInstructPix2PixPipeline(
+        vae=AutoencoderKL.from_config(shipped_config("vae")),
+        text_encoder=CLIPTextModel(CLIPTextConfig(**text_cfg)),
+        tokenizer=tok,
+        unet=UNet2DConditionModel.from_config(shipped_config("unet")),
+        scheduler=EulerAncestralDiscreteScheduler.from_config(shipped_config("scheduler")),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

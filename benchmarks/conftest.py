@@ -1,0 +1,20 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+
+RATIOS: list[str] = []
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Print the side-by-side ratios the benchmark modules recorded (same run, same machine)."""
+    if RATIOS:
+        terminalreporter.write_sep("=", "ratios (measured side by side in this run)")
+        for line in RATIOS:
+            terminalreporter.write_line(line)
+
+
+@pytest.fixture(scope="session")
+def ratios():
+    return RATIOS

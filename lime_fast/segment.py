@@ -1,0 +1,619 @@
+"""Feature-map segmentation for LIME: fuse per-layer UNet features on a pixel grid and cluster them.
+
+LIME upsamples every captured feature map to a common grid (bilinear, ``align_corners=True``),
+concatenates them along channels, L2-normalizes each pixel's vector and runs k-means on the result.
+
+Backends of :func:`segment`
+---------------------------
+
+``"native"`` (default)
+    Exact k-means on the fused, normalized matrix *without ever building it*. Bilinear upsampling is
+    linear and separable, ``U_l = kron(A_l, B_l)`` with ``A_l`` ``[gh, h_l]`` and ``B_l`` ``[gw, w_l]``
+    (two nonzeros per row each), so everything k-means needs is computed from the native maps:
+
+    * pixel norms ``||x_p||^2 = sum_l u_lp^T (X_l X_l^T) u_lp`` use only the Gram entries between the
+      (at most four) neighbouring native pixels of ``p``: ``|x|^2`` of each native pixel and the dot
+      products with its right, lower, lower-right neighbours and the anti-diagonal pair of each 2x2 cell;
+    * a weighted sum of normalized pixels ``sum_p w_p y_p`` (a centroid, or a chosen point during
+      k-means++) is, per layer, ``X_l^T U_l^T (w / ||x||)``: the adjoint of the upsampling applied to the
+      pixel weights (``A_l^T W B_l``), then a weighted sum of native pixels;
+    * dot products of all pixels with ``m`` such vectors are ``sum_l U_l (X_l c_l) / ||x_p||``: native dot
+      products, upsampled (``A_l S B_l^T``), summed over layers;
+    * squared norms and shifts of centroids come from the centroids themselves (``k x sum C_l``, small);
+    * distances are ``||y_p - c||^2 = ||y_p||^2 - 2 y_p.c + ||c||^2`` with ``||y_p||^2 = 1``, or 0 for an
+      all-zero pixel (normalized to the zero vector, as ``F.normalize`` does);
+    * the tol rule's ``mean_d var(Y[:, d]) = (mean_p ||y_p||^2 - ||mean_p y_p||^2) / D``, the mean being
+      one more weighted sum.
+
+    Per Lloyd iteration this reads the native features twice (``~sum_l h_l w_l C_l`` = 10M values at
+    512x512, 1/143 of the fused matrix) and does O(k * grid) work for the (up/down)sampling.
+
+    Layers with the same native size share one pair of interpolation matrices. On the CPU, fp32 inputs
+    are used in place (no copy at all); on accelerators (and for fp16/bf16 inputs) each size group is
+    concatenated once into an fp32 block (~40 MB for SD 1.5 at 512x512, against the 1.4 GB fused
+    matrix) so that a pass over the features is a handful of large kernels.
+
+``"materialized"``
+    The reference: build the ``[gh*gw, sum C_l]`` fp32 matrix and cluster it.
+
+``"cuml"``
+    Materialize on the GPU and hand the matrix to ``cuml.cluster.KMeans`` (``pip install lime-fast[cuml]``).
+    cuML uses its own initialisation and random streams, so its labels are not comparable one-to-one
+    with the other two backends.
+
+Both torch backends run the same k-means driver (:func:`_lloyd`) that only talks to a "point space"
+object: ``dots(c)`` (dot products of every point with ``m`` vectors), ``combine(weights)``
+(weighted sums of points) and ``points(idx)``. On the same input they therefore produce the same
+clusters up to floating-point ties.
+
+k-means semantics (deliberately close to scikit-learn's ``KMeans(algorithm="lloyd")``)
+------------------------------------------------------------------------------------
+
+* Init: greedy k-means++ with ``2 + int(log(k))`` local trials per centre. The first centre is a uniform
+  random point; candidates are drawn with probability proportional to the squared distance to the
+  closest chosen centre (inverse CDF on the fp64 cumulative sum); the candidate that minimizes the total
+  potential wins. All random numbers come from a CPU ``torch.Generator`` seeded with ``seed``, so runs are
+  deterministic and the same on CPU and CUDA; ``n_init`` restarts draw successively from that generator.
+* Lloyd iterations: assign each point to the nearest centre (ties go to the lowest index), recompute
+  centres as means. Stop when the labels did not change ("strict convergence") or when
+  ``sum_j ||c_j^new - c_j^old||^2 <= tol * mean_d var(X[:, d])``; at most ``max_iter`` iterations.
+  Without strict convergence a final assignment step labels the points with the final centres.
+* Empty clusters (deterministic): when an assignment leaves clusters empty, the points farthest from their
+  assigned centres (descending distance, ties by lowest point index) are moved, one each, into the empty
+  clusters in ascending cluster order before the centres are recomputed (scikit-learn's rule).
+* ``inertia`` is the sum of squared distances of the points to their assigned final centres;
+  ``n_init > 1`` keeps the run with the lowest inertia (the first one on ties).
+
+Precision and devices: all arithmetic is fp32 (fp64 for the pixel-norm quadratic forms, potentials and
+sums), the same plain torch code on CPU and CUDA. If TF32 matmuls are enabled globally
+(``torch.backends.cuda.matmul.allow_tf32``), both torch backends inherit the lower precision. No Triton
+kernel: the work is a few skinny matmuls per iteration, already at BLAS / cuBLAS speed; on a GPU the
+cost is kernel-launch and host-sync latency (one host sync per Lloyd iteration), not arithmetic.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["KMeansResult", "kmeans", "segment", "upsample", "BACKENDS"]
+
+BACKENDS = ("native", "materialized", "cuml")
+
+_EPS = 1e-12  # F.normalize's default: a pixel vector is divided by max(||x||, eps)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Upsampling
+# ---------------------------------------------------------------------------------------------------
+
+
+def upsample(maps: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Bilinear (``align_corners=True``) resize of ``maps`` ``[C, h, w]`` or ``[B, C, h, w]`` to ``grid``; fp32."""
+    if maps.dim() not in (3, 4):
+        raise ValueError(f"upsample expects [C, h, w] or [B, C, h, w] maps, got shape {tuple(maps.shape)}")
+    gh, gw = _check_grid(grid)
+    x = maps.float()
+    batched = x.dim() == 4
+    if not batched:
+        x = x.unsqueeze(0)
+    if tuple(x.shape[-2:]) == (gh, gw):
+        out = x.clone() if x.data_ptr() == maps.data_ptr() else x
+    else:
+        out = F.interpolate(x, size=(gh, gw), mode="bilinear", align_corners=True)
+    return out if batched else out.squeeze(0)
+
+
+def _check_grid(grid) -> tuple[int, int]:
+    try:
+        gh, gw = (int(g) for g in grid)
+    except (TypeError, ValueError):
+        raise ValueError(f"grid must be a pair of positive ints (gh, gw), got {grid!r}") from None
+    if gh < 1 or gw < 1:
+        raise ValueError(f"grid must be a pair of positive ints (gh, gw), got {grid!r}")
+    return gh, gw
+
+
+def _interp_1d(n_in: int, n_out: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Source index ``i0`` and weight ``t`` of 1-D linear interpolation (align_corners=True), fp64.
+
+    Output ``o`` is ``(1 - t) * in[i0] + t * in[i0 + 1]`` with ``0 <= i0 <= max(n_in - 2, 0)``: at the last
+    input sample the pair ``(n_in - 2, n_in - 1)`` with ``t = 1`` is used instead of PyTorch's clamped
+    ``(n_in - 1, n_in - 1)`` with ``t = 0`` (the same value), so every output has a right neighbour.
+    For ``n_in == 1`` the caller pads the input to two identical samples (``t`` is 0 there).
+    """
+    scale = (n_in - 1) / (n_out - 1) if n_out > 1 else 0.0
+    src = torch.arange(n_out, dtype=torch.float64) * scale
+    i0 = src.floor().clamp(0, max(n_in - 2, 0)).long()
+    t = src - i0.double()
+    return i0, t
+
+
+def _interp_matrix(i0: torch.Tensor, t: torch.Tensor, n_in: int) -> torch.Tensor:
+    """Dense ``[n_out, n_in]`` interpolation matrix (two nonzeros per row), fp64."""
+    n_out = i0.numel()
+    m = torch.zeros(n_out, n_in, dtype=torch.float64)
+    rows = torch.arange(n_out)
+    m.index_put_((rows, i0), 1.0 - t, accumulate=True)
+    m.index_put_((rows, i0 + 1), t, accumulate=True)
+    return m
+
+
+# ---------------------------------------------------------------------------------------------------
+# Point spaces: what the shared k-means driver needs to know about the points
+# ---------------------------------------------------------------------------------------------------
+#
+# A space has ``n`` points of dimension ``dim``, ``sqnorms`` [n] (their squared norms) and three methods:
+#   dots(c [m, dim]) -> [m, n]        dot products of every point with m vectors
+#   combine(w [m, n]) -> [m, dim]     weighted sums of the points (centroids: w = one-hot / cluster size)
+#   points(idx [m]) -> [m, dim]       the points themselves
+# The column order of `dim` is the space's own (the native space orders channels by block).
+
+
+class _DenseSpace:
+    """Points are the rows of a dense matrix ``x`` ``[P, D]`` (row-major, or a transposed view of ``[D, P]``)."""
+
+    def __init__(self, x: torch.Tensor):
+        self.x = x
+        self.n, self.dim = x.shape
+        self.device = x.device
+        self.sqnorms = _row_sqnorms(x)
+
+    def dots(self, c: torch.Tensor) -> torch.Tensor:  # [m, P]
+        return c @ self.x.T
+
+    def combine(self, weights: torch.Tensor) -> torch.Tensor:  # weights [m, P] -> [m, D]
+        return weights @ self.x
+
+    def points(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.x[idx]
+
+
+class _NativeSpace:
+    """Normalized, upsampled, concatenated feature maps, represented by the native maps only.
+
+    Layers are grouped by native size (one pair of interpolation matrices per group). Within a group the
+    channels live in "blocks" ``[C_b, h, w]`` fp32: on the CPU each fp32 contiguous layer is its own block
+    and is used in place (no copy; per-layer matrix products cost the same there); on accelerators, and for
+    layers that need a dtype conversion anyway, a group's layers are concatenated into one block so each
+    pass over the features is a few large kernels instead of one per layer. A centre is one part
+    ``[m, C_b]`` per block; blocks in group order form the columns of the space.
+    """
+
+    def __init__(self, features: Sequence[torch.Tensor], grid: tuple[int, int], eps: float = _EPS,
+                 concat: bool | None = None):
+        gh, gw = grid
+        self.grid = grid
+        self.n = gh * gw
+        self.device = features[0].device
+        in_place = self.device.type == "cpu" if concat is None else not concat
+        order: dict[tuple[int, int], list[int]] = {}  # native size -> layer indices, first-appearance order
+        for i, f in enumerate(features):
+            order.setdefault((int(f.shape[-2]), int(f.shape[-1])), []).append(i)
+        self.groups = []  # (blocks [(layer indices, x [C, h', w'])], A [gh, h'], B [gw, w'])
+        sq = torch.zeros(gh, gw, dtype=torch.float64, device=self.device)
+        for (h, w), idx in order.items():
+            pad = h == 1 or w == 1  # give every output a right / lower neighbour: duplicate the single row / column
+            blocks = []
+            rest = []
+            for i in idx:
+                f = features[i]
+                if in_place and not pad and f.dtype == torch.float32 and f.is_contiguous():
+                    blocks.append(([i], f))
+                else:
+                    rest.append(i)
+            if rest:
+                x = torch.cat([features[i].float().reshape(-1, h, w) for i in rest], dim=0)
+                if h == 1:
+                    x = torch.cat([x, x], dim=1)
+                if w == 1:
+                    x = torch.cat([x, x], dim=2)
+                blocks.append((rest, x))
+            r0, ty = _interp_1d(h, gh)
+            c0, tx = _interp_1d(w, gw)
+            hp, wp = blocks[0][1].shape[1:]
+            a = _interp_matrix(r0, ty, hp).to(self.device, torch.float32)
+            b = _interp_matrix(c0, tx, wp).to(self.device, torch.float32)
+            dev = self.device
+            sq += _upsampled_sqnorms([x for _, x in blocks], r0.to(dev), ty.to(dev), c0.to(dev), tx.to(dev))
+            self.groups.append((blocks, a, b))
+        widths = [x.shape[0] for blocks, _, _ in self.groups for _, x in blocks]
+        self.dim = sum(widths)
+        offsets = [0]
+        for wb in widths:
+            offsets.append(offsets[-1] + wb)
+        self.spans = list(zip(offsets[:-1], offsets[1:]))
+        # column permutation from the original layer order to the block order
+        starts = [0] * len(features)
+        for i in range(1, len(features)):
+            starts[i] = starts[i - 1] + int(features[i - 1].shape[0])
+        self.perm = torch.cat([
+            torch.arange(starts[i], starts[i] + int(features[i].shape[0]))
+            for blocks, _, _ in self.groups for idx, _ in blocks for i in idx
+        ])
+        norm = sq.clamp_min(0).sqrt().float().reshape(-1)
+        self.inv = 1.0 / norm.clamp_min(eps)
+        self.sqnorms = (norm * self.inv).square()
+
+    def dots(self, c: torch.Tensor) -> torch.Tensor:  # [m, P]
+        gh, gw = self.grid
+        m = c.shape[0]
+        out = None
+        spans = iter(self.spans)
+        for blocks, a, b in self.groups:
+            s = None
+            for _, x in blocks:
+                cb, h, w = x.shape
+                lo, hi = next(spans)
+                xb = x.view(cb, h * w)
+                s = c[:, lo:hi] @ xb if s is None else s.addmm_(c[:, lo:hi], xb)  # native dots [m, h*w]
+            s = (s.view(m * h, w) @ b.T).view(m, h, gw)  # upsample columns
+            u = torch.matmul(a, s)  # upsample rows: [m, gh, gw]
+            out = u if out is None else out.add_(u)
+        return out.view(m, self.n) * self.inv
+
+    def combine(self, weights: torch.Tensor) -> torch.Tensor:  # weights [m, P] -> [m, D]
+        gh, gw = self.grid
+        m = weights.shape[0]
+        wx = (weights * self.inv).view(m, gh, gw)
+        parts = []
+        for blocks, a, b in self.groups:
+            h, w = a.shape[1], b.shape[1]
+            v = torch.matmul(a.T, wx)  # [m, h, gw]
+            v = (v.reshape(m * h, gw) @ b).view(m, h * w)  # adjoint of the upsampling: [m, h*w]
+            for _, x in blocks:
+                parts.append(v @ x.view(x.shape[0], h * w).T)  # weighted sums of native pixels: [m, C_b]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+    def points(self, idx: torch.Tensor) -> torch.Tensor:
+        w = torch.zeros(idx.numel(), self.n, device=self.device)
+        w[torch.arange(idx.numel(), device=self.device), idx] = 1.0
+        return self.combine(w)
+
+    def layer_order(self, c: torch.Tensor) -> torch.Tensor:
+        """Columns of ``c`` ``[m, D]`` (block order) rearranged into the original layer order."""
+        out = torch.empty_like(c)
+        out[:, self.perm.to(c.device)] = c
+        return out
+
+
+def _upsampled_sqnorms(blocks, r0, ty, c0, tx) -> torch.Tensor:
+    """``||(U x)[p]||^2`` for every grid pixel of one group, from neighbour Gram entries only; fp64 [gh, gw].
+
+    ``blocks``: the group's channel blocks ``[C_b, h, w]`` (``h, w >= 2``); their Gram entries add up.
+    Pixel ``(i, j)`` mixes native pixels ``(r, c)``, ``(r, c+1)``, ``(r+1, c)``, ``(r+1, c+1)`` with
+    ``r = r0[i]``, ``c = c0[j]`` and weights ``(1-ty)(1-tx)``, ``(1-ty) tx``, ``ty (1-tx)``, ``ty tx``; it needs
+    ``|x|^2`` of each native pixel and the dot products with its right, lower and lower-right neighbours and
+    of the anti-diagonal pair of each 2x2 cell.
+    """
+    h, w = blocks[0].shape[1:]
+    dev = blocks[0].device
+    n = torch.zeros(h, w, device=dev)
+    hor = torch.zeros(h, w - 1, device=dev)
+    ver = torch.zeros(h - 1, w, device=dev)
+    d1 = torch.zeros(h - 1, w - 1, device=dev)
+    d2 = torch.zeros(h - 1, w - 1, device=dev)
+    # temporaries of at most 1M elements on the CPU (memory is the point there), 16M on accelerators (fewer launches)
+    chunk = max(1, (1 << (20 if dev.type == "cpu" else 24)) // (h * w))
+    for x in blocks:
+        for xc in x.split(chunk, dim=0):
+            n += (xc * xc).sum(0)
+            hor += (xc[:, :, :-1] * xc[:, :, 1:]).sum(0)
+            ver += (xc[:, :-1, :] * xc[:, 1:, :]).sum(0)
+            d1 += (xc[:, :-1, :-1] * xc[:, 1:, 1:]).sum(0)
+            d2 += (xc[:, :-1, 1:] * xc[:, 1:, :-1]).sum(0)
+    n, hor, ver, d1, d2 = (t.double() for t in (n, hor, ver, d1, d2))
+    r1, c1 = r0 + 1, c0 + 1
+
+    def at(t, rr, cc):
+        return t[rr][:, cc]
+
+    a, b = (1 - ty)[:, None], ty[:, None]
+    c, d = (1 - tx)[None, :], tx[None, :]
+    w00, w01, w10, w11 = a * c, a * d, b * c, b * d
+    sq = w00 * w00 * at(n, r0, c0) + w01 * w01 * at(n, r0, c1) + w10 * w10 * at(n, r1, c0) + w11 * w11 * at(n, r1, c1)
+    cross = (
+        w00 * w01 * at(hor, r0, c0)
+        + w10 * w11 * at(hor, r1, c0)
+        + w00 * w10 * at(ver, r0, c0)
+        + w01 * w11 * at(ver, r0, c1)
+        + w00 * w11 * at(d1, r0, c0)
+        + w01 * w10 * at(d2, r0, c0)
+    )
+    return sq + 2.0 * cross
+
+
+# ---------------------------------------------------------------------------------------------------
+# The shared k-means driver
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class KMeansResult:
+    """``labels`` ``[P]`` long, ``centroids`` ``[k, D]`` fp32, ``inertia`` (sum of squared distances), ``n_iter``."""
+
+    labels: torch.Tensor
+    centroids: torch.Tensor
+    inertia: float
+    n_iter: int
+
+
+def _kmeans_pp(space, k: int, gen: torch.Generator) -> torch.Tensor:
+    """Greedy k-means++ (``2 + int(log k)`` local trials); returns the initial centres ``[k, D]``."""
+    n = space.n
+    dev = space.device
+    trials = 2 + int(math.log(k))
+    first = torch.randint(n, (1,), generator=gen)
+    centers = [space.points(first.to(dev))]
+    closest = (space.sqnorms - 2.0 * space.dots(centers[0])[0] + centers[0].square().sum()).clamp_min_(0)
+    pot = closest.double().sum()
+    for _ in range(1, k):
+        r = torch.rand(trials, generator=gen, dtype=torch.float64).to(dev) * pot
+        cand = torch.searchsorted(closest.double().cumsum(0), r).clamp_(max=n - 1)
+        c = space.points(cand)
+        d = space.sqnorms[None, :] - 2.0 * space.dots(c) + c.square().sum(1)[:, None]
+        d = torch.minimum(d.clamp_min_(0), closest[None, :])
+        pots = d.double().sum(1)
+        best = int(torch.argmin(pots))
+        closest, pot = d[best], pots[best]
+        centers.append(c[best : best + 1])
+    return torch.cat(centers, dim=0)
+
+
+def _scores(space, c):
+    """``||c_j||^2 - 2 y_p . c_j`` ``[k, P]``: the squared distance up to the point's own ``||y_p||^2``."""
+    return c.square().sum(1)[:, None] - 2.0 * space.dots(c)
+
+
+def _assign(space, c):
+    """Labels (nearest centre, ties to the lowest index) and squared distance to it."""
+    best, labels = _scores(space, c).min(dim=0)
+    return labels, (best + space.sqnorms).clamp_min_(0)
+
+
+def _update(space, onehot, labels, dist, counts, n_empty: int):
+    """Centres as means of their members, after relocating points into empty clusters (see module doc)."""
+    if n_empty:
+        empty = (counts == 0).nonzero().flatten()
+        far = torch.sort(dist, descending=True, stable=True).indices[:n_empty]
+        onehot = onehot.clone()
+        onehot[labels[far], far] = 0.0
+        onehot[empty, far] = 1.0
+        counts = onehot.sum(1)
+    return space.combine(onehot / counts.clamp_min(1)[:, None])
+
+
+def _dist_to(space, c, labels):
+    """Squared distance of every point to the centre ``labels`` assigns it to."""
+    return (_scores(space, c).gather(0, labels[None, :])[0] + space.sqnorms).clamp_min_(0)
+
+
+def _tolerance(space, tol: float) -> float:
+    if tol == 0:
+        return 0.0
+    mean = space.combine(torch.full((1, space.n), 1.0 / space.n, device=space.device))
+    var_total = float(space.sqnorms.double().mean()) - float(mean.double().square().sum())
+    return tol * max(var_total, 0.0) / space.dim
+
+
+def _lloyd(space, k: int, *, seed: int, n_init: int, max_iter: int, tol: float):
+    """Seeded k-means++ + Lloyd on a point space; returns (labels [P], centres [k, D], inertia, n_iter)."""
+    if k < 1 or k > space.n:
+        raise ValueError(f"k must be in [1, {space.n}] (number of points), got {k}")
+    if n_init < 1 or max_iter < 1:
+        raise ValueError(f"n_init and max_iter must be >= 1, got n_init={n_init}, max_iter={max_iter}")
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    tol_abs = _tolerance(space, float(tol))
+    best = None
+    for _ in range(n_init):
+        labels, dist, centres, n_iter = _lloyd_single(space, _kmeans_pp(space, k, gen), k, max_iter, tol_abs)
+        inertia = float(dist.double().sum())
+        if best is None or inertia < best[2]:
+            best = (labels, centres, inertia, n_iter)
+    return best
+
+
+def _lloyd_single(space, c, k: int, max_iter: int, tol_abs: float):
+    """Lloyd iterations from initial centres ``c`` ``[k, D]``; one host synchronisation per iteration.
+
+    Iteration ``i`` is: assign -> recompute centres -> stop if the labels equal those of iteration ``i-1``
+    (strict convergence) or if the centre shift is ``<= tol_abs``. The assignment that starts iteration
+    ``i+1`` doubles as the final assignment when iteration ``i`` stopped on ``tol_abs`` or ``max_iter``,
+    so the shift test is read together with the next iteration's flags.
+    Returns (labels [P], squared distance of each point to its centre [P], centres [k, D], n_iter).
+    """
+    dev = space.device
+    cols = torch.arange(space.n, device=dev)
+    labels, dist = _assign(space, c)
+    labels_old = None
+    shift = torch.zeros((), dtype=torch.float64, device=dev)
+    n_iter = 0
+    while True:
+        onehot = torch.zeros(k, space.n, device=dev)
+        onehot[labels, cols] = 1.0
+        counts = onehot.sum(1)  # (torch.bincount would synchronise on CUDA)
+        changed = torch.ones((), dtype=torch.bool, device=dev) if labels_old is None else (labels != labels_old).any()
+        shift_v, changed_v, n_empty = torch.stack([shift, changed.double(), (counts == 0).sum().double()]).tolist()
+        if n_iter > 0 and shift_v <= tol_abs:
+            return labels, dist, c, n_iter
+        if n_iter == max_iter:
+            return labels, dist, c, n_iter
+        n_iter += 1
+        new = _update(space, onehot, labels, dist, counts, int(n_empty))
+        if not changed_v:  # strict convergence: keep these labels, report distances to the new centres
+            return labels, _dist_to(space, new, labels), new, n_iter
+        shift = (new - c).double().square().sum()
+        c, labels_old = new, labels
+        labels, dist = _assign(space, c)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------------------
+
+
+def kmeans(
+    x: torch.Tensor,
+    k: int = 8,
+    *,
+    seed: int = 42,
+    n_init: int = 1,
+    max_iter: int = 300,
+    tol: float = 1e-4,
+) -> KMeansResult:
+    """k-means of the rows of ``x`` ``[P, D]`` (see the module docstring for the exact semantics).
+
+    The data are centred (their mean subtracted, in fp32) before clustering, like scikit-learn does, which
+    only improves the precision of the ``|x|^2 - 2 x.c + |c|^2`` distance expansion; centroids are
+    reported in the original coordinates.
+    """
+    if x.dim() != 2:
+        raise ValueError(f"kmeans expects a [P, D] matrix, got shape {tuple(x.shape)}")
+    xf = x.float()
+    mean = xf.mean(0, keepdim=True)
+    space = _DenseSpace(xf - mean)
+    labels, cents, inertia, n_iter = _lloyd(space, k, seed=seed, n_init=n_init, max_iter=max_iter, tol=tol)
+    return KMeansResult(labels=labels, centroids=cents + mean, inertia=inertia, n_iter=n_iter)
+
+
+def _check_features(features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    feats = list(features)
+    if not feats:
+        raise ValueError("segment needs at least one feature map")
+    for i, f in enumerate(feats):
+        if not isinstance(f, torch.Tensor) or f.dim() != 3:
+            shape = tuple(f.shape) if isinstance(f, torch.Tensor) else type(f).__name__
+            raise ValueError(f"feature map {i} must be a [C, h, w] tensor of one image, got {shape}")
+        if f.device != feats[0].device:
+            raise ValueError(f"feature map {i} is on {f.device}, map 0 on {feats[0].device}: put them on one device")
+    return feats
+
+
+def _row_sqnorms(x: torch.Tensor) -> torch.Tensor:
+    """Squared L2 norms of the rows of ``x`` ``[P, D]``, reading it in cache-friendly chunks."""
+    if x.dim() == 2 and x.stride(0) == 1 and x.stride(1) != 1:  # transposed view of a [D, P] matrix
+        out = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+        for ch in x.T.split(1024, dim=0):
+            out += ch.square().sum(0)
+        return out
+    return torch.cat([ch.square().sum(1) for ch in x.split(4096, dim=0)])
+
+
+def _materialize(feats: list[torch.Tensor], grid: tuple[int, int], *, row_major: bool = False) -> torch.Tensor:
+    """The fused, L2-normalized ``[gh*gw, sum C_l]`` fp32 matrix.
+
+    Stored as ``[D, P]`` and returned as its transposed view unless ``row_major`` (then a C-contiguous
+    ``[P, D]`` tensor, what cuML and scikit-learn want). Peak memory: the matrix plus one upsampled layer.
+    """
+    gh, gw = grid
+    p = gh * gw
+    d = sum(int(f.shape[0]) for f in feats)
+    dev = feats[0].device
+    y = torch.empty((p, d) if row_major else (d, p), device=dev)
+    sq = torch.zeros(p, device=dev)
+    off = 0
+    for f in feats:
+        c = int(f.shape[0])
+        up = upsample(f, grid).reshape(c, p)
+        for ch in up.split(1024, dim=0):
+            sq += ch.square().sum(0)
+        if row_major:
+            y[:, off : off + c] = up.T
+        else:
+            y[off : off + c] = up
+        off += c
+        del up
+    inv = 1.0 / sq.sqrt().clamp_min(_EPS)
+    if row_major:
+        y.mul_(inv[:, None])
+        return y
+    y.mul_(inv[None, :])
+    return y.T
+
+
+def _segment(
+    features: Sequence[torch.Tensor],
+    grid: tuple[int, int],
+    *,
+    k: int = 8,
+    seed: int = 42,
+    n_init: int = 1,
+    max_iter: int = 300,
+    tol: float = 1e-4,
+    backend: str = "native",
+) -> KMeansResult:
+    """Like :func:`segment` but returns the full result (flat labels, centroids in layer order)."""
+    feats = _check_features(features)
+    grid = _check_grid(grid)
+    if backend == "native":
+        space = _NativeSpace(feats, grid)
+        labels, cents, inertia, n_iter = _lloyd(space, k, seed=seed, n_init=n_init, max_iter=max_iter, tol=tol)
+        return KMeansResult(labels=labels, centroids=space.layer_order(cents), inertia=inertia, n_iter=n_iter)
+    if backend == "materialized":
+        space = _DenseSpace(_materialize(feats, grid))
+        labels, cents, inertia, n_iter = _lloyd(space, k, seed=seed, n_init=n_init, max_iter=max_iter, tol=tol)
+        return KMeansResult(labels=labels, centroids=cents, inertia=inertia, n_iter=n_iter)
+    if backend == "cuml":
+        return _segment_cuml(feats, grid, k=k, seed=seed, n_init=n_init, max_iter=max_iter, tol=tol)
+    raise ValueError(f"unknown segmentation backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+
+
+def segment(
+    features: Sequence[torch.Tensor],
+    grid: tuple[int, int],
+    *,
+    k: int = 8,
+    seed: int = 42,
+    n_init: int = 1,
+    max_iter: int = 300,
+    tol: float = 1e-4,
+    backend: str = "native",
+) -> torch.Tensor:
+    """Cluster the fused per-pixel features of one image; returns labels ``[gh, gw]`` long on the features' device.
+
+    ``features``: per-layer maps ``[C_l, h_l, w_l]`` (any sizes and dtype, one device). Each map is
+    upsampled to ``grid`` (bilinear, align_corners=True), the maps are concatenated along channels, every
+    pixel vector is L2-normalized (scaled by ``1 / max(||x||, 1e-12)``) and k-means'd with ``k`` clusters.
+    ``backend``: ``"native"`` (exact, never builds the fused matrix), ``"materialized"`` (builds it) or
+    ``"cuml"`` (cuML on the GPU). See the module docstring.
+    """
+    res = _segment(features, grid, k=k, seed=seed, n_init=n_init, max_iter=max_iter, tol=tol, backend=backend)
+    gh, gw = _check_grid(grid)
+    return res.labels.reshape(gh, gw)
+
+
+# ---------------------------------------------------------------------------------------------------
+# cuML
+# ---------------------------------------------------------------------------------------------------
+
+
+def _segment_cuml(feats, grid, *, k, seed, n_init, max_iter, tol) -> KMeansResult:
+    try:
+        from cuml.cluster import KMeans as CuKMeans  # type: ignore[import-not-found]
+    except ImportError as e:
+        raise ImportError(
+            "segment(backend='cuml') needs RAPIDS cuML: pip install lime-fast[cuml] "
+            f"(or use backend='native'); importing cuml failed: {e}"
+        ) from e
+    y = _materialize(feats, grid, row_major=True)
+    model = CuKMeans(
+        n_clusters=k,
+        n_init=n_init,
+        max_iter=max_iter,
+        tol=tol,
+        random_state=seed,
+        init="scalable-k-means++",
+        output_type="numpy",
+    )
+    model.fit(y if y.is_cuda else y.cpu().numpy())
+    import numpy as np
+
+    labels = torch.as_tensor(np.asarray(model.labels_).astype(np.int64)).to(y.device)
+    cents = torch.as_tensor(np.asarray(model.cluster_centers_, dtype=np.float32)).to(y.device)
+    inertia = float(getattr(model, "inertia_", float("nan")))
+    n_iter = int(getattr(model, "n_iter_", 0) or 0)
+    return KMeansResult(labels=labels, centroids=cents, inertia=inertia, n_iter=n_iter)
