@@ -24,7 +24,7 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "dev": ["pytest", "pytest-benchmark", "scikit-learn"],
+        "dev": ["pytest", "pytest-benchmark", "scikit-learn", "triton"],
         "triton": ["triton"],
         "cuml": ["cuml-cu12"],
     },
