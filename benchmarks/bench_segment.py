@@ -41,13 +41,13 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from lime_fast import segment as seg  # noqa: E402
+from lime_fast.testing import clustered_features  # noqa: E402
 
 LAYOUT = [(640, 32, 32)] * 10 + [(1280, 16, 16)] * 10 + [(1280, 8, 8)] * 2
 GRID = (128, 128)
@@ -61,20 +61,8 @@ if THREADS:
 
 
 def make_features(device=DEVICE, seed=0, n_regions=6, noise=0.5):
-    """Smoothly clustered random features in the SD 1.5 512x512 layout (temporaries bounded by one layer)."""
-    g = torch.Generator().manual_seed(seed)
-    gh, gw = GRID
-    cy, cx = torch.rand(n_regions, generator=g) * gh, torch.rand(n_regions, generator=g) * gw
-    yy, xx = torch.meshgrid(torch.arange(gh).float(), torch.arange(gw).float(), indexing="ij")
-    region = ((yy[None] - cy[:, None, None]) ** 2 + (xx[None] - cx[:, None, None]) ** 2).argmin(0)
-    onehot = F.one_hot(region, n_regions).permute(2, 0, 1).float()[None]
-    maps = []
-    for c, h, w in LAYOUT:
-        proto = torch.randn(n_regions, c, generator=g)
-        soft = F.interpolate(onehot, size=(h, w), mode="area")[0]
-        m = torch.einsum("nc,nhw->chw", proto, soft) + noise * torch.randn(c, h, w, generator=g)
-        maps.append(m.to(device))
-    return maps
+    """Smoothly clustered random features in the SD 1.5 512x512 layout ([C, h, w] per layer)."""
+    return clustered_features(GRID, [(c, h, w) for c, h, w in LAYOUT], seed=seed, n_regions=n_regions, noise=noise, device=device)
 
 
 def have_sklearn():

@@ -2,6 +2,13 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import torch  # noqa: E402
+
+# Without a GPU, Triton kernels run in the interpreter (bench_attention's CPU smoke run); like
+# tests/conftest.py, this must be set before triton is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest  # noqa: E402
 
 RATIOS: list[str] = []
