@@ -126,13 +126,22 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     from .errors import LimeWarning, ModelLoadError
 
-    warnings.simplefilter("always", LimeWarning)
-    warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"
-    try:
-        return _edit(args) if args.command == "edit" else _demo(args)
-    except (UsageError, ModelLoadError, FileNotFoundError, ValueError, TypeError) as e:
-        print(f"lime-fast: error: {e}", file=sys.stderr)
-        return 2
+    show = warnings.showwarning
+
+    def one_line(message, category, *rest, **kw):  # our warnings as 'warning: ...', others unchanged
+        if issubclass(category, LimeWarning):
+            print(f"warning: {message}", file=sys.stderr)
+        else:
+            show(message, category, *rest, **kw)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", LimeWarning)
+        warnings.showwarning = one_line
+        try:
+            return _edit(args) if args.command == "edit" else _demo(args)
+        except (UsageError, ModelLoadError, FileNotFoundError, ValueError, TypeError) as e:
+            print(f"lime-fast: error: {e}", file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":
