@@ -68,6 +68,11 @@ class AttentionController:
 
     def __init__(self, backend: str = "eager"):
         self.backend = backend
+        self._kernel = None
+        if backend == "triton":  # imported once here, not per call (the hot path runs ~30x per step)
+            from .kernels.regularized_attention import regularized_attention
+
+            self._kernel = regularized_attention
         self.latent_hw: tuple[int, int] | None = None
         self.feature_levels: tuple[int, ...] = (1, 2, 3)
         self.reg_levels: tuple[int, ...] = (0, 1)
@@ -108,10 +113,8 @@ class AttentionController:
     def attend(self, q, k, v, roi, keep, scale, capture):
         """Cross-attention: q [3B, H, N, D], k/v [3B, H, T, D]; roi [3B, N] / keep [3B, T] bool or None;
         capture: long [B] batch indices whose head-mean probabilities to return. -> (out, probs|None)."""
-        if self.backend == "triton":
-            from .kernels.regularized_attention import regularized_attention
-
-            return regularized_attention(q, k, v, roi=roi, keep=keep, scale=scale, capture=capture)
+        if self._kernel is not None:
+            return self._kernel(q, k, v, roi=roi, keep=keep, scale=scale, capture=capture)
         if roi is None and capture is None:
             return F.scaled_dot_product_attention(q, k, v, scale=scale), None
         return regularized_attention_ref(q, k, v, roi=roi, keep=keep, scale=scale, capture=capture)

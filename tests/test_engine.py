@@ -84,7 +84,7 @@ def test_odd_size_image_is_resized_and_returned_at_its_size(engine, fast):
 
 
 def test_parity_with_diffusers_when_mask_is_empty(tiny_dir, shapes):
-    """An all-False mask gives exactly InstructPix2Pix (fp32)."""
+    """An all-False mask gives exactly InstructPix2Pix (fp32, same seed, steps and guidance)."""
     from diffusers import StableDiffusionInstructPix2PixPipeline
 
     pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(tiny_dir, safety_checker=None, requires_safety_checker=False)
@@ -101,9 +101,8 @@ def test_parity_with_diffusers_when_mask_is_empty(tiny_dir, shapes):
     engine = LimeEngine.from_pretrained(tiny_dir, device="cpu")
     with pytest.warns(LimeWarning, match="empty"):
         ours = engine.edit(shapes, "make the red circle blue", mask=np.zeros((128, 128), bool), steps=steps, seed=seed, progress=False)
-    a, b = np.asarray(ref).astype(int), np.asarray(ours.image).astype(int)
-    assert np.abs(a - b).max() <= 1, np.abs(a - b).max()
-    assert (a != b).mean() < 0.01
+    # Same operations in the same order (SDPA, guidance, scheduler, VAE): bit-identical on the CPU.
+    np.testing.assert_array_equal(np.asarray(ours.image), np.asarray(ref))
 
 
 def test_regularization_only_inside_roi_and_only_unrelated_tokens(engine, shapes, fast, monkeypatch):

@@ -18,10 +18,8 @@ def test_micro_pipeline_through_the_kernel_matches_eager(tiny_dir_heads, monkeyp
     eager = LimeEngine.from_pretrained(tiny_dir_heads, device="cpu", attention="eager")
     fused = LimeEngine.from_pretrained(tiny_dir_heads, device="cpu", attention="triton")
     assert fused.controller.backend == "triton" and eager.controller.backend == "eager"
-    from lime_fast.kernels import regularized_attention as kernel_module
-
     calls = {"kernel": 0, "penalized": 0, "captured": 0}
-    launch = kernel_module.regularized_attention
+    launch = fused.controller._kernel
 
     def counting(*a, **kw):
         calls["kernel"] += 1
@@ -29,7 +27,7 @@ def test_micro_pipeline_through_the_kernel_matches_eager(tiny_dir_heads, monkeyp
         calls["captured"] += kw["capture"] is not None
         return launch(*a, **kw)
 
-    monkeypatch.setattr(kernel_module, "regularized_attention", counting)
+    monkeypatch.setattr(fused.controller, "_kernel", counting)
     a = eager.edit(img, "make the red circle blue", progress=False, **MICRO)
     b = fused.edit(img, "make the red circle blue", progress=False, **MICRO)
     # Every cross-attention call of both passes went through the kernel: 1 localization + 2 edit
