@@ -27,6 +27,7 @@ setup(
         "dev": ["pytest", "pytest-benchmark", "scikit-learn", "triton"],
         "triton": ["triton"],
         "cuml": ["cuml-cu12"],
+        "ray": ["ray[data]>=2.50"],
     },
     entry_points={"console_scripts": ["lime-fast=lime_fast.cli:main"]},
 )

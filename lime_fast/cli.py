@@ -1,6 +1,7 @@
-"""``lime-fast`` command line: ``edit`` one image, or run the offline ``demo``.
+"""``lime-fast`` command line: ``edit`` one image, ``batch`` a JSONL manifest, or run the offline ``demo``.
 
     lime-fast edit photo.jpg "make her outfit black" -o edited.png --save-roi roi/
+    lime-fast batch edits.jsonl --out results/ [--ray --workers 4]
     lime-fast demo --out lime_fast_demo
 
 Every input is checked, and existing outputs are refused without --force, before any model loads.
@@ -46,6 +47,33 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--save-roi", metavar="DIR", help="write the RoI mask, overlay, segment map, heatmap and a panel as PNGs")
     e.add_argument("--force", action="store_true", help="overwrite existing output files")
     e.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    b = sub.add_parser("batch", help="edit every row of a JSONL manifest into a folder (resumable; --ray for Ray)",
+                       description="Edit every row of a JSONL manifest ({id, image, instruction[, mask][, EditConfig "
+                       "fields]} per line) into DIR/images/{id}.png, recording each row in DIR/results.jsonl. "
+                       "Re-running skips rows already done. Exit status 1 when rows failed in this run.")
+    b.add_argument("manifest", help="JSONL file, one edit per line")
+    b.add_argument("--out", required=True, metavar="DIR", help="output folder (images/, roi/, results.jsonl)")
+    b.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id or local diffusers folder (default {DEFAULT_MODEL})")
+    b.add_argument("--steps", type=int, default=30, help="job default; a row's own fields override the job's")
+    b.add_argument("--seed", type=int, default=42)
+    b.add_argument("--text-guidance", type=float, default=EditConfig.text_guidance)
+    b.add_argument("--image-guidance", type=float, default=EditConfig.image_guidance)
+    b.add_argument("--top-k", type=int, default=EditConfig.top_k)
+    b.add_argument("--batch-size", type=int, default=1,
+                   help="rows per UNet batch (same size and config); >1 is for GPU throughput and may change the last bit")
+    b.add_argument("--save-roi", action="store_true", help="also write each RoI mask to DIR/roi/{id}.png")
+    b.add_argument("--strict", action="store_true", help="refuse to start if any row is bad (default: record it as failed)")
+    b.add_argument("--retry-failed", action="store_true", help="run again the rows recorded as failed")
+    b.add_argument("--device", help="cuda, cpu, cuda:1, ... (default: cuda when available)")
+    b.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), help="default float16 on CUDA, float32 on CPU")
+    b.add_argument("--threads", type=int, help="torch CPU threads per process (default: torch's; Ray: CPUs per worker)")
+    b.add_argument("--quiet", action="store_true", help="no progress bar")
+    b.add_argument("--ray", action="store_true", help="run on Ray Data (needs: pip install 'lime-fast[ray]')")
+    b.add_argument("--ray-address", metavar="ADDR", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
+    b.add_argument("--workers", type=int, default=1, help="Ray workers, each loading the model once (default 1)")
+    b.add_argument("--num-gpus-per-worker", type=float, help="default 1 when the Ray cluster has GPUs, else 0")
+    b.add_argument("--num-cpus-per-worker", type=float, default=1)
 
     d = sub.add_parser("demo", help="run the whole pipeline offline on a small built-in model")
     d.add_argument("--out", default="lime_fast_demo", help="folder for the pictures (default ./lime_fast_demo)")
@@ -99,6 +127,63 @@ def _edit(args) -> int:
     return 0
 
 
+def _batch(args) -> int:
+    import torch
+
+    from . import batch
+
+    cfg = EditConfig(
+        steps=args.steps,
+        seed=args.seed,
+        text_guidance=args.text_guidance,
+        image_guidance=args.image_guidance,
+        top_k=args.top_k,
+    )
+    if args.batch_size < 1 or args.workers < 1 or (args.threads is not None and args.threads < 1):
+        raise UsageError("--batch-size, --workers and --threads must be >= 1")
+    if args.ray:
+        import logging
+
+        try:
+            import ray.data
+        except ImportError:
+            pass  # batch.run says which extra to install
+        logging.getLogger("ray.data").setLevel(logging.WARNING)  # our bar reports progress
+    try:
+        summary = batch.run(
+            args.manifest,
+            args.out,
+            model=args.model,
+            config=cfg,
+            batch_size=args.batch_size,
+            save_roi=args.save_roi,
+            strict=args.strict,
+            retry_failed=args.retry_failed,
+            device=args.device,
+            torch_dtype=getattr(torch, args.dtype) if args.dtype else None,
+            threads=args.threads,
+            progress=not args.quiet,
+            ray=args.ray,
+            ray_address=args.ray_address,
+            workers=args.workers,
+            num_gpus_per_worker=args.num_gpus_per_worker,
+            num_cpus_per_worker=args.num_cpus_per_worker,
+        )
+    except batch.BatchError as e:
+        raise UsageError(str(e)) from None
+    except KeyboardInterrupt:
+        print(f"lime-fast: interrupted; finished rows are recorded in {Path(args.out) / batch.RESULTS}: "
+              "re-run the same command to do the rest", file=sys.stderr)
+        return 130
+    if args.quiet:  # otherwise they were shown as they happened
+        for line in summary.failures[:20]:
+            print(f"failed: {line}", file=sys.stderr)
+        if len(summary.failures) > 20:
+            print(f"... and {len(summary.failures) - 20} more failed rows (see {summary.results})", file=sys.stderr)
+    print(summary)
+    return 0 if summary.failed == 0 else 1
+
+
 def _demo(args) -> int:
     from .demo import run_demo
 
@@ -138,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         warnings.simplefilter("always", LimeWarning)
         warnings.showwarning = one_line
         try:
-            return _edit(args) if args.command == "edit" else _demo(args)
+            return {"edit": _edit, "batch": _batch, "demo": _demo}[args.command](args)
         except (UsageError, ModelLoadError, FileNotFoundError, ValueError, TypeError) as e:
             print(f"lime-fast: error: {e}", file=sys.stderr)
             return 2
