@@ -29,3 +29,24 @@ def test_edit_caches_engines_and_returns_everything(tiny_dir, shapes, fast, tmp_
 def test_edit_accepts_a_loaded_engine(engine, shapes, fast):
     r = lime_fast.edit(shapes, "make the red circle blue", model=engine, progress=False, **fast)
     assert r.unet_evals == fast["capture_step"] + 1 + fast["steps"]
+
+
+def test_source_checkout_without_install_finds_the_kernels(tmp_path):
+    """PYTHONPATH=<checkout> with no pip install (as on the GPU machine): lime_fast.kernels still imports."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(lime_fast.__file__).resolve().parents[1]
+    for name in ("lime_fast", "kernels"):
+        shutil.copytree(root / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
+    code = (
+        "import sys; sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]\n"
+        "import lime_fast, lime_fast.kernels.reference as r\n"
+        "print(lime_fast.__file__); print(r.__file__)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"},
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [str(tmp_path / "lime_fast" / "__init__.py"), str(tmp_path / "kernels" / "reference.py")]

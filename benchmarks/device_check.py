@@ -1,0 +1,122 @@
+"""The one GPU check: correctness of every fast path on the device, then every benchmark, one report.
+
+Run it as the first device call of any task that has a GPU, and paste its report (it names the GPU
+and the date) into benchmarks/RESULTS.md:
+
+    python3 benchmarks/device_check.py --out $OUT/device_check.md
+
+Steps (each a pytest subprocess with its own time limit, so one slow or failing step does not hide
+the others):
+  1. tests on the device: the kernel against its reference (fp16, fp32 and bf16 on a real GPU), the
+     engine end to end through the kernel, the native segmentation;
+  2. bench_attention.py: the kernel vs SDPA, SDPA + float mask, FlexAttention, the release's pattern;
+  3. bench_segment.py: native vs materialized at 512 x 512;
+  4. bench_edit.py: diffusers vs lime_fast on the full-size random-weight replica, 512 x 512 fp16;
+  5. bench_batch.py: the batch runner.
+The report holds each step's status and time and the ratio lines the benchmarks print.
+
+On a machine without CUDA it runs the same steps (the GPU benchmarks skip themselves), which is how
+it is smoke-tested here. The device image lacks diffusers, pytest-benchmark and open_clip_torch:
+``bash scripts/device_wheels.sh`` downloads them as wheels into .whl/ (see CONTRIBUTING.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+STEPS = [
+    ("tests: kernel, engine through the kernel, segmentation", ["tests/test_regularized_attention.py", "tests/test_engine_triton.py", "tests/test_segment.py", "-q"], 240),
+    ("bench_attention", ["benchmarks/bench_attention.py", "--benchmark-only", "-q"], 240),
+    ("bench_segment", ["benchmarks/bench_segment.py", "--benchmark-only", "-q"], 180),
+    ("bench_edit", ["benchmarks/bench_edit.py", "--benchmark-only", "-q"], 240),
+    ("bench_batch", ["benchmarks/bench_batch.py", "--benchmark-only", "-q"], 180),
+]
+
+
+def environment() -> list[str]:
+    import torch
+
+    lines = [f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC", f"python {platform.python_version()}, torch {torch.__version__}"]
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        lines.append(f"GPU: {p.name}, {p.total_memory / 2**30:.0f} GiB, {p.multi_processor_count} SMs")
+    else:
+        lines.append("GPU: none (CPU smoke run: GPU benchmarks skip themselves)")
+    for name in ("triton", "diffusers", "transformers"):
+        try:
+            lines.append(f"{name} {__import__(name).__version__}")
+        except ImportError:
+            lines.append(f"{name}: not installed")
+    return lines
+
+
+def ratio_lines(output: str) -> list[str]:
+    """The lines under the benchmarks' 'ratios (measured side by side in this run)' banner."""
+    lines, inside = [], False
+    for line in output.splitlines():
+        if "ratios (measured side by side" in line:
+            inside = True
+            continue
+        if inside and (line.startswith("===") or line.startswith("---") and "benchmark" in line):
+            inside = False
+        if inside and line.strip():
+            lines.append(line.rstrip())
+    return lines
+
+
+def run_step(args: list[str], limit: int) -> tuple[str, float, str]:
+    t0 = time.perf_counter()
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "pytest", *args, "-p", "no:cacheprovider"],
+            cwd=ROOT, capture_output=True, text=True, timeout=limit, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        out = done.stdout + done.stderr
+        status = "ok" if done.returncode == 0 else f"FAILED (exit {done.returncode})"
+    except subprocess.TimeoutExpired as e:
+        out = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        status = f"TIMEOUT after {limit} s"
+    return status, time.perf_counter() - t0, out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", help="write the markdown report here too")
+    ap.add_argument("--log-dir", help="keep each step's full output here")
+    ap.add_argument("--only", nargs="+", help="run only the steps whose name contains one of these words")
+    args = ap.parse_args(argv)
+
+    report = ["# lime_fast device check", "", *[f"- {line}" for line in environment()], ""]
+    report += ["| step | status | seconds |", "|---|---|---|"]
+    details, failed = [], 0
+    for name, step_args, limit in STEPS:
+        if args.only and not any(w in name for w in args.only):
+            continue
+        print(f"== {name}", flush=True)
+        status, secs, out = run_step(step_args, limit)
+        failed += status != "ok"
+        report.append(f"| {name} | {status} | {secs:.0f} |")
+        tail = [line for line in out.splitlines() if " passed" in line or " failed" in line or "error" in line.lower()][-3:]
+        details += [f"### {name}", "", "```", *(ratio_lines(out) or ["(no ratio lines)"]), *tail, "```", ""]
+        if args.log_dir:
+            Path(args.log_dir).mkdir(parents=True, exist_ok=True)
+            (Path(args.log_dir) / f"{name.split(':')[0].replace(' ', '_')}.log").write_text(out)
+        print(f"   {status} in {secs:.0f} s", flush=True)
+    text = "\n".join(report + [""] + details)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
