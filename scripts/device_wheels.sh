@@ -9,5 +9,5 @@ grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/ex
 mkdir -p .whl
 python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 --platform any -d .whl \
-  diffusers open_clip_torch pytest pytest-benchmark py-cpuinfo pluggy iniconfig
+  diffusers open_clip_torch pytest pytest-benchmark py-cpuinfo pluggy iniconfig pygments importlib_metadata zipp
 ls -la .whl
