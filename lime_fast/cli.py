@@ -93,6 +93,19 @@ def _check_image_suffix(path: Path) -> None:
         raise UsageError(f"cannot tell the image format of '{path}' from its extension (use .png or .jpg)")
 
 
+def _config(args) -> EditConfig:
+    """The EditConfig the common edit options describe (validated: bad values raise here)."""
+    roi_words = getattr(args, "roi_words", None)
+    return EditConfig(
+        steps=args.steps,
+        seed=args.seed,
+        text_guidance=args.text_guidance,
+        image_guidance=args.image_guidance,
+        top_k=args.top_k,
+        roi_words=tuple(roi_words) if roi_words else None,
+    )
+
+
 def _edit(args) -> int:
     import torch
 
@@ -103,14 +116,7 @@ def _edit(args) -> int:
     _check_image_suffix(out)
     planned = [out] + ([Path(args.save_roi) / f"{n}.png" for n in PICTURES] if args.save_roi else [])
     _check_outputs(planned, args.force)
-    cfg = EditConfig(
-        steps=args.steps,
-        seed=args.seed,
-        text_guidance=args.text_guidance,
-        image_guidance=args.image_guidance,
-        top_k=args.top_k,
-        roi_words=tuple(args.roi_words) if args.roi_words else None,
-    )
+    cfg = _config(args)
     image = load_image(args.image)
     instruction = check_instruction(args.instruction)
     mask = load_mask(args.mask) if args.mask else None
@@ -132,13 +138,7 @@ def _batch(args) -> int:
 
     from . import batch
 
-    cfg = EditConfig(
-        steps=args.steps,
-        seed=args.seed,
-        text_guidance=args.text_guidance,
-        image_guidance=args.image_guidance,
-        top_k=args.top_k,
-    )
+    cfg = _config(args)
     if args.batch_size < 1 or args.workers < 1 or (args.threads is not None and args.threads < 1):
         raise UsageError("--batch-size, --workers and --threads must be >= 1")
     if args.ray:
