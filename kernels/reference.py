@@ -48,3 +48,23 @@ def regularized_attention_ref(
     out = torch.matmul(probs, v.to(dtype)).to(q.dtype)
     captured = probs[capture].float().mean(dim=1) if capture is not None else None
     return out, captured
+
+
+def regularized_attention_sdpa(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    roi: torch.Tensor,
+    keep: torch.Tensor,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """The same penalty through PyTorch SDPA with a boolean mask: the engine's CPU path.
+
+    Same contract as ``regularized_attention_ref`` (shapes, all-silenced elements get no penalty) but
+    no capture, and it materializes a [B, 1, N, T] bool mask, which the fused kernel never does. On the
+    2-core CPU, (3, 8, 1024, 4) x 77 tokens fp32: 4.9 ms vs 13.5 ms for the explicit reference and
+    4.4 ms for unmasked SDPA (2026-11-27).
+    """
+    roi = roi.bool() & keep.bool().any(dim=1)[:, None]  # all-silenced elements: no penalty
+    allowed = ~(roi[:, None, :, None] & ~keep.bool()[:, None, None, :])
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .kernels.reference import regularized_attention_ref
+from .kernels.reference import regularized_attention_ref, regularized_attention_sdpa
 
 
 def level_grids(latent_hw: tuple[int, int], n_levels: int = 8) -> list[tuple[int, int]]:
@@ -61,8 +61,8 @@ class AttentionController:
     Per UNet call the engine sets ``capture`` (a ``Capture`` to fill, or None) and ``regularize``
     (bool); per pass it sets the latent size, the RoI masks and the keep mask.
 
-    backend: "eager" runs cross-attention with SDPA when nothing is asked of it and with the eager
-    reference otherwise; "triton" runs the fused kernel (``lime_fast.kernels.regularized_attention``)
+    backend: "eager" runs cross-attention with SDPA (a boolean mask when regularizing) and with the
+    eager reference when maps are captured; "triton" runs the fused kernel (``lime_fast.kernels.regularized_attention``)
     for every cross-attention call.
     """
 
@@ -115,8 +115,10 @@ class AttentionController:
         capture: long [B] batch indices whose head-mean probabilities to return. -> (out, probs|None)."""
         if self._kernel is not None:
             return self._kernel(q, k, v, roi=roi, keep=keep, scale=scale, capture=capture)
-        if roi is None and capture is None:
-            return F.scaled_dot_product_attention(q, k, v, scale=scale), None
+        if capture is None:
+            if roi is None:
+                return F.scaled_dot_product_attention(q, k, v, scale=scale), None
+            return regularized_attention_sdpa(q, k, v, roi, keep, scale), None
         return regularized_attention_ref(q, k, v, roi=roi, keep=keep, scale=scale, capture=capture)
 
 

@@ -67,3 +67,24 @@ def test_capture_and_penalty_on_one_module():
         LimeAttnProcessor(ctl)(attn, x, ctx)
     roi, kp = seen[0][3], seen[0][4]
     assert torch.equal(roi, ctl.roi[1]) and torch.equal(kp, keep.repeat(3, 1))
+
+
+@pytest.mark.parametrize("n, t, d", [(37, 77, 40), (64, 1, 8), (100, 77, 80)])
+def test_cpu_sdpa_penalty_matches_reference(n, t, d):
+    """The engine's CPU regularization path (SDPA + boolean mask) against the eager reference,
+    including an element whose tokens are all silenced (no penalty, never NaN) and an empty RoI."""
+    from lime_fast.kernels.reference import regularized_attention_ref, regularized_attention_sdpa
+
+    B, H = 4, 3
+    q = torch.randn(B, n, H, d).transpose(1, 2)  # diffusers' strided layout
+    k, v = torch.randn(B, H, t, d), torch.randn(B, H, t, d)
+    roi = torch.rand(B, n) < 0.4
+    roi[3] = False
+    keep = torch.rand(B, t) < 0.3
+    keep[0, 0] = True
+    keep[1] = False
+    keep[2] = True
+    ours = regularized_attention_sdpa(q, k, v, roi, keep)
+    ref, _ = regularized_attention_ref(q, k, v, roi, keep)
+    assert torch.isfinite(ours).all()
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
