@@ -519,39 +519,17 @@ def plan_batches(rows: Iterable[Row], batch_size: int, multiple: int | None) -> 
 
 
 def _model_multiple(model) -> int | None:
-    """LimeEngine.multiple computed from the checkpoint's configs without loading weights (the Ray
-    driver groups rows this way); None when the configs cannot be read here."""
+    """LimeEngine.multiple from the checkpoint's configs without loading weights (the Ray driver groups
+    rows this way); None when the configs cannot be read here."""
     try:
         from diffusers import AutoencoderKL, UNet2DConditionModel
 
+        from .engine import pixel_multiple
+
         vae = AutoencoderKL.load_config(str(model), subfolder="vae")
-        unet = UNet2DConditionModel.load_config(str(model), subfolder="unet")
-        return 2 ** (len(vae["block_out_channels"]) - 1) * 2 ** (len(unet["down_block_types"]) - 1)
+        return pixel_multiple(vae, UNet2DConditionModel.load_config(str(model), subfolder="unet"))
     except Exception:
         return None
-
-
-def _quiet_libraries() -> None:
-    """In Ray workers: no diffusers/transformers chatter or weight-loading bars (as the CLI does)."""
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    with contextlib.suppress(Exception):
-        import diffusers.utils.logging as dlog
-        import transformers.utils.logging as tlog
-
-        dlog.disable_progress_bar()
-        tlog.disable_progress_bar()
-
-
-def _check_model_folder(model: str) -> None:
-    """The engine's own check of a local folder, run on the driver so a typo fails before Ray starts."""
-    from .errors import ModelLoadError
-
-    path = Path(model).expanduser()
-    looks_local = path.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1
-    if looks_local and not (path / "model_index.json").is_file():
-        raise ModelLoadError(f"'{model}' is not a diffusers checkpoint folder (no model_index.json in {path.resolve()}).")
 
 
 def _dtype_name(torch_dtype) -> str | None:
@@ -567,7 +545,9 @@ class EditorActor:
 
     def __init__(self, model: str, out_dir: str, save_roi: bool = False, device: str | None = None,
                  dtype: str | None = None, threads: int | None = None):
-        _quiet_libraries()
+        from .cli import quiet_libraries
+
+        quiet_libraries()
         import torch
 
         from . import get_engine
@@ -691,7 +671,9 @@ def run(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if isinstance(model, (str, os.PathLike)):
-        _check_model_folder(str(model))  # a mistyped folder fails here, before anything is written
+        from .engine import local_checkpoint
+
+        local_checkpoint(str(model))  # a mistyped folder fails here, before anything is written
     if isinstance(config, dict):
         config = EditConfig(**config)
     out = Path(out_dir).expanduser().absolute()

@@ -193,7 +193,7 @@ def _demo(args) -> int:
     return 0
 
 
-def _quiet_libraries() -> None:
+def quiet_libraries() -> None:
     # diffusers/transformers chatter (optional-dependency notes, weight-loading bars) would bury our own
     # progress bars and messages; their errors still surface as exceptions.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -208,7 +208,7 @@ def _quiet_libraries() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    _quiet_libraries()
+    quiet_libraries()
     from .errors import LimeWarning, ModelLoadError
 
     show = warnings.showwarning

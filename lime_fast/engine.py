@@ -126,6 +126,24 @@ class EditResult:
         return paths
 
 
+def pixel_multiple(vae_config, unet_config) -> int:
+    """Side multiple images are brought to: the VAE factor times the UNet's downsampling (64 for SD 1.5,
+    so every level's grid is whole). Takes the two components' configs (dicts or config objects)."""
+    get = (lambda c, k: c[k]) if isinstance(vae_config, dict) else (lambda c, k: getattr(c, k))
+    return 2 ** (len(get(vae_config, "block_out_channels")) - 1) * 2 ** (len(get(unet_config, "down_block_types")) - 1)
+
+
+def local_checkpoint(model) -> Path | None:
+    """The folder ``model`` names when it names a local path (None for a hub id); raises
+    ``ModelLoadError`` when that folder is not a diffusers checkpoint."""
+    path = Path(str(model)).expanduser()
+    if not (path.exists() or str(model).startswith((".", "/", "~")) or str(model).count("/") > 1):
+        return None
+    if not (path / "model_index.json").is_file():
+        raise ModelLoadError(f"'{model}' is not a diffusers checkpoint folder (no model_index.json in {path.resolve()}).")
+    return path
+
+
 def _default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -156,8 +174,7 @@ class LimeEngine:
         self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, pipe.text_encoder, pipe.tokenizer
         self.scheduler = pipe.scheduler
         self.vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
-        n_down = sum(1 for _ in unet.config.down_block_types) - 1
-        self.multiple = self.vae_scale * 2**n_down  # 64 for SD 1.5: latents divisible by 8
+        self.multiple = pixel_multiple(vae.config, unet.config)
         self.controller = AttentionController(self._pick_backend(attention))
         install(unet, self.controller)
         self.unet_evals = 0
@@ -201,17 +218,12 @@ class LimeEngine:
         device = torch.device(device) if device is not None else _default_device()
         if torch_dtype is None:
             torch_dtype = torch.float16 if device.type == "cuda" else torch.float32
-        path = Path(str(model)).expanduser()
-        looks_local = path.exists() or str(model).startswith((".", "/", "~")) or str(model).count("/") > 1
-        if looks_local and not (path / "model_index.json").is_file():
-            raise ModelLoadError(
-                f"'{model}' is not a diffusers checkpoint folder (no model_index.json in {path.resolve()})."
-            )
+        path = local_checkpoint(model)
         try:
             with warnings.catch_warnings():  # diffusers >= 0.36 renames torch_dtype to dtype; both work
                 warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
                 pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(
-                    str(path) if looks_local else str(model),
+                    str(path) if path is not None else str(model),
                     torch_dtype=torch_dtype,
                     use_safetensors=use_safetensors,
                     safety_checker=None,
