@@ -10,19 +10,21 @@ as the engine builds them: one RoI (a disk of ~30% of the pixels of the sqrt(N) 
 one keep row (8 of 77 tokens kept: the prompt tokens 1..8; BOS, EOS and padding silenced), repeated
 over the 3 branches.
 
-Candidates (all produce out [B, H, N, D] fp16; the equivalent masks are prebuilt, not timed):
-    kernel     lime_fast.kernels.regularized_attention.regularized_attention (the custom op the engine
-               calls), penalty on: roi [B, N] and keep [B, T] bool, the penalty built in-kernel
+Candidates (all produce out [B, H, N, D] fp16; (b)'s and (c)'s masks are prebuilt, not timed):
+    kernel     lime_fast.kernels.regularized_attention.regularized_attention_launch (what the engine
+               calls outside torch.compile; the custom op adds dispatch cost in eager mode only),
+               penalty on: roi [B, N] and keep [B, T] bool, the penalty built in-kernel; block shapes
+               autotuned on the first call (listed under the table)
     sdpa       (a) torch SDPA with no mask: what plain InstructPix2Pix pays (diffusers' AttnProcessor2_0)
     sdpa_mask  (b) torch SDPA with the equivalent additive fp16 mask [B, 1, N, T] (0 / -inf): the
                straightforward port (whatever SDPA does with a T = 77 mask per call, e.g. padding
                it for alignment, is part of its time)
     flex       (c) torch.compile(flex_attention) with a score_mod returning -inf where
                roi[b, q] & ~keep[b, kv] (a failure to import / compile / run is recorded, not raised)
-    fp32_bmm   (d) the release's pattern, written out here (not kernels/reference.py, which builds its
-               boolean mask on every call): q, k, v upcast to fp32 and reshaped to [B*H, L, D],
-               ``baddbmm(mask, q, kᵀ, alpha=scale)`` with a materialized fp32 additive mask
-               [B*H, N, T], softmax, ``bmm`` with v, cast back to fp16
+    fp32_bmm   (d) the release's pattern, ``kernels/reference.release_attention``: q, k, v upcast to
+               fp32 and reshaped to [B*H, L, D], an fp32 additive mask [B*H, N, T] materialized in
+               every call (as the release does), ``baddbmm(mask, q, kᵀ, alpha=scale)``, softmax,
+               ``bmm`` with v, cast back to fp16
 
 Timing. pytest-benchmark does not synchronize CUDA, so each timed call enqueues CALLS back-to-back
 calls between two CUDA events and synchronizes on the end event; the figure reported is the median
@@ -55,7 +57,7 @@ import math
 
 import pytest
 import torch
-from lime_fast.kernels.reference import regularized_attention_ref
+from lime_fast.kernels.reference import regularized_attention_ref, release_attention
 
 CUDA = torch.cuda.is_available()
 GPU_ONLY = pytest.mark.skipif(
@@ -144,12 +146,11 @@ def _state(N: int, D: int) -> dict:
     roi, keep = _roi_disk(B, N, dev), _keep_row(B, T, dev)
     silenced = _silenced(roi, keep)
     bias16 = torch.zeros(B, 1, N, T, device=dev, dtype=dt).masked_fill_(silenced[:, None], float("-inf"))
-    bias_bh = bias16.float().expand(B, H, N, T).reshape(B * H, N, T).contiguous()  # materialized per head
     q0, k0, v0 = sets[0]
     ref, _ = regularized_attention_ref(q0.float(), k0.float(), v0.float(), roi, keep)
     st = {
         "sets": sets, "nsets": nsets, "calls": max(MIN_CALLS, nsets), "roi": roi, "keep": keep, "bias16": bias16,
-        "bias_bh": bias_bh, "roi_eff": roi & keep.any(dim=1)[:, None], "drop": ~keep, "ref": ref,
+        "roi_eff": roi & keep.any(dim=1)[:, None], "drop": ~keep, "ref": ref,
         "roi_pct": 100.0 * roi.float().mean().item(),
     }
     _STATE[(N, D)] = st
@@ -163,18 +164,6 @@ def _state(N: int, D: int) -> dict:
 
 def _sdpa(q, k, v, attn_mask=None):
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-
-
-def _fp32_bmm(q, k, v, bias_bh, scale):
-    """The release's pattern: explicit fp32 batch-matmul with a materialized additive mask."""
-    Bn, Hn, N, D = q.shape
-    Tn = k.shape[2]
-    qf = q.float().reshape(Bn * Hn, N, D)
-    kf = k.float().reshape(Bn * Hn, Tn, D)
-    vf = v.float().reshape(Bn * Hn, Tn, D)
-    scores = torch.baddbmm(bias_bh, qf, kf.transpose(1, 2), beta=1.0, alpha=scale)
-    probs = scores.softmax(dim=-1)
-    return torch.bmm(probs, vf).to(q.dtype).view(Bn, Hn, N, D)
 
 
 @functools.cache
@@ -198,9 +187,10 @@ def _make_fn(impl: str, st: dict):
 def _new_fn(impl: str, st: dict):
     roi, keep = st["roi"], st["keep"]
     if impl == "kernel":
-        from lime_fast.kernels.regularized_attention import regularized_attention
+        # The launcher, as the engine calls it outside torch.compile (no custom-op dispatch).
+        from lime_fast.kernels.regularized_attention import regularized_attention_launch
 
-        return lambda q, k, v: regularized_attention(q, k, v, roi=roi, keep=keep)[0]
+        return lambda q, k, v: regularized_attention_launch(q, k, v, roi, keep)[0]
     if impl == "sdpa":
         return lambda q, k, v: _sdpa(q, k, v)
     if impl == "sdpa_mask":
@@ -215,8 +205,7 @@ def _new_fn(impl: str, st: dict):
 
         return lambda q, k, v: flex(q, k, v, score_mod=score_mod)
     if impl == "fp32_bmm":
-        bias_bh = st["bias_bh"]
-        return lambda q, k, v: _fp32_bmm(q, k, v, bias_bh, q.shape[-1] ** -0.5)
+        return lambda q, k, v: release_attention(q, k, v, roi, keep)[0]
     raise ValueError(impl)
 
 
@@ -306,7 +295,7 @@ def _gpu_lines() -> list[str]:
         ),
         (
             "(a) SDPA no mask; (b) SDPA + additive fp16 [B,1,N,T] mask; (c) compiled flex_attention + score_mod; "
-            "(d) fp32 baddbmm/softmax/bmm + materialized fp32 [B*H,N,T] mask (release pattern, written in the bench)."
+            "(d) release pattern: fp32 baddbmm/softmax/bmm with an fp32 [B*H,N,T] mask materialized per call (reference.release_attention)."
         ),
     ]
     for (N, D) in SHAPES:
@@ -343,6 +332,11 @@ def _gpu_lines() -> list[str]:
                 _fmt_target(t3, f">={TARGET_COPY:.0%} copy" + ("" if N == 4096 else " (4096 only)")),
             ])
             lines.append(f"N={N:>4} D={D:>3} {mode:>5}: " + " | ".join(parts) + f" || targets: {targets}")
+    from lime_fast.kernels.regularized_attention import tuned_configs
+
+    for key, cfg in tuned_configs().items():
+        lines.append(f"autotuned {key[:4]} {str(key[4]).replace('torch.', '')}: BLOCK_M {cfg['BLOCK_M']} BLOCK_N {cfg['BLOCK_N']} "
+                     f"warps {cfg['num_warps']} stages {cfg['num_stages']}")
     return lines
 
 

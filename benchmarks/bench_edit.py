@@ -1,19 +1,36 @@
-"""Whole-edit throughput: plain diffusers InstructPix2Pix vs lime_fast (automatic RoI and user mask).
+"""Whole-edit throughput: diffusers InstructPix2Pix, accelerate(pipe), lime_fast, and the release's pattern.
 
     pytest benchmarks/bench_edit.py --benchmark-only
 
 CPU (default): the tiny random-weight model at 128 x 128, 30 steps, so the figures measure the
 machinery's overhead (41 UNet evaluations for an automatic LIME edit vs 30 for a plain one, plus
-segmentation), not a real model's cost. On CUDA the same file runs the full-size random-weight
-SD 1.5 replica at 512 x 512 in fp16 (LIME_BENCH_FULL=1 forces it on the CPU: very slow).
+segmentation), not a real model's cost; the release estimate and CUDA graphs are GPU-only. On CUDA
+the same file runs the full-size random-weight SD 1.5 replica at 512 x 512 in fp16
+(LIME_BENCH_FULL=1 forces the replica on the CPU: very slow).
+
+Rows (each timed by pytest-benchmark, medians; CUDA work is synchronized inside the timed call):
+  diffusers   StableDiffusionInstructPix2PixPipeline, untouched (diffusers' own SDPA processors).
+  accelerate  the same call after ``lime_fast.accelerate(pipe)`` (fused kernel + CUDA graphs).
+  lime_auto   ``engine.edit`` with the automatic RoI (CUDA graphs on CUDA); lime_eager: graphs off.
+  lime_mask   ``engine.edit`` with a user mask (no localization pass).
+  release     the reference release's compute pattern: fp32 weights, explicit fp32 attention with a
+              per-call materialized mask (attention="release"), materialized k-means, and two full
+              30-step passes. Timed on a 3-step run and scaled to 60 UNet evaluations (stated in the
+              report), since the whole run would not fit the device check.
+  unet_step   one three-branch UNet evaluation, eager vs CUDA-graph replay, and their max difference.
+  batch       ``engine.edit_batch`` of 1, 2, 4, 8 edits (CPU: 1, 2): edits per second.
+Peak memory (CUDA): ``torch.cuda.max_memory_allocated`` over one run of each row.
 """
 
+import contextlib
+import copy
 import os
 
 import numpy as np
 import pytest
 import torch
 
+import lime_fast
 from lime_fast import LimeEngine
 from lime_fast.demo import shapes_image
 
@@ -21,59 +38,208 @@ CUDA = torch.cuda.is_available()
 FULL = CUDA or os.environ.get("LIME_BENCH_FULL") == "1"
 STEPS = 30
 INSTRUCTION = "make the red circle blue"
+BATCHES = [1, 2, 4, 8] if CUDA else [1, 2]
 TIMES: dict[str, float] = {}
+PEAK: dict[str, float] = {}
+NOTES: dict[str, str] = {}
+
+
+def _sync():
+    if CUDA:
+        torch.cuda.synchronize()
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup():
     from lime_fast.tiny import replica_pipeline, tiny_pipeline
 
     device = "cuda" if CUDA else "cpu"
     dtype = torch.float16 if CUDA else torch.float32
-    pipe = (replica_pipeline() if FULL else tiny_pipeline()).to(device, dtype)
+    base = replica_pipeline() if FULL else tiny_pipeline()
+    release_pipe = copy.deepcopy(base).to(device, torch.float32) if CUDA else None  # fp32, as the release runs
+    pipe = base.to(device, dtype)
     pipe.set_progress_bar_config(disable=True)
     size = 512 if FULL else 128
     engine = LimeEngine.from_pipe(pipe)
-    return pipe, engine, shapes_image(size)
+    return pipe, engine, shapes_image(size), release_pipe
 
 
-def _run(benchmark, name, fn):
-    benchmark.pedantic(fn, rounds=3, warmup_rounds=1, iterations=1)
+@contextlib.contextmanager
+def untouched(unet):
+    """diffusers' own processors and forward for the duration (the engine's are restored after)."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    procs, fwd = unet.attn_processors, unet.__dict__.pop("forward", None)
+    unet.set_attn_processor(AttnProcessor2_0())
+    try:
+        yield
+    finally:
+        unet.set_attn_processor(procs)
+        if fwd is not None:
+            unet.forward = fwd
+
+
+def _run(benchmark, name, fn, rounds=3):
+    def timed():
+        fn()
+        _sync()
+
+    if CUDA:
+        torch.cuda.reset_peak_memory_stats()
+    benchmark.pedantic(timed, rounds=rounds, warmup_rounds=1, iterations=1)
     TIMES[name] = benchmark.stats.stats.median
+    if CUDA:
+        PEAK[name] = torch.cuda.max_memory_allocated() / 2**30
+
+
+def _pipe_call(pipe, image):
+    return pipe(INSTRUCTION, image=image, num_inference_steps=STEPS, guidance_scale=2.0, image_guidance_scale=1.5,
+                generator=torch.Generator().manual_seed(0), output_type="np").images
 
 
 def test_diffusers_ip2p(benchmark, setup):
-    pipe, engine, image = setup
-    # lime_fast's processors are installed on this UNet; idle they are exactly diffusers' SDPA processor.
+    pipe, _, image, _ = setup
+    with untouched(pipe.unet):
+        _run(benchmark, "diffusers", lambda: _pipe_call(pipe, image))
 
-    def run():
-        pipe(INSTRUCTION, image=image, num_inference_steps=STEPS, guidance_scale=2.0, image_guidance_scale=1.5,
-             generator=torch.Generator().manual_seed(0))
 
-    _run(benchmark, "diffusers", run)
+def test_accelerate_ip2p(benchmark, setup):
+    pipe, engine, image, _ = setup
+    with untouched(pipe.unet):
+        want = _pipe_call(pipe, image)
+        lime_fast.accelerate(pipe)
+        try:
+            _run(benchmark, "accelerate", lambda: _pipe_call(pipe, image))
+            got = _pipe_call(pipe, image)
+        finally:
+            del pipe.unet.forward
+    NOTES["accelerate"] = f"max |accelerate - diffusers| over the image: {np.abs(got - want).max():.4f} (0-1 scale)"
 
 
 def test_lime_fast_auto_roi(benchmark, setup):
-    _, engine, image = setup
+    _, engine, image, _ = setup
     _run(benchmark, "lime_auto", lambda: engine.edit(image, INSTRUCTION, steps=STEPS, progress=False))
 
 
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs exist only on CUDA")
+def test_lime_fast_auto_roi_eager(benchmark, setup):
+    _, engine, image, _ = setup
+    engine.graphs.enabled = False
+    try:
+        _run(benchmark, "lime_eager", lambda: engine.edit(image, INSTRUCTION, steps=STEPS, progress=False))
+    finally:
+        engine.graphs.enabled = True
+
+
 def test_lime_fast_user_mask(benchmark, setup):
-    _, engine, image = setup
+    _, engine, image, _ = setup
     mask = np.zeros((image.height, image.width), bool)
     mask[: image.height // 2, : image.width // 2] = True
     _run(benchmark, "lime_mask", lambda: engine.edit(image, INSTRUCTION, mask=mask, steps=STEPS, progress=False))
 
 
+@pytest.mark.skipif(not CUDA, reason="the release estimate is a GPU figure (fp32 replica)")
+def test_release_pattern(benchmark, setup):
+    _, _, image, release_pipe = setup
+    eng = LimeEngine.from_pipe(release_pipe, attention="release", use_cuda_graphs=False)
+    k = 3
+    cfg = dict(steps=k, capture_step=1, reg_steps=(0, k - 1), segment_backend="materialized")
+    out = {}
+
+    def run():
+        out["r"] = eng.edit(image, INSTRUCTION, progress=False, **cfg)
+
+    torch.cuda.reset_peak_memory_stats()
+    benchmark.pedantic(lambda: (run(), _sync()), rounds=2, warmup_rounds=1, iterations=1)
+    PEAK["release"] = torch.cuda.max_memory_allocated() / 2**30
+    tm = out["r"].timings
+    per_eval = tm["edit"] / k
+    TIMES["release"] = tm["encode"] + tm["segment"] + tm["decode"] + 2 * STEPS * per_eval
+    NOTES["release"] = (f"release estimated: encode {tm['encode']:.3f} + materialized k-means {tm['segment']:.3f} + decode "
+                        f"{tm['decode']:.3f} + 60 x {per_eval * 1e3:.1f} ms per fp32 UNet evaluation (from a {k}-step run)")
+
+
+@pytest.mark.parametrize("mode", ["eager", "graph"] if CUDA else ["eager"])
+def test_unet_step(benchmark, setup, mode):
+    """One three-branch UNet evaluation of the edit pass (penalty on), eager vs graph replay."""
+    _, engine, image, _ = setup
+    g = engine.graphs
+    h = w = image.height // engine.vae_scale
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 2 * engine.vae.config.latent_channels, h, w, generator=gen).to(engine.device, engine.dtype)
+    t = torch.tensor(500.0, device=engine.device)
+    states = torch.randn(3, engine.tokenizer.model_max_length, engine.text_encoder.config.hidden_size, generator=gen)
+    states = states.to(engine.device, engine.dtype)
+    ctl = engine.controller
+    ctl.static = mode == "graph"
+    ctl.set_latent_size((h, w))
+    roi = torch.zeros(1, 16, 16, dtype=torch.bool, device=engine.device)
+    roi[:, 4:12, 4:12] = True
+    keep = torch.zeros(1, states.shape[1], dtype=torch.bool, device=engine.device)
+    keep[:, :4] = True
+    ctl.set_regularization(roi, keep)
+    ctl.regularize = True
+    fn = (lambda: g(x, t, states, return_dict=False)[0]) if mode == "graph" else (lambda: g.forward(x, t, states, return_dict=False)[0])
+    with torch.no_grad():
+        _run(benchmark, f"unet_{mode}", fn, rounds=20)
+        NOTES.setdefault("unet_out", {})[mode] = fn().float()
+    ctl.set_regularization(None, None)
+    ctl.static = False
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+def test_batch_throughput(benchmark, setup, batch):
+    _, engine, image, _ = setup
+    images = [image.rotate(90 * (i % 4)) for i in range(batch)]
+    _run(benchmark, f"batch{batch}", lambda: engine.edit_batch(images, [INSTRUCTION] * batch, steps=STEPS, progress=False),
+         rounds=2)
+
+
 @pytest.fixture(scope="module", autouse=True)
 def report(ratios):
-    """After the module's benchmarks: one line of side-by-side ratios (--benchmark-only skips plain tests)."""
+    """After the module's benchmarks: side-by-side ratios (--benchmark-only skips plain tests)."""
     yield
-    if len(TIMES) < 3:
+    if not {"diffusers", "lime_auto", "lime_mask"} <= TIMES.keys():
         return
     where = torch.cuda.get_device_name() if CUDA else "CPU"
     model = "SD 1.5 replica 512x512 fp16" if FULL else "tiny random model 128x128 fp32"
-    ratios.append(f"bench_edit ({where}, {model}, {STEPS} steps, medians of 3): "
-                  f"diffusers IP2P {TIMES['diffusers']:.2f} s | lime_fast auto RoI {TIMES['lime_auto']:.2f} s "
-                  f"({TIMES['lime_auto'] / TIMES['diffusers']:.2f}x) | lime_fast user mask {TIMES['lime_mask']:.2f} s "
-                  f"({TIMES['lime_mask'] / TIMES['diffusers']:.2f}x)")
+    d = TIMES["diffusers"]
+
+    def row(name, label):
+        if name not in TIMES:
+            return None
+        mem = f", peak {PEAK[name]:.2f} GiB" if name in PEAK else ""
+        return f"  {label:<34} {TIMES[name]:8.3f} s  {d / TIMES[name]:6.2f}x vs diffusers{mem}"
+
+    lines = [f"bench_edit ({where}, {model}, {STEPS} steps; x = diffusers time / row time, >1 faster):"]
+    for name, label in [("diffusers", "(a) diffusers IP2P"), ("accelerate", "accelerate(pipe), plain edit"),
+                        ("lime_auto", "(c) lime_fast auto RoI"), ("lime_eager", "lime_fast auto RoI, graphs off"),
+                        ("lime_mask", "lime_fast user mask"), ("release", "(b) release pattern (estimate)")]:
+        r = row(name, label)
+        if r:
+            lines.append(r)
+    for b in BATCHES:
+        if f"batch{b}" in TIMES:
+            lines.append(f"  edit_batch({b}): {b / TIMES[f'batch{b}']:.2f} edits/s")
+    if "unet_eager" in TIMES:
+        line = f"  one UNet evaluation (3 branches): eager {TIMES['unet_eager'] * 1e3:.2f} ms"
+        outs = NOTES.get("unet_out", {})
+        if "unet_graph" in TIMES:
+            line += f", CUDA graph {TIMES['unet_graph'] * 1e3:.2f} ms"
+        if {"eager", "graph"} <= outs.keys():
+            line += f", max |graph - eager| {(outs['graph'] - outs['eager']).abs().max().item():.3g}"
+        lines.append(line)
+    lines += [f"  {NOTES[k]}" for k in ("accelerate", "release") if k in NOTES]
+    if CUDA:
+        a = TIMES["lime_auto"]
+        checks = [f"auto edit <= 0.45 s: {'PASS' if a <= 0.45 else 'MISS'} ({a:.3f} s)",
+                  f"auto edit faster than (a): {'PASS' if a < d else 'MISS'}"]
+        if "accelerate" in TIMES:
+            checks.append(f"accelerate >= 1.5x: {'PASS' if d / TIMES['accelerate'] >= 1.5 else 'MISS'} ({d / TIMES['accelerate']:.2f}x)")
+        if "release" in TIMES:
+            checks.append(f">= 20x faster than (b): {'PASS' if TIMES['release'] / a >= 20 else 'MISS'} ({TIMES['release'] / a:.1f}x)")
+        if "lime_auto" in PEAK and "diffusers" in PEAK:
+            checks.append(f"peak memory <= 1.1x (a): {'PASS' if PEAK['lime_auto'] <= 1.1 * PEAK['diffusers'] else 'MISS'} "
+                          f"({PEAK['lime_auto'] / PEAK['diffusers']:.2f}x)")
+        lines.append("  targets: " + " | ".join(checks))
+    ratios.extend(lines)

@@ -40,8 +40,12 @@ Design
 * fp32 inputs use IEEE fp32 dots (not TF32) so fp32 results match the fp32 reference; fp16/bf16
   inputs use tensor-core dots with fp32 accumulation, and P is rounded to the value dtype before
   ``P @ V`` as in FlashAttention.
-* Block sizes: plain heuristics in ``_pick_config`` (no autotuning), chosen from ptxas register and
-  spill reports for sm_90a / sm_80 (compiled ahead of time; no GPU was available to time them).
+* Block sizes: on CUDA, timed among ~10 candidates on the first call of each bucketed shape
+  (``_tuned_config``; narrow key tails make 32-key blocks pay off at T = 77); defaults in
+  ``_pick_config`` are the H200 winners. Measured on one H200 (benchmarks/RESULTS.md, 2026-11-27):
+  26.1 us at N 4096 / D 40 vs 18.5 us for SDPA without a mask and 50.5 us for SDPA with the
+  equivalent mask: the fused penalty is cheaper than any mask tensor, but the kernel is not yet as
+  fast as PyTorch's unmasked flash kernel at these shapes.
 
 Known costs (from those ptxas reports, not from timings): the capture variant at T = 77 spills a
 little at D >= 80 (~100-450 bytes/thread); capture with T > 128 holds a [BLOCK_N >= 256, BLOCK_D]
@@ -72,6 +76,7 @@ __all__ = [
     "MAX_CAPTURE_T",
     "regularized_attention",
     "regularized_attention_launch",
+    "tuned_configs",
 ]
 
 MAX_HEAD_DIM = 256
@@ -180,7 +185,7 @@ def _one_head(
     stride_qm, stride_qk, stride_kn, stride_kk, stride_vn, stride_vk, stride_om, stride_ok, stride_en,
     HAS_MASK: tl.constexpr, SINGLE_BLOCK: tl.constexpr, EVEN_M: tl.constexpr, EVEN_T: tl.constexpr,
     EVEN_D: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N_TAIL: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Attention of one (b, h) for BLOCK_M queries; stores the output tile.
 
@@ -231,10 +236,12 @@ def _one_head(
                 HAS_MASK, False, EVEN_D, HEAD_DIM, BLOCK_N, BLOCK_D, DOT_PRECISION,
             )
         if not EVEN_T:
+            # The tail block is only as wide as the remainder needs (T = 77 with 64-key blocks: a
+            # 16-key tail, 80 keys computed instead of 128).
             acc, m_i, l_i = _online_step(
                 q, acc, m_i, l_i, k_base, v_base, keep_base, roi_eff, t_full, T, scale_log2,
                 stride_kn, stride_kk, stride_vn, stride_vk, stride_en,
-                HAS_MASK, True, EVEN_D, HEAD_DIM, BLOCK_N, BLOCK_D, DOT_PRECISION,
+                HAS_MASK, True, EVEN_D, HEAD_DIM, BLOCK_N_TAIL, BLOCK_D, DOT_PRECISION,
             )
         l_i = tl.where(l_i == 0.0, 1.0, l_i)  # unreachable by construction; never NaN anyway
         acc = acc * (1.0 / l_i)[:, None]
@@ -273,6 +280,7 @@ def _regularized_attention_fwd(
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    BLOCK_N_TAIL: tl.constexpr,
     BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -322,7 +330,7 @@ def _regularized_attention_fwd(
                 OUT + off_b64 * stride_oz + h64 * stride_oh,
                 keep_base, roi_eff, offs_m, h // H, N, T, scale_log2,
                 stride_qm, stride_qk, stride_kn, stride_kk, stride_vn, stride_vk, stride_om, stride_ok, stride_en,
-                HAS_MASK, SINGLE_BLOCK, EVEN_M, EVEN_T, EVEN_HEADDIM, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D,
+                HAS_MASK, SINGLE_BLOCK, EVEN_M, EVEN_T, EVEN_HEADDIM, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_N_TAIL, BLOCK_D,
                 DOT_PRECISION,
             )
             probs_sum += p
@@ -349,7 +357,7 @@ def _regularized_attention_fwd(
             OUT + off_b64 * stride_oz + off_h64 * stride_oh,
             keep_base, roi_eff, offs_m, 0, N, T, scale_log2,
             stride_qm, stride_qk, stride_kn, stride_kk, stride_vn, stride_vk, stride_om, stride_ok, stride_en,
-            HAS_MASK, SINGLE_BLOCK, EVEN_M, EVEN_T, EVEN_HEADDIM, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D,
+            HAS_MASK, SINGLE_BLOCK, EVEN_M, EVEN_T, EVEN_HEADDIM, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_N_TAIL, BLOCK_D,
             DOT_PRECISION,
         )
 
@@ -435,17 +443,14 @@ def _next_pow2(x: int) -> int:
 def _pick_config(
     N: int, T: int, D: int, capture: bool, dtype: torch.dtype, block_m: int | None = None, block_n: int | None = None
 ) -> dict:
-    """Block sizes and launch options: plain heuristics, no autotuning.
-
-    No GPU was available to time configurations, so the table below was chosen from ptxas register /
-    spill reports for sm_90 (kernels compiled ahead of time for SD 1.5 shapes, T = 77 and T = 300),
-    preferring configurations without spills and with enough programs for small N. Autotuning on
-    real hardware (keyed on next_pow2(N), next_pow2(T), D, dtype, capture) is the obvious next step.
+    """Default block sizes and launch options (the autotuner's starting point and the fallback when
+    it is off: the interpreter, graph capture, LIME_FAST_AUTOTUNE=0, capture, fp32).
 
     * BLOCK_D = next_pow2(D) (>= 16: tl.dot's minimum); masked only when D != BLOCK_D.
-    * fp16/bf16 without capture: all keys in one block when next_pow2(T) <= 128 (CLIP's 77 -> one
-      128 block, no online rescaling); otherwise an online softmax over 64-key blocks (32 for
-      D > 64). BLOCK_M = 128 / 64 / 32 for BLOCK_D = 64 / 128 / 256.
+    * fp16/bf16 without capture: the H200 autotuning winners (see the comment in the code): an
+      online softmax over 32-key blocks for D <= 64 and for D > 128 with N > 64, one key block
+      for D <= 128 otherwise. Capture and fp32 blocks were chosen from ptxas register/spill reports
+      for sm_90a (no spills, enough programs for small N); they are not timed yet.
     * Capture: BLOCK_N = next_pow2(T) (whole key row) and smaller BLOCK_M (64 / 32 / 16 by head dim,
       BLOCK_M * BLOCK_N <= 8192) since the head-mean tile adds a [BLOCK_M, BLOCK_N] fp32 accumulator.
     * fp32 (IEEE dots run on FMA units and need far more registers): 16-row tiles.
@@ -463,16 +468,19 @@ def _pick_config(
     elif small_fp32:
         BLOCK_M, BLOCK_N, num_warps, num_stages = 16, min(T2, 32), 4, 2
     else:
-        single = T2 <= 128
-        BLOCK_N = T2 if single else (64 if BLOCK_D <= 64 else 32)
+        # The H200 autotuning winners at SD 1.5's shapes (fp16, T = 77, B*H = 24; 2026-11-27):
+        # D 40 / N 4096: 128 x 32 online, 8 warps (26.1 us; one 128-key block: 37.6 us);
+        # D 80 / N 1024: 64 x 128 one block; D 160 / N 256: 32 x 32 online, 4 warps; D 160 / N 64:
+        # 32 x 128 one block.
         if BLOCK_D <= 64:
-            BLOCK_M = 128
+            BLOCK_M, BLOCK_N, num_warps = 128, min(T2, 32), 8
         elif BLOCK_D == 128:
-            BLOCK_M = 64
+            BLOCK_M, BLOCK_N, num_warps = 64, (T2 if T2 <= 128 else 32), (8 if T2 <= 128 else 4)
+        elif N > 64 or T2 > 128:
+            BLOCK_M, BLOCK_N, num_warps = 32, min(T2, 32), 4
         else:
-            BLOCK_M = 32 if single else 64
-        num_warps = 4 if (BLOCK_D == 128 and not single) else 8
-        num_stages = 1 if single else 2
+            BLOCK_M, BLOCK_N, num_warps = 32, T2, 8
+        num_stages = 1 if BLOCK_N >= T else 2
     if block_m is not None:
         BLOCK_M = block_m
     if block_n is not None:
@@ -483,6 +491,73 @@ def _pick_config(
         if val < 16 or val & (val - 1):
             raise ValueError(f"regularized_attention: {name} must be a power of two >= 16, got {val}")
     return dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, num_warps=num_warps, num_stages=num_stages)
+
+
+# ----------------------------------------------------------------------------------------------
+# Autotuning (CUDA only)
+# ----------------------------------------------------------------------------------------------
+# Measured on one H200 (2026-11-27, fp16, B*H = 24, T = 77, CUDA-graph replay): the untuned heuristic
+# (one 128-key block, BLOCK_M 128, 8 warps) ran 2x slower than SDPA at N = 4096, D = 40 (37.6 vs
+# 18.5 us), so block shapes are now picked by timing a few candidates on the first call of each
+# bucketed shape. Tuning runs eagerly (never inside CUDA-graph capture: there the heuristic is used),
+# once per process and key; the engine's and accelerate()'s warm-up calls trigger it before capture.
+# LIME_FAST_AUTOTUNE=0 turns it off (heuristic only). The capture variant and fp32 are not tuned.
+
+_TUNED: dict[tuple, dict] = {}
+
+
+def _autotune_on() -> bool:
+    return os.environ.get("LIME_FAST_AUTOTUNE", "1") not in ("0", "") and not _interpreting()
+
+
+def _tune_key(BH: int, N: int, T: int, D: int, dtype: torch.dtype, capture: bool) -> tuple:
+    return (_next_pow2(BH), _next_pow2(N), T, D, dtype, capture)
+
+
+def _candidates(T: int, D: int, heuristic: dict) -> list[dict]:
+    """Block shapes worth timing for fp16/bf16 without capture (about 10 per key)."""
+    BLOCK_D = max(16, _next_pow2(D))
+    T2 = max(16, _next_pow2(T))
+    out = [heuristic]
+    ms = [m for m in (64, 128) if m * BLOCK_D <= 8192] or [32]
+    for bn in ([T2] if T2 <= 128 else []) + [64, 32]:
+        if bn > T2:
+            continue
+        for m in ms:
+            for w in (4, 8):
+                cfg = dict(BLOCK_M=m, BLOCK_N=bn, BLOCK_D=BLOCK_D, num_warps=w, num_stages=1 if bn >= T else 2)
+                if cfg not in out:
+                    out.append(cfg)
+    return out
+
+
+def _tuned_config(BH: int, N: int, T: int, D: int, dtype: torch.dtype, capture: bool, heuristic: dict, launch) -> dict:
+    if capture or dtype == torch.float32 or not _autotune_on():
+        return heuristic
+    key = _tune_key(BH, N, T, D, dtype, capture)
+    hit = _TUNED.get(key)
+    if hit is not None:
+        return hit
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        return heuristic  # cannot time inside graph capture; the key stays untuned
+    import triton.testing
+
+    best, best_ms = heuristic, float("inf")
+    for cfg in _candidates(T, D, heuristic):
+        try:
+            ms = triton.testing.do_bench(lambda: launch(cfg), warmup=5, rep=20, return_mode="median")
+        except Exception:  # a shape the compiler rejects (e.g. out of shared memory): skip it
+            continue
+        if ms < best_ms:
+            best, best_ms = cfg, ms
+    _TUNED[key] = best
+    return best
+
+
+def tuned_configs() -> dict[tuple, dict]:
+    """The block shapes autotuning picked in this process: {(B*H, N, T, D bucket, dtype, capture): config}."""
+    return dict(_TUNED)
+
 
 
 def _empty_out(q: torch.Tensor) -> torch.Tensor:
@@ -557,32 +632,38 @@ def regularized_attention_launch(
     if out.numel() == 0:
         return out, probs
 
+    def launch(cfg: dict) -> None:
+        BLOCK_M, BLOCK_N, BLOCK_D = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"]
+        grid = (triton.cdiv(N, BLOCK_M), B * H)
+        _regularized_attention_fwd[grid](
+            q, k, v, out, roi_t, keep_t, capture_t, probs_t,
+            scale * _LOG2E,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            *(roi_t.stride() if has_mask else (0, 0)),
+            *(keep_t.stride() if has_mask else (0, 0)),
+            capture_t.stride(0) if capture_on else 0,
+            *(probs_t.stride() if capture_on else (0, 0, 0)),
+            B, H, N, T, S,
+            HAS_MASK=has_mask,
+            CAPTURE_ON=capture_on,
+            SINGLE_BLOCK=BLOCK_N >= T,
+            EVEN_M=N % BLOCK_M == 0,
+            EVEN_T=T % BLOCK_N == 0,
+            EVEN_HEADDIM=D == BLOCK_D,
+            HEAD_DIM=D,
+            BLOCK_M=BLOCK_M,
+            BLOCK_N=BLOCK_N,
+            BLOCK_N_TAIL=min(BLOCK_N, max(16, _next_pow2(T % BLOCK_N))),
+            BLOCK_D=BLOCK_D,
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"],
+        )
+
     cfg = _pick_config(N, T, D, capture_on, q.dtype, block_m, block_n)
-    BLOCK_M, BLOCK_N, BLOCK_D = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"]
-    grid = (triton.cdiv(N, BLOCK_M), B * H)
-    _regularized_attention_fwd[grid](
-        q, k, v, out, roi_t, keep_t, capture_t, probs_t,
-        scale * _LOG2E,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        *(roi_t.stride() if has_mask else (0, 0)),
-        *(keep_t.stride() if has_mask else (0, 0)),
-        capture_t.stride(0) if capture_on else 0,
-        *(probs_t.stride() if capture_on else (0, 0, 0)),
-        B, H, N, T, S,
-        HAS_MASK=has_mask,
-        CAPTURE_ON=capture_on,
-        SINGLE_BLOCK=BLOCK_N >= T,
-        EVEN_M=N % BLOCK_M == 0,
-        EVEN_T=T % BLOCK_N == 0,
-        EVEN_HEADDIM=D == BLOCK_D,
-        HEAD_DIM=D,
-        BLOCK_M=BLOCK_M,
-        BLOCK_N=BLOCK_N,
-        BLOCK_D=BLOCK_D,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"],
-    )
+    if block_m is None and block_n is None:
+        cfg = _tuned_config(B * H, N, T, D, q.dtype, capture_on, cfg, launch)
+    launch(cfg)
     return out, probs
 
 

@@ -37,6 +37,7 @@ _map_source_kernels()
 from .config import DEFAULT_MODEL, EditConfig  # noqa: E402
 from .engine import EditResult, Encoded, LimeEngine  # noqa: E402
 from .errors import LimeWarning, ModelLoadError, NonFiniteLatentsError  # noqa: E402
+from .graphs import accelerate  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = [
@@ -48,6 +49,7 @@ __all__ = [
     "LimeWarning",
     "ModelLoadError",
     "NonFiniteLatentsError",
+    "accelerate",
     "edit",
     "get_engine",
 ]

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .kernels.reference import regularized_attention_ref, regularized_attention_sdpa
+from .kernels.reference import regularized_attention_ref, regularized_attention_sdpa, release_attention
 
 
 def level_grids(latent_hw: tuple[int, int], n_levels: int = 8) -> list[tuple[int, int]]:
@@ -63,24 +63,61 @@ class AttentionController:
 
     backend: "eager" runs cross-attention with SDPA (a boolean mask when regularizing) and with the
     eager reference when maps are captured; "triton" runs the fused kernel (``lime_fast.kernels.regularized_attention``)
-    for every cross-attention call.
+    for every cross-attention call; "release" runs the reference release's pattern
+    (``lime_fast.kernels.reference.release_attention``: fp32 explicit attention with a per-call
+    materialized mask), for benchmarks only.
+
+    static: CUDA-graph mode (``lime_fast.graphs``). The RoI masks live in buffers reused across
+    passes (a graph reads fixed addresses), every regularized level always takes the masked path, and
+    ``regularize = False`` zeros the RoI buffers instead of skipping the mask (an all-False RoI is
+    plain attention), so the penalty switches per step without a new graph.
     """
 
-    def __init__(self, backend: str = "eager"):
+    def __init__(self, backend: str = "eager", static: bool = False):
         self.backend = backend
-        self._kernel = None
+        self.static = static
+        self._kernel = self._op = None
         if backend == "triton":  # imported once here, not per call (the hot path runs ~30x per step)
-            from .kernels.regularized_attention import regularized_attention
+            from .kernels.regularized_attention import regularized_attention, regularized_attention_launch
 
-            self._kernel = regularized_attention
+            # The launcher directly (no custom-op dispatch: ~60 us less per eager call on an H200);
+            # the registered op only while torch.compile traces.
+            self._kernel, self._op = regularized_attention_launch, regularized_attention
         self.latent_hw: tuple[int, int] | None = None
         self.feature_levels: tuple[int, ...] = (1, 2, 3)
         self.reg_levels: tuple[int, ...] = (0, 1)
         self.capture: Capture | None = None
-        self.regularize = False
-        self.roi: dict[int, torch.Tensor] = {}  # level -> [3B, N_l] bool
+        self._regularize = False
+        self.roi: dict[int, torch.Tensor] = {}  # level -> [3B, N_l] bool (static: the buffers graphs read)
+        self._roi_src: dict[int, torch.Tensor] = {}  # static: the pass's RoI, copied in when regularizing
         self.keep: torch.Tensor | None = None  # [3B, T] bool
+        self._buffers: dict[tuple, torch.Tensor] = {}  # static: (name, shape, device) -> buffer
         self._levels: dict[int, int] = {}
+
+    @property
+    def regularize(self) -> bool:
+        return self._regularize
+
+    @regularize.setter
+    def regularize(self, on: bool) -> None:
+        on = bool(on)
+        if self.static and on != self._regularize:
+            for level, buf in self.roi.items():
+                buf.copy_(self._roi_src[level]) if on else buf.zero_()
+        self._regularize = on
+
+    def graph_key(self) -> tuple:
+        """What a CUDA graph of the UNet depends on besides its inputs (see ``lime_fast.graphs``)."""
+        capture = tuple(self.feature_levels) if self.capture is not None else None
+        masked = tuple(sorted(self.roi)) if self.keep is not None else ()
+        return (self.backend, self.static, self.latent_hw, capture, masked, tuple(self.reg_levels))
+
+    def _buffer(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        key = (name, tuple(like.shape), like.device)
+        buf = self._buffers.get(key)
+        if buf is None:
+            buf = self._buffers[key] = torch.zeros_like(like)
+        return buf
 
     # --- per pass ----------------------------------------------------------------------
     def set_latent_size(self, latent_hw: tuple[int, int]) -> None:
@@ -94,14 +131,22 @@ class AttentionController:
         Elements with an empty RoI simply get no penalty; the masks are resized once per pass (nearest)
         to each regularized level and repeated over the three guidance branches.
         """
-        self.roi, self.keep = {}, None
-        if roi_grid is None or keep is None or not bool(roi_grid.any()):
+        self.roi, self._roi_src, self.keep = {}, {}, None
+        self._regularize = False
+        # (static: no any() check, which would sync the host; an empty RoI is a zero buffer)
+        if roi_grid is None or keep is None or (not self.static and not bool(roi_grid.any())):
             return
-        self.keep = keep.bool().repeat(3, 1)
+        keep3 = keep.bool().repeat(3, 1)
+        self.keep = self._buffer("keep", keep3).copy_(keep3) if self.static else keep3
         for level in self.reg_levels:
             h, w = self._grids[level]
             m = F.interpolate(roi_grid[:, None].float(), size=(h, w), mode="nearest")[:, 0] > 0.5
-            self.roi[level] = m.reshape(m.shape[0], h * w).repeat(3, 1)
+            m = m.reshape(m.shape[0], h * w).repeat(3, 1)
+            if self.static:
+                self._roi_src[level] = m
+                self.roi[level] = self._buffer(f"roi{level}", m).zero_()  # off until regularize = True
+            else:
+                self.roi[level] = m
 
     def level_of(self, n_queries: int) -> int:
         level = self._levels.get(n_queries)
@@ -113,7 +158,11 @@ class AttentionController:
     def attend(self, q, k, v, roi, keep, scale, capture):
         """Cross-attention: q [3B, H, N, D], k/v [3B, H, T, D]; roi [3B, N] / keep [3B, T] bool or None;
         capture: long [B] batch indices whose head-mean probabilities to return. -> (out, probs|None)."""
+        if self.backend == "release":
+            return release_attention(q, k, v, roi=roi, keep=keep, scale=scale, capture=capture)
         if self._kernel is not None:
+            if torch.compiler.is_compiling():
+                return self._op(q, k, v, roi=roi, keep=keep, scale=scale, capture=capture)
             return self._kernel(q, k, v, roi=roi, keep=keep, scale=scale, capture=capture)
         if capture is None:
             if roi is None:
@@ -165,7 +214,7 @@ class LimeAttnProcessor:
         level = ctl.level_of(n_queries) if ctl.latent_hw is not None else -1
         capturing = ctl.capture is not None and level in ctl.feature_levels
         if is_cross and attention_mask is None:
-            penalize = ctl.regularize and level in ctl.roi
+            penalize = (ctl.regularize or ctl.static) and level in ctl.roi
             n_edits = batch // 3
             out, probs = ctl.attend(
                 query,
@@ -197,6 +246,22 @@ class LimeAttnProcessor:
         if attn.residual_connection:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
+
+
+def pick_backend(attention: str, device: torch.device) -> str:
+    """"auto" -> "triton" on CUDA when triton and the kernel import, else "eager"; other values pass."""
+    if attention not in ("auto", "eager", "triton", "release"):
+        raise ValueError(f"attention must be 'auto', 'eager', 'triton' or 'release', got {attention!r}")
+    if attention != "auto":
+        return attention
+    if torch.device(device).type == "cuda":
+        try:
+            from .kernels import regularized_attention  # noqa: F401
+
+            return "triton"
+        except ImportError:
+            return "eager"
+    return "eager"
 
 
 def install(unet, controller: AttentionController) -> None:

@@ -30,9 +30,10 @@ import torch
 from tqdm.auto import tqdm
 
 from . import viz
-from .attention import AttentionController, Capture, install
+from .attention import AttentionController, Capture, install, pick_backend
 from .config import DEFAULT_MODEL, EditConfig
 from .errors import LimeWarning, ModelLoadError, NonFiniteLatentsError
+from .graphs import GraphedUNet, compiled, graphed_forward
 from .inputs import check_instruction, grid_shape, load_image, load_mask, working_size
 from .localize import heatmap, roi_from_segments
 from .segment import segment as segment_features
@@ -155,11 +156,20 @@ class LimeEngine:
     ``StableDiffusionInstructPix2PixPipeline``; its modules are shared, not copied, and its UNet gets
     lime_fast's attention processors, which behave exactly like diffusers' SDPA processor when idle).
 
-    attention: "auto" (the fused Triton kernel on CUDA when triton imports, else eager), "eager", or
-    "triton" (forces the kernel, e.g. on the CPU under TRITON_INTERPRET=1).
+    attention: "auto" (the fused Triton kernel on CUDA when triton imports, else eager), "eager",
+    "triton" (forces the kernel, e.g. on the CPU under TRITON_INTERPRET=1), or "release" (the
+    reference release's fp32 explicit attention, for benchmarks).
+    use_cuda_graphs: replay one CUDA graph per (batch, latent size, dtype, pass state) for every UNet
+        evaluation (``lime_fast.graphs``); default True on CUDA. Ignored on the CPU (eager there).
+    compile: ``torch.compile`` the UNet's forward (True: inductor, default mode; a string names another
+        backend; the fused kernel is a registered custom op, so it stays one opaque node). The first edit per shape then pays the
+        compilation (minutes for SD 1.5); combined with CUDA graphs, the compiled code is captured.
+
+    One engine may be shared by several threads: edits are serialized by a lock, which also guards
+    the CUDA-graph cache.
     """
 
-    def __init__(self, pipe, attention: str = "auto"):
+    def __init__(self, pipe, attention: str = "auto", *, use_cuda_graphs: bool | None = None, compile: bool | str = False):
         unet, vae = pipe.unet, pipe.vae
         latent_channels = vae.config.latent_channels
         if unet.config.in_channels != 2 * latent_channels:
@@ -168,31 +178,20 @@ class LimeEngine:
                 f"2 x {latent_channels} (noisy latents + image latents). Is this a plain text-to-image "
                 "checkpoint? lime_fast needs an InstructPix2Pix-family model (e.g. timbrooks/instruct-pix2pix)."
             )
-        if attention not in ("auto", "eager", "triton"):
-            raise ValueError(f"attention must be 'auto', 'eager' or 'triton', got {attention!r}")
         self.pipe = pipe
         self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, pipe.text_encoder, pipe.tokenizer
         self.scheduler = pipe.scheduler
         self.vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
         self.multiple = pixel_multiple(vae.config, unet.config)
-        self.controller = AttentionController(self._pick_backend(attention))
+        self.controller = AttentionController(pick_backend(attention, unet.device))
         install(unet, self.controller)
         self.unet_evals = 0
         self._lock = threading.Lock()  # the controller is per-engine state: one edit at a time
-
-    def _pick_backend(self, attention: str) -> str:
-        if attention != "auto":
-            return attention
-        if self.device.type == "cuda":
-            try:
-                import triton  # noqa: F401
-
-                from .kernels import regularized_attention  # noqa: F401
-
-                return "triton"
-            except ImportError:
-                return "eager"
-        return "eager"
+        accelerated = graphed_forward(unet)  # lime_fast.accelerate(pipe) ran on this pipe: use the plain forward
+        forward = accelerated.forward if accelerated is not None else unet.forward
+        forward = compiled(forward, compile)
+        self.use_cuda_graphs = (self.device.type == "cuda") if use_cuda_graphs is None else bool(use_cuda_graphs)
+        self.graphs = GraphedUNet(unet, forward, self.controller, enabled=self.use_cuda_graphs)
 
     # --- loading --------------------------------------------------------------------------
     @classmethod
@@ -205,6 +204,8 @@ class LimeEngine:
         use_safetensors: bool = True,
         local_files_only: bool | None = None,
         attention: str = "auto",
+        use_cuda_graphs: bool | None = None,
+        compile: bool | str = False,
         **kwargs,
     ) -> "LimeEngine":
         """Load an InstructPix2Pix-layout diffusers checkpoint (local folder or hub id).
@@ -241,12 +242,12 @@ class LimeEngine:
                 "To try lime_fast offline, run `lime-fast demo`."
             ) from None
         pipe.set_progress_bar_config(disable=True)
-        return cls(pipe.to(device), attention=attention)
+        return cls(pipe.to(device), attention=attention, use_cuda_graphs=use_cuda_graphs, compile=compile)
 
     @classmethod
-    def from_pipe(cls, pipe, attention: str = "auto") -> "LimeEngine":
+    def from_pipe(cls, pipe, attention: str = "auto", *, use_cuda_graphs: bool | None = None, compile: bool | str = False) -> "LimeEngine":
         """Wrap an existing ``StableDiffusionInstructPix2PixPipeline`` (modules shared, not copied)."""
-        return cls(pipe, attention=attention)
+        return cls(pipe, attention=attention, use_cuda_graphs=use_cuda_graphs, compile=compile)
 
     @property
     def device(self) -> torch.device:
@@ -284,7 +285,7 @@ class LimeEngine:
         self.unet_evals += 1
         x = sched.scale_model_input(torch.cat([latents] * 3), t)
         x = torch.cat([x, image_latents], dim=1)
-        eps = self.unet(x, t, encoder_hidden_states=embeds, return_dict=False)[0]
+        eps = self.graphs(x, t, encoder_hidden_states=embeds, return_dict=False)[0]
         e_text, e_image, e_uncond = eps.chunk(3)
         return e_uncond + s_text * (e_text - e_image) + s_image * (e_image - e_uncond)
 
@@ -326,6 +327,10 @@ class LimeEngine:
             )
         return None if stop_after is not None else latents
 
+    def _graphs_active(self) -> bool:
+        g = self.graphs
+        return g.enabled and (g.emulate or self.device.type == "cuda")
+
     def _generators(self, seeds: Sequence[int]) -> list[torch.Generator]:
         # CPU generators: the same seed gives the same noise on every device.
         return [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
@@ -339,6 +344,7 @@ class LimeEngine:
         cross-attention maps [B, T, h_l, w_l] per cross-attention module, at cfg.feature_levels.
         """
         ctl, capture = self.controller, Capture()
+        ctl.static = self._graphs_active()
         ctl.feature_levels, ctl.regularize = tuple(cfg.feature_levels), False
         ctl.set_regularization(None, None)
 
@@ -404,6 +410,7 @@ class LimeEngine:
         during cfg.reg_range, in all three guidance branches. roi_grid None: plain InstructPix2Pix.
         Returns latents [B, c, h, w]."""
         ctl = self.controller
+        ctl.static = self._graphs_active()
         ctl.reg_levels = tuple(cfg.reg_levels)
         ctl.capture = None
         ctl.set_latent_size(tuple(enc.image_latents.shape[-2:]))

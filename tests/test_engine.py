@@ -13,13 +13,13 @@ from lime_fast.attention import AttentionController
 
 def _count_unet_calls(engine, monkeypatch):
     calls = []
-    forward = engine.unet.forward
+    forward = engine.graphs.forward  # what every UNet evaluation calls (eager, or inside a graph)
 
     def counting(*args, **kwargs):
         calls.append(1)
         return forward(*args, **kwargs)
 
-    monkeypatch.setattr(engine.unet, "forward", counting)
+    monkeypatch.setattr(engine.graphs, "forward", counting)
     return calls
 
 
