@@ -11,7 +11,9 @@ setup(
     python_requires=">=3.10",
     packages=["lime_fast", "lime_fast.kernels"],
     package_dir={"lime_fast": "lime_fast", "lime_fast.kernels": "kernels"},
-    package_data={"lime_fast": ["data/*.txt", "data/*.json", "data/configs/*/*.json"]},
+    package_data={"lime_fast": ["data/*.txt", "data/*.json", "data/configs/*/*.json",
+                                "data/shapes-ip2p/*.json", "data/shapes-ip2p/*.md", "data/shapes-ip2p/*.png",
+                                "data/shapes-ip2p/*/*.json", "data/shapes-ip2p/*/*.safetensors"]},
     # torch is deliberately unpinned here; .ci/setup installs the CPU build (torch==2.13.0) first.
     install_requires=[
         "torch>=2.4",

@@ -3,7 +3,7 @@
 Run it as the first device call of any task that has a GPU, and paste its report (it names the GPU
 and the date) into benchmarks/RESULTS.md:
 
-    python3 benchmarks/device_check.py --out $OUT/device_check.md
+    python3 benchmarks/device_check.py --out $OUT/device_check.md --json $OUT/device_check.json
 
 Steps (each a pytest subprocess with its own time limit, so one slow or failing step does not hide
 the others):
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import platform
 import subprocess
@@ -93,6 +94,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", help="write the markdown report here too")
     ap.add_argument("--log-dir", help="keep each step's full output here")
+    ap.add_argument("--json", help="write the results as JSON here too (environment, steps, ratio lines)")
     ap.add_argument("--only", nargs="+", help="run only the steps whose name contains one of these words")
     ap.add_argument("--budget", type=float, default=470.0,
                     help="seconds for all steps together (default 470: under the 8-minute target); a step gets at most what is left")
@@ -102,17 +104,20 @@ def main(argv=None) -> int:
     report = ["# lime_fast device check", "", *[f"- {line}" for line in environment()], ""]
     report += ["| step | status | seconds |", "|---|---|---|"]
     details, failed = [], 0
+    record = {"environment": environment(), "steps": []}
     for name, step_args, limit in STEPS:
         if args.only and not any(w in name for w in args.only):
             continue
         left = args.budget - (time.perf_counter() - start)
         if left < 20:
             report.append(f"| {name} | skipped: budget spent | 0 |")
+            record["steps"].append({"name": name, "status": "skipped: budget spent", "seconds": 0, "ratios": []})
             continue
         print(f"== {name}", flush=True)
         status, secs, out = run_step(step_args, int(min(limit, left)))
         failed += status != "ok"
         report.append(f"| {name} | {status} | {secs:.0f} |")
+        record["steps"].append({"name": name, "status": status, "seconds": round(secs, 1), "ratios": ratio_lines(out)})
         tail = [line for line in out.splitlines() if " passed" in line or " failed" in line or "error" in line.lower()][-3:]
         details += [f"### {name}", "", "```", *(ratio_lines(out) or ["(no ratio lines)"]), *tail, "```", ""]
         if args.log_dir:
@@ -121,6 +126,8 @@ def main(argv=None) -> int:
         print(f"   {status} in {secs:.0f} s", flush=True)
         if args.out:  # after every step, so a run cut short still leaves its report
             Path(args.out).write_text("\n".join(report + [""] + details))
+        if args.json:
+            Path(args.json).write_text(json.dumps(record, indent=1))
     text = "\n".join(report + [""] + details)
     print(text)
     if args.out:

@@ -75,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--num-gpus-per-worker", type=float, help="default 1 when the Ray cluster has GPUs, else 0")
     b.add_argument("--num-cpus-per-worker", type=float, default=1)
 
-    d = sub.add_parser("demo", help="run the whole pipeline offline on a small built-in model")
+    d = sub.add_parser("demo", help="a real edit, offline, with the small shapes model that ships with lime_fast")
     d.add_argument("--out", default="lime_fast_demo", help="folder for the pictures (default ./lime_fast_demo)")
     d.add_argument("--force", action="store_true", help="overwrite existing pictures")
     d.add_argument("--quiet", action="store_true")
@@ -188,7 +188,7 @@ def _demo(args) -> int:
     from .demo import run_demo
 
     out = Path(args.out)
-    _check_outputs([out / f"{n}.png" for n in ("input", "edited") + PICTURES], args.force)
+    _check_outputs([out / f"{n}.png" for n in ("input", "target", "edited") + PICTURES], args.force)
     run_demo(out, progress=not args.quiet)
     return 0
 

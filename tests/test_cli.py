@@ -71,14 +71,13 @@ def test_missing_model_is_one_clear_line(tmp_path, photo, capsys):
     assert rc == 2 and "nobody/no-such-model" in err and "Traceback" not in err
 
 
-def test_demo_runs_offline_and_says_which_model(tmp_path, monkeypatch, capsys, tiny_dir):
-    monkeypatch.setenv("LIME_FAST_CACHE", str(tmp_path / "cache"))
+def test_demo_runs_offline_and_says_which_model(tmp_path, capsys):
     lime_fast._ENGINES.clear()
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--quiet"]) == 0
     text = capsys.readouterr().out
-    assert "RANDOM weights" in text and "tiny-random-ip2p" in text
-    for name in ("input", "edited", "roi", "overlay", "segments", "heatmap", "panel"):
+    assert "shapes-ip2p" in text and "L1 to the target" in text
+    for name in ("input", "target", "edited", "roi", "overlay", "segments", "heatmap", "panel"):
         assert (out / f"{name}.png").is_file(), name
     assert main(["demo", "--out", str(out), "--quiet"]) == 2  # refuses to overwrite
     lime_fast._ENGINES.clear()
