@@ -15,7 +15,7 @@ import PIL.Image
 import PIL.ImageDraw
 
 
-DEMO_SEED = 5_000_001
+DEMO_SEED = 5_000_000
 SHAPES_MODEL = Path(__file__).with_name("data") / "shapes-ip2p"
 # EditConfig for the shapes model's 64 x 64 pictures (16 x 16 latents): fewer steps than SD's 30, a
 # 64-cell grid (one cell per pixel) and top-k scaled from the spec's 100 of 128 x 128 cells.
