@@ -307,6 +307,7 @@ class LimeEngine:
         embeds, image_latents = enc.branch_embeds(), enc.branch_image_latents()
         step_kwargs = {"generator": generators} if "generator" in inspect.signature(sched.step).parameters else {}
         n = steps if stop_after is None else stop_after + 1
+        noise = self._ancestral_noise(sched, generators, n if stop_after is None else stop_after, shape)
         finite = torch.ones(n, dtype=torch.bool, device=self.device)
         self.controller.set_latent_size((h, w))
         for i, t in enumerate(tqdm(sched.timesteps[:n], desc=desc, disable=not progress, leave=False)):
@@ -316,7 +317,10 @@ class LimeEngine:
             if i == stop_after:
                 finite[i] = torch.isfinite(eps).all()
                 break
-            latents = sched.step(eps, t, latents, **step_kwargs, return_dict=False)[0]
+            if noise is not None:
+                latents = _euler_ancestral_step(sched, eps, latents, noise[i])
+            else:
+                latents = sched.step(eps, t, latents, **step_kwargs, return_dict=False)[0]
             finite[i] = torch.isfinite(latents).all()
         self.controller.capture, self.controller.regularize = None, False
         if not bool(finite.all()):
@@ -326,6 +330,23 @@ class LimeEngine:
                 "usually an overflow: retry with torch_dtype=torch.float32 (or bfloat16)."
             )
         return None if stop_after is not None else latents
+
+    def _ancestral_noise(self, sched, generators, count: int, shape) -> torch.Tensor | None:
+        """Euler-ancestral's per-step noise for the whole pass, drawn up front: [count, B, c, h, w].
+
+        diffusers' step draws it from the CPU generators inside the loop and copies it to the device
+        each step (a pageable copy: a host sync per step). Drawing the same numbers, from the same
+        generators in the same order, before the loop makes one copy per pass; the results are
+        bit-identical to ``sched.step`` (tests/test_engine.py compares with diffusers' pipeline).
+        None for other schedulers (they keep ``sched.step``)."""
+        from diffusers import EulerAncestralDiscreteScheduler
+
+        if (type(sched) is not EulerAncestralDiscreteScheduler or not hasattr(sched, "_step_index")
+                or sched.config.prediction_type not in ("epsilon", "v_prediction") or count < 1):
+            return None
+        one = (1, *shape[1:])
+        draws = [torch.cat([torch.randn(one, generator=g, dtype=self.dtype) for g in generators]) for _ in range(count)]
+        return torch.stack(draws).to(self.device)
 
     def _graphs_active(self) -> bool:
         g = self.graphs
@@ -551,6 +572,27 @@ class LimeEngine:
                 )
             )
         return results
+
+
+def _euler_ancestral_step(sched, eps: torch.Tensor, latents: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """``EulerAncestralDiscreteScheduler.step`` with the noise given (same arithmetic, same order);
+    advances the scheduler's step index. The sigmas live on the CPU: scalar math, no device sync."""
+    idx = sched.step_index
+    sigma = sched.sigmas[idx]
+    sample = latents.to(torch.float32)
+    if sched.config.prediction_type == "epsilon":
+        pred_original_sample = sample - sigma * eps
+    else:  # v_prediction
+        pred_original_sample = eps * (-sigma / (sigma**2 + 1) ** 0.5) + (sample / (sigma**2 + 1))
+    sigma_from, sigma_to = sched.sigmas[idx], sched.sigmas[idx + 1]
+    sigma_up = (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5
+    sigma_down = (sigma_to**2 - sigma_up**2) ** 0.5
+    derivative = (sample - pred_original_sample) / sigma
+    dt = sigma_down - sigma
+    prev_sample = sample + derivative * dt
+    prev_sample = prev_sample + noise * sigma_up
+    sched._step_index += 1
+    return prev_sample.to(eps.dtype)
 
 
 def _mask_to_grid(mask: np.ndarray, grid: tuple[int, int]) -> np.ndarray:

@@ -99,9 +99,14 @@ def test_parity_with_diffusers_when_mask_is_empty(tiny_dir, shapes):
         generator=torch.Generator().manual_seed(seed),
     ).images[0]
     engine = LimeEngine.from_pretrained(tiny_dir, device="cpu")
+    pre_drawn = []
+    draw = engine._ancestral_noise
+    engine._ancestral_noise = lambda *a: pre_drawn.append(draw(*a)) or pre_drawn[-1]
     with pytest.warns(LimeWarning, match="empty"):
         ours = engine.edit(shapes, "make the red circle blue", mask=np.zeros((128, 128), bool), steps=steps, seed=seed, progress=False)
-    # Same operations in the same order (SDPA, guidance, scheduler, VAE): bit-identical on the CPU.
+    # Same operations in the same order (SDPA, guidance, scheduler, VAE): bit-identical on the CPU,
+    # with the step noise drawn up front (no per-step copy to the device) rather than by sched.step.
+    assert len(pre_drawn) == 1 and pre_drawn[0] is not None and pre_drawn[0].shape[0] == steps
     np.testing.assert_array_equal(np.asarray(ours.image), np.asarray(ref))
 
 
