@@ -57,7 +57,7 @@ import math
 
 import pytest
 import torch
-from lime_fast.kernels.reference import regularized_attention_ref, release_attention
+from lime_fast.kernels.reference import regularized_attention_ref, release_attention, silenced_mask
 
 CUDA = torch.cuda.is_available()
 GPU_ONLY = pytest.mark.skipif(
@@ -120,12 +120,6 @@ def _qkv(Bn: int, Hn: int, N: int, Tn: int, D: int, device, dtype, gen=None):
     return make(N), make(Tn), make(Tn)
 
 
-def _silenced(roi: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """[B, N, T] True where the penalty is -inf (the reference's rule, all-silenced rows exempt)."""
-    s = roi[:, :, None] & ~keep[:, None, :]
-    return s & keep.any(dim=1)[:, None, None]
-
-
 def _io_bytes(Bn: int, Hn: int, N: int, Tn: int, D: int, itemsize: int) -> int:
     return itemsize * (2 * Bn * Hn * N * D + 2 * Bn * Hn * Tn * D) + Bn * N + Bn * Tn
 
@@ -144,7 +138,7 @@ def _state(N: int, D: int) -> dict:
     nsets = max(1, min(MAX_SETS, math.ceil(3 * _l2_bytes() / in_bytes)))
     sets = [_qkv(B, H, N, T, D, dev, dt, gen) for _ in range(nsets)]
     roi, keep = _roi_disk(B, N, dev), _keep_row(B, T, dev)
-    silenced = _silenced(roi, keep)
+    silenced = silenced_mask(roi, keep)
     bias16 = torch.zeros(B, 1, N, T, device=dev, dtype=dt).masked_fill_(silenced[:, None], float("-inf"))
     q0, k0, v0 = sets[0]
     ref, _ = regularized_attention_ref(q0.float(), k0.float(), v0.float(), roi, keep)

@@ -349,8 +349,7 @@ class LimeEngine:
         return torch.stack(draws).to(self.device)
 
     def _graphs_active(self) -> bool:
-        g = self.graphs
-        return g.enabled and (g.emulate or self.device.type == "cuda")
+        return self.graphs.replays_on(self.device)
 
     def _generators(self, seeds: Sequence[int]) -> list[torch.Generator]:
         # CPU generators: the same seed gives the same noise on every device.

@@ -47,7 +47,6 @@ class _Entry:
     states: torch.Tensor
     out: torch.Tensor | None = None
     recorded: object = None  # the Capture filled while recording (graph-owned tensors), or None
-    replays: int = 0
 
 
 @dataclass
@@ -90,14 +89,11 @@ class GraphedUNet:
         key = self._key(sample, timestep, encoder_hidden_states)
         with self._lock:
             entry = self._graphs.get(key)
-            if entry is None:
-                if key in self.stats.failed:
-                    self.stats.eager_calls += 1
-                    return self.forward(sample, timestep, encoder_hidden_states, return_dict=return_dict)
+            if entry is None and key not in self.stats.failed:
                 entry = self._record(key, sample, timestep, encoder_hidden_states)
-                if entry is None:
-                    self.stats.eager_calls += 1
-                    return self.forward(sample, timestep, encoder_hidden_states, return_dict=return_dict)
+            if entry is None:  # this signature's capture failed: eager
+                self.stats.eager_calls += 1
+                return self.forward(sample, timestep, encoder_hidden_states, return_dict=return_dict)
             out = self._replay(entry, sample, timestep, encoder_hidden_states)
         if return_dict:
             from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
@@ -115,13 +111,15 @@ class GraphedUNet:
     def num_graphs(self) -> int:
         return len(self._graphs)
 
+    def replays_on(self, device) -> bool:
+        """Whether calls on ``device`` go through graphs (or their emulation) rather than eager."""
+        return self.enabled and (self.emulate or torch.device(device).type == "cuda")
+
     # --- internals ------------------------------------------------------------------------
     def _graphable(self, sample, states, args, extra) -> bool:
-        if not self.enabled or args or extra or states is None or torch.is_grad_enabled():
+        if args or extra or states is None or torch.is_grad_enabled() or torch.compiler.is_compiling():
             return False
-        if torch.compiler.is_compiling():
-            return False
-        return self.emulate or sample.device.type == "cuda"
+        return self.replays_on(sample.device)
 
     @staticmethod
     def _as_tensor(timestep, device) -> torch.Tensor:
@@ -143,7 +141,8 @@ class GraphedUNet:
         entry = _Entry(None, sample.clone(), timestep.to(sample.device).clone(), states.clone())
         try:
             if self.emulate:
-                return self._remember(key, entry)
+                self._graphs[key] = entry
+                return entry
             from .attention import Capture
 
             side = torch.cuda.Stream(device=sample.device)
@@ -164,7 +163,8 @@ class GraphedUNet:
             if self._pool is None:
                 self._pool = graph.pool()
             self.stats.captures += 1
-            return self._remember(key, entry)
+            self._graphs[key] = entry
+            return entry
         except Exception as e:  # an op that cannot be captured: this signature stays eager
             self.stats.failed[key] = f"{type(e).__name__}: {e}"
             warnings.warn(f"CUDA-graph capture failed, running this UNet signature eagerly: {type(e).__name__}: {e}",
@@ -174,10 +174,6 @@ class GraphedUNet:
         finally:
             if ctl is not None:
                 ctl.capture = caller_capture
-
-    def _remember(self, key, entry: _Entry) -> _Entry:
-        self._graphs[key] = entry
-        return entry
 
     def _replay(self, entry: _Entry, sample, timestep, states) -> torch.Tensor:
         entry.sample.copy_(sample)
@@ -198,7 +194,6 @@ class GraphedUNet:
                 entry.out = self._run(entry)
         else:
             entry.graph.replay()
-        entry.replays += 1
         self.stats.replays += 1
         if ctl is not None and ctl.capture is not None and entry.recorded is not None:
             rec, dst = entry.recorded, ctl.capture
