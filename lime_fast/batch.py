@@ -697,19 +697,14 @@ def run(
                 return rid is not None and image_path(out, rid).is_file()
             return not retry_failed
 
-        todo_problems = []
-        for p in problems:
-            if already(p.id, p.line):
-                summary.skipped += 1
-            else:
-                todo_problems.append(p)
+        def pending(items):  # rows and problems alike: drop (and count) the ones already recorded
+            left = [x for x in items if not already(x.id, x.line)]
+            summary.skipped += len(items) - len(left)
+            return left
+
+        todo_problems = pending(problems)
         todo: list[Row] = []
-        to_check = []
-        for r in rows:
-            if already(r.id, r.line):
-                summary.skipped += 1
-            else:
-                to_check.append(r)
+        to_check = pending(rows)
         from tqdm.auto import tqdm
 
         for r in tqdm(to_check, desc="checking", unit="row", leave=False, disable=not progress or len(to_check) < 100):
