@@ -8,10 +8,13 @@ training drew seeds below 1,200,000, so these are held out). Every sample has a 
 target of its instruction and the true edit region.
 
 Methods, same model, same seed, same sampler:
-  base   plain InstructPix2Pix sampling (lime_fast with an all-False RoI: bit-identical to diffusers'
-         pipeline on the CPU, tests/test_engine.py)
-  lime   lime_fast with the automatic RoI (the localization pass, k-means, top-k)
-  gt     lime_fast with the true edit region as the RoI (an upper bound for localization)
+  base     plain InstructPix2Pix sampling at lime_fast's edit guidance (the shapes model's config: text
+           3.0, image 1.5): the ablation, lime_fast with an all-False RoI (bit-identical to diffusers' pipeline on the CPU,
+           tests/test_engine.py)
+  default  plain InstructPix2Pix at diffusers' default guidance (text 7.5, image 1.5): what a user of
+           the base model runs, and the baseline LIME is compared with
+  lime     lime_fast with the automatic RoI (the localization pass, k-means, top-k)
+  gt       lime_fast with the true edit region as the RoI (an upper bound for localization)
 
 Metrics on [0, 1] RGB, against the target image (MagicBrush's pixel metrics): L1 (mean absolute
 error) and L2 (mean squared error) over the whole image; L1 inside the true region (did the edit
@@ -34,8 +37,15 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-METHODS = ("base", "lime", "gt")
+METHODS = ("base", "default", "lime", "gt")
 FIRST_SEED = 5_000_000
+DEFAULT_TEXT_GUIDANCE = 7.5  # StableDiffusionInstructPix2PixPipeline's guidance_scale default (diffusers 0.42)
+LABELS = {
+    "base": "InstructPix2Pix, lime_fast's guidance",
+    "default": "InstructPix2Pix, default guidance (7.5)",
+    "lime": "lime_fast, automatic RoI",
+    "gt": "lime_fast, true region as RoI",
+}
 
 
 def edit_metrics(out: np.ndarray, target: np.ndarray, mask: np.ndarray) -> dict[str, float]:
@@ -70,8 +80,11 @@ def evaluate(engine, seeds, *, size: int = 64, batch: int = 8, progress: bool = 
         srcs, texts = [c.source for c in chunk], [c.instruction for c in chunk]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", LimeWarning)  # the all-False masks of "base" warn by design
+            none = [np.zeros_like(c.mask) for c in chunk]
             outs = {
-                "base": engine.edit_batch(srcs, texts, masks=[np.zeros_like(c.mask) for c in chunk], progress=False, **cfg),
+                "base": engine.edit_batch(srcs, texts, masks=none, progress=False, **cfg),
+                "default": engine.edit_batch(srcs, texts, masks=none, progress=False,
+                                             **{**cfg, "text_guidance": DEFAULT_TEXT_GUIDANCE}),
                 "lime": engine.edit_batch(srcs, texts, progress=False, **cfg),
                 "gt": engine.edit_batch(srcs, texts, masks=[c.mask for c in chunk], progress=False, **cfg),
             }
@@ -104,7 +117,7 @@ def summary(records: list[dict]) -> dict[str, dict[str, float]]:
 
 def table(records: list[dict]) -> str:
     s = summary(records)
-    labels = {"base": "InstructPix2Pix (base)", "lime": "lime_fast, automatic RoI", "gt": "lime_fast, true mask"}
+    labels = LABELS
     lines = [f"{len(records)} held-out edits (lower is better except IoU)", "",
              "| method | L1 | L2 | L1 inside | L1 outside | RoI IoU |", "|---|---|---|---|---|---|"]
     for name in METHODS:
@@ -112,32 +125,38 @@ def table(records: list[dict]) -> str:
         iou_s = f"{m['iou']:.3f}" if name == "lime" else ("(given)" if name == "gt" else "-")
         lines.append(f"| {labels[name]} | {m['l1']:.4f} | {m['l2']:.4f} | {m['l1_in']:.4f} | {m['l1_out']:.4f} | {iou_s} |")
     kinds = sorted({r["kind"] for r in records})
-    lines += ["", "| kind | n | base L1 out | lime L1 out | base L1 in | lime L1 in | IoU |", "|---|---|---|---|---|---|---|"]
+    cols = [(m, k) for k in ("l1_in", "l1_out") for m in ("base", "default", "lime")]
+    lines += ["", "| kind | n | " + " | ".join(f"{m} {k.replace('l1_', 'L1 ')}" for m, k in cols) + " | IoU |",
+              "|---|---|" + "---|" * (len(cols) + 1)]
     for k in kinds:
         rs = [r for r in records if r["kind"] == k]
-        mean = lambda f: float(np.nanmean([f(r) for r in rs]))  # noqa: E731
-        lines.append(f"| {k} | {len(rs)} | {mean(lambda r: r['base']['l1_out']):.4f} | {mean(lambda r: r['lime']['l1_out']):.4f} | "
-                     f"{mean(lambda r: r['base']['l1_in']):.4f} | {mean(lambda r: r['lime']['l1_in']):.4f} | {mean(lambda r: r['iou']):.3f} |")
+        cells = [f"{np.nanmean([r[m][key] for r in rs]):.4f}" for m, key in cols]
+        lines.append(f"| {k} | {len(rs)} | " + " | ".join(cells) + f" | {np.mean([r['iou'] for r in rs]):.3f} |")
     return "\n".join(lines)
 
 
 def example_grid(records: list[dict], path: str | Path, rows: int = 6, scale: int = 3) -> Path:
-    """A PNG: per row input | target | base | lime_fast | RoI overlay | true mask, with the instruction."""
+    """A PNG: per row input | target | IP2P at lime_fast's guidance | IP2P at 7.5 | lime_fast | RoI overlay |
+    true region. Rows take the edit kinds in turn (first record of each kind, then the second, ...)."""
     import PIL.Image
     import PIL.ImageDraw
 
     from lime_fast import viz
 
-    picked = records[:rows]
-    cols = ["input", "target", "IP2P", "lime_fast", "auto RoI", "true region"]
+    by_kind: dict[str, list[dict]] = {}
+    for r in records:
+        by_kind.setdefault(r["kind"], []).append(r)
+    turns = [group[i] for i in range(len(records)) for group in by_kind.values() if i < len(group)]
+    picked = turns[:rows]
+    cols = ["input", "target", "IP2P, same guidance", f"IP2P, {DEFAULT_TEXT_GUIDANCE}", "lime_fast", "auto RoI", "true region"]
     tiles = []
     for r in picked:
         c = r["_sample"]
-        tiles.append([c.source, c.target, r["_images"]["base"], r["_images"]["lime"],
+        tiles.append([c.source, c.target, r["_images"]["base"], r["_images"]["default"], r["_images"]["lime"],
                       viz.overlay(c.source, r["_roi"]), viz.mask_image(c.mask)])
     w, h = (tiles[0][0].width * scale, tiles[0][0].height * scale)
     head, text_h = 16, 14
-    sheet = PIL.Image.new("RGB", (w * len(cols), head + rows * (h + text_h)), "white")
+    sheet = PIL.Image.new("RGB", (w * len(cols), head + len(picked) * (h + text_h)), "white")
     d = PIL.ImageDraw.Draw(sheet)
     for j, name in enumerate(cols):
         d.text((j * w + 4, 2), name, fill="black")
@@ -169,7 +188,10 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     records = evaluate(engine, range(args.first_seed, args.first_seed + args.n), batch=args.batch)
     print(table(records))
-    print(f"\n({time.perf_counter() - t0:.0f} s on {engine.device}; model {model})")
+    from lime_fast.demo import SHAPES_CONFIG
+
+    print(f"\n({time.perf_counter() - t0:.0f} s on {engine.device}; model {model}; config {SHAPES_CONFIG}, "
+          f"default = text guidance {DEFAULT_TEXT_GUIDANCE})")
     if args.json:
         clean = [{k: v for k, v in r.items() if not k.startswith("_")} for r in records]
         Path(args.json).write_text(json.dumps({"summary": summary(records), "records": clean}, indent=1))

@@ -2,7 +2,7 @@
 
 Thresholds come from the measured 200-edit benchmark (README, benchmarks/RESULTS.md); see the
 constants' comments. The subset is fixed (seeds 5,000,000..), so a change that breaks localization
-or the regularized edit shows up here, offline, in about a minute on 2 CPU cores.
+or the regularized edit shows up here, offline, in about a minute and a half on 2 CPU cores.
 """
 
 import sys
@@ -16,13 +16,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from quality import FIRST_SEED, edit_metrics, evaluate, iou, summary  # noqa: E402
 
 N = 16
-# Measured on these 16 samples (this CPU, 2026-11-27): inside the true region the unedited source is
-# 0.361 from the target (mean L1) and the base model's output 0.168, so an output that keeps less
-# than 40% of that gap means the edit broke. lime_fast with the automatic RoI: 0.167 inside (base
-# 0.168), 0.148 outside (base 0.147). MARGIN allows 0.01 (~2.5/255 per channel) of drift either way:
-# the differences measured over 200 edits were within it (README table).
+# Measured on these 16 samples (this CPU, 2026-11-27, shapes-ip2p fine-tuned with the grounding loss),
+# mean L1 on [0, 1] RGB:
+#                       inside  outside
+#   unedited source     0.361   0
+#   IP2P at 3.0 (base)  0.146   0.150   (lime_fast's guidance, no RoI: the ablation)
+#   IP2P at 7.5         0.150   0.170   (diffusers' default guidance: what users of IP2P run)
+#   lime_fast, auto RoI 0.146   0.150   IoU 0.226 (0.287 over all 200; the model before grounding: 0.05)
+#   lime_fast, true RoI 0.149   0.149
+# EDIT_RATIO_MAX: an output that keeps less than 40% of the source's gap to the target (0.361) means the
+# edit broke (measured 0.146: 60% closed). MARGIN: 0.01 L1 (~2.5/255 per channel) of drift either
+# way; over 200 edits lime_fast vs IP2P at 7.5 inside is +0.0045, vs the ablation within 0.002.
+# OUTSIDE_GAIN: lime_fast vs IP2P at 7.5 outside, measured -0.020 here and -0.012..-0.039 in each of
+# the twelve 16-edit blocks of the 200. IOU_MIN: between the ungrounded model (0.05) and this one
+# (0.226 here, the lowest 16-edit block of the 200; the highest is 0.358).
 EDIT_RATIO_MAX = 0.6
 MARGIN = 0.01
+OUTSIDE_GAIN = 0.01
+IOU_MIN = 0.15
 
 
 def test_metrics_on_known_images():
@@ -50,27 +61,39 @@ def test_the_model_edits_inside_the_region(records):
     s = summary(records)
     unedited = np.mean([edit_metrics(np.asarray(r["_sample"].source), np.asarray(r["_sample"].target),
                                      r["_sample"].mask)["l1_in"] for r in records])
-    assert s["base"]["l1_in"] <= EDIT_RATIO_MAX * unedited, (s, unedited)
-    assert s["lime"]["l1_in"] <= EDIT_RATIO_MAX * unedited, (s, unedited)
+    for name in ("base", "default", "lime", "gt"):
+        assert s[name]["l1_in"] <= EDIT_RATIO_MAX * unedited, (name, s, unedited)
 
 
-def test_automatic_roi_costs_no_quality(records):
+def test_lime_changes_less_outside_the_region_than_ip2p(records):
     s = summary(records)
-    assert s["lime"]["l1_in"] <= s["base"]["l1_in"] + MARGIN, s
-    assert s["lime"]["l1_out"] <= s["base"]["l1_out"] + MARGIN, s
+    assert s["lime"]["l1_out"] <= s["default"]["l1_out"] - OUTSIDE_GAIN, s
 
 
-# What LIME should do and this small model does not let it do (measured, not forced): its content
-# words' cross-attention maps are diffuse, so the automatic RoI overlaps the true region little
-# (IoU 0.05 on these samples) and changes outside it are not lower. strict: a better model that
-# passes turns these into failures, so the thresholds get revisited.
-@pytest.mark.xfail(strict=True, reason="shapes-ip2p's cross-attention does not localize (IoU ~0.05)")
-def test_lime_changes_less_outside_the_region(records):
+def test_lime_edits_inside_as_well_as_ip2p(records):
     s = summary(records)
-    assert s["lime"]["l1_out"] < s["base"]["l1_out"] - 0.005, s
+    assert s["lime"]["l1_in"] <= s["default"]["l1_in"] + MARGIN, s
 
 
-@pytest.mark.xfail(strict=True, reason="shapes-ip2p's cross-attention does not localize (IoU ~0.05)")
 def test_automatic_roi_finds_the_region(records):
     s = summary(records)
-    assert s["lime"]["iou"] >= 0.3, s
+    assert s["lime"]["iou"] >= IOU_MIN, s
+
+
+def test_automatic_roi_costs_nothing_at_the_same_guidance(records):
+    s = summary(records)
+    for key in ("l1_in", "l1_out"):
+        assert abs(s["lime"][key] - s["base"][key]) <= MARGIN, (key, s)
+
+
+# LIME's mechanism, which this small model does not show (measured, not forced): at the same guidance,
+# silencing the unrelated tokens inside even the *true* region leaves the edit as it was (0.149 vs
+# 0.146 inside). Inside the region 80% of its cross-attention goes to the padding, which the causal
+# text encoder fills with the same summary of the instruction that the words carry (and training hid
+# it from 30% of the samples), and BOS takes 2%, no attention sink as in SD 1.5 (README, "Edit
+# quality"). So the outside gain above comes from the lower guidance lime_fast runs at. strict: a
+# model where the regularization sharpens the edit flags this.
+@pytest.mark.xfail(strict=True, reason="shapes-ip2p: silencing unrelated tokens does not strengthen its edits")
+def test_regularization_strengthens_the_edit_at_the_same_guidance(records):
+    s = summary(records)
+    assert s["gt"]["l1_in"] <= s["base"]["l1_in"] - MARGIN, s

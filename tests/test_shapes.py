@@ -177,3 +177,87 @@ def test_smoke_training_gives_a_loadable_checkpoint(tmp_path):
     res = engine.edit(s.source, s.instruction, steps=2, capture_step=0, reg_steps=(0, 1), grid_size=16, top_k=4, progress=False)
     assert res.image.size == s.source.size
     assert np.isfinite(np.asarray(res.image, dtype=np.float32)).all()
+
+
+def _train_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_shapes", ROOT / "scripts" / "train_shapes.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_grounding_loss_on_known_maps():
+    import torch
+
+    gl = _train_module().grounding_loss
+    mask = torch.zeros(2, 64, 64, dtype=torch.bool)
+    mask[:, :32] = True  # top half: cells 0, 1 of a 2 x 2 grid
+    maps = torch.zeros(2, 4, 3)
+    maps[0, :2, 1] = 0.5  # sample 0, token 1: all of its attention inside
+    maps[1, :, 1] = 0.25  # sample 1, token 1: uniform, half inside
+    maps[:, :, 0] = maps[:, :, 2] = 0.25  # tokens 0 and 2 are not content words
+    content = torch.tensor([[0.0, 1.0, 0.0], [0.0, 1.0, 0.0]])
+    loss, mass = gl([maps], mask, content)
+    assert loss.item() == pytest.approx((0.0 + 0.25) / 2) and mass.item() == pytest.approx(0.75)
+    loss, mass = gl([maps], mask, content * torch.tensor([[1.0], [0.0]]))  # only sample 0 counts
+    assert loss.item() == pytest.approx(0.0) and mass.item() == pytest.approx(1.0)
+    # differentiable, and the gradient pushes sample 1's attention into the region
+    maps = maps.clone().requires_grad_(True)
+    gl([maps], mask, content)[0].backward()
+    assert maps.grad[1, 2:, 1].min() > maps.grad[1, :2, 1].max()
+
+
+def test_grounding_processor_is_plain_attention_until_padding_is_dropped():
+    import torch
+
+    from lime_fast.clip_bpe import clip_tokenizer
+
+    from types import SimpleNamespace
+
+    mod = _train_module()
+    a = SimpleNamespace(seed=0, width=16, vae_width=16, text_width=32, text_layers=1)
+    tok = clip_tokenizer()
+    _, unet, te = mod.build_models(a, tok)
+    ids = tok(["make the circle red", "turn the background blue"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    x = torch.randn(2, 8, 16, 16)
+    t = torch.tensor([10, 500])
+    with torch.no_grad():
+        emb = te(ids)[0]
+        ref = unet(x, t, encoder_hidden_states=emb).sample
+        state = {"maps": []}
+        unet.set_attn_processor({k: mod.GroundingAttn(state) if k.endswith("attn2.processor") else v
+                                 for k, v in unet.attn_processors.items()})
+        eos = (ids == tok.eos_token_id).int().argmax(1)
+        state.update(keep=torch.arange(77)[None] <= eos[:, None], all=torch.arange(2), pad_drop=torch.tensor([False, False]))
+        out = unet(x, t, encoder_hidden_states=emb).sample
+        n_cross = sum(k.endswith("attn2.processor") for k in unet.attn_processors)
+        assert len(state["maps"]) == n_cross and n_cross >= 6
+        for m in state["maps"]:
+            assert m.shape[0] == 2 and m.shape[2] == 77
+            torch.testing.assert_close(m.sum(-1), torch.ones(m.shape[:2]))
+        state["maps"].clear()
+        state["pad_drop"] = torch.tensor([True, False])
+        dropped = unet(x, t, encoder_hidden_states=emb).sample
+        assert all(float(m[0, :, eos[0] + 1 :].abs().max()) == 0.0 for m in state["maps"])
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(dropped[0], ref[0], atol=1e-4)
+    torch.testing.assert_close(dropped[1], ref[1], rtol=1e-4, atol=1e-5)
+
+
+def test_smoke_fine_tune_with_grounding_from_a_checkpoint(tmp_path):
+    base, out = tmp_path / "base", tmp_path / "ft"
+    run = lambda *args: subprocess.run([sys.executable, str(ROOT / "scripts" / "train_shapes.py"), *map(str, args)],  # noqa: E731
+                                       capture_output=True, text=True, timeout=300)
+    proc = run("--out", base, "--smoke")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run("--out", out, "--smoke", "--init", base, "--vae-steps", 0, "--unet-steps", 2, "--attn-loss", 0.1, "--pad-drop", 0.5)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    card = (out / "README.md").read_text()
+    assert f"--init {base}" in card and "--attn-loss 0.1 --pad-drop 0.5" in card and "--vae-steps 0 --unet-steps 2" in card
+    losses = json.loads((out / "loss.json").read_text())
+    assert len(losses["grounding"]) == 2 and losses["vae_rec"] == []
+    assert all(0.0 <= m <= 1.0 for m in losses["mass_in"])
+    # the VAE is the loaded one, unchanged
+    assert json.loads((out / "vae" / "config.json").read_text())["scaling_factor"] == json.loads((base / "vae" / "config.json").read_text())["scaling_factor"]
