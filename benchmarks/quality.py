@@ -63,7 +63,7 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def evaluate(engine, seeds, *, size: int = 64, batch: int = 8, progress: bool = True, **config) -> list[dict]:
-    """Run the three methods on ``make_sample(seed, size)`` for each seed; one record per sample.
+    """Run the methods (``METHODS``) on ``make_sample(seed, size)`` for each seed; one record per sample.
 
     config: EditConfig fields (defaults: ``lime_fast.demo.SHAPES_CONFIG``). Samples are edited
     ``batch`` at a time, each method in its own ``edit_batch`` call.
@@ -117,13 +117,12 @@ def summary(records: list[dict]) -> dict[str, dict[str, float]]:
 
 def table(records: list[dict]) -> str:
     s = summary(records)
-    labels = LABELS
     lines = [f"{len(records)} held-out edits (lower is better except IoU)", "",
              "| method | L1 | L2 | L1 inside | L1 outside | RoI IoU |", "|---|---|---|---|---|---|"]
     for name in METHODS:
         m = s[name]
         iou_s = f"{m['iou']:.3f}" if name == "lime" else ("(given)" if name == "gt" else "-")
-        lines.append(f"| {labels[name]} | {m['l1']:.4f} | {m['l2']:.4f} | {m['l1_in']:.4f} | {m['l1_out']:.4f} | {iou_s} |")
+        lines.append(f"| {LABELS[name]} | {m['l1']:.4f} | {m['l2']:.4f} | {m['l1_in']:.4f} | {m['l1_out']:.4f} | {iou_s} |")
     kinds = sorted({r["kind"] for r in records})
     cols = [(m, k) for k in ("l1_in", "l1_out") for m in ("base", "default", "lime")]
     lines += ["", "| kind | n | " + " | ".join(f"{m} {k.replace('l1_', 'L1 ')}" for m, k in cols) + " | IoU |",

@@ -324,7 +324,8 @@ def train_unet(a, vae, unet, text_encoder, tokenizer, budget_s, log):
 
         pred = unet(torch.cat([zt, z_src], 1), t, encoder_hidden_states=emb).sample
         target = noise if a.prediction == "epsilon" else ac.sqrt() * noise - (1 - ac).sqrt() * z0
-        loss = F.mse_loss(pred, target)
+        mse = F.mse_loss(pred, target)
+        loss = mse
         if grounding:
             g_loss, mass = grounding_loss(state["maps"], b["mask"], content)
             state["maps"].clear()
@@ -340,7 +341,7 @@ def train_unet(a, vae, unet, text_encoder, tokenizer, budget_s, log):
             d = min(a.ema, (1 + step) / (10 + step))
             with torch.no_grad():
                 torch._foreach_lerp_(ema, [q.detach() for q in params], 1 - d)
-        curve.append(loss.item() - (a.attn_loss * attn_curve[-1] if a.attn_loss > 0 else 0.0))
+        curve.append(mse.item())
         if step % a.log_every == 0 or step == (total or 0) - 1:
             extra = f" grounding {np.mean(attn_curve[-a.log_every:]):.4f} mass in {np.mean(mass_curve[-a.log_every:]):.3f}" if grounding else ""
             log(f"[unet] step {step:5d} loss {np.mean(curve[-a.log_every:]):.4f}{extra} lr {opt.param_groups[0]['lr']:.2e}  {time.time() - start:7.1f}s")

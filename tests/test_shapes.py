@@ -151,15 +151,22 @@ def test_tensors():
     assert torch.equal(b["source"].masked_select(~b["mask"][:, None]), b["target"].masked_select(~b["mask"][:, None]))
 
 
-def test_smoke_training_gives_a_loadable_checkpoint(tmp_path):
-    out = tmp_path / "shapes-smoke"
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "train_shapes.py"), "--out", str(out), "--smoke", "--seed", "0"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+def _train(*args):
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "train_shapes.py"), *map(str, args)],
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def smoke_checkpoint(tmp_path_factory):
+    """One smoke training run (a few steps at tiny widths), shared by the tests that need a checkpoint."""
+    out = tmp_path_factory.mktemp("train") / "shapes-smoke"
+    proc = _train("--out", out, "--smoke", "--seed", "0")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def test_smoke_training_gives_a_loadable_checkpoint(smoke_checkpoint):
+    out = smoke_checkpoint
     for name in ("model_index.json", "README.md", "loss.png", "loss.json"):
         assert (out / name).is_file(), name
     assert list((out / "unet").glob("*.safetensors")) and list((out / "vae").glob("*.safetensors"))
@@ -210,11 +217,11 @@ def test_grounding_loss_on_known_maps():
 
 
 def test_grounding_processor_is_plain_attention_until_padding_is_dropped():
+    from types import SimpleNamespace
+
     import torch
 
     from lime_fast.clip_bpe import clip_tokenizer
-
-    from types import SimpleNamespace
 
     mod = _train_module()
     a = SimpleNamespace(seed=0, width=16, vae_width=16, text_width=32, text_layers=1)
@@ -246,13 +253,9 @@ def test_grounding_processor_is_plain_attention_until_padding_is_dropped():
     torch.testing.assert_close(dropped[1], ref[1], rtol=1e-4, atol=1e-5)
 
 
-def test_smoke_fine_tune_with_grounding_from_a_checkpoint(tmp_path):
-    base, out = tmp_path / "base", tmp_path / "ft"
-    run = lambda *args: subprocess.run([sys.executable, str(ROOT / "scripts" / "train_shapes.py"), *map(str, args)],  # noqa: E731
-                                       capture_output=True, text=True, timeout=300)
-    proc = run("--out", base, "--smoke")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    proc = run("--out", out, "--smoke", "--init", base, "--vae-steps", 0, "--unet-steps", 2, "--attn-loss", 0.1, "--pad-drop", 0.5)
+def test_smoke_fine_tune_with_grounding_from_a_checkpoint(smoke_checkpoint, tmp_path):
+    base, out = smoke_checkpoint, tmp_path / "ft"
+    proc = _train("--out", out, "--smoke", "--init", base, "--vae-steps", 0, "--unet-steps", 2, "--attn-loss", 0.1, "--pad-drop", 0.5)
     assert proc.returncode == 0, proc.stderr[-3000:]
     card = (out / "README.md").read_text()
     assert f"--init {base}" in card and "--attn-loss 0.1 --pad-drop 0.5" in card and "--vae-steps 0 --unet-steps 2" in card
