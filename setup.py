@@ -9,7 +9,7 @@ setup(
     long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8") if Path("README.md").exists() else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["lime_fast", "lime_fast.kernels"],
+    packages=["lime_fast", "lime_fast.kernels", "lime_fast.batch", "lime_fast.testing"],
     package_dir={"lime_fast": "lime_fast", "lime_fast.kernels": "kernels"},
     package_data={"lime_fast": ["data/*.txt", "data/*.json", "data/configs/*/*.json",
                                 "data/shapes-ip2p/*.json", "data/shapes-ip2p/*.md", "data/shapes-ip2p/*.png",

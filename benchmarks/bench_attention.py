@@ -21,7 +21,7 @@ Candidates (all produce out [B, H, N, D] fp16; (b)'s and (c)'s masks are prebuil
                it for alignment, is part of its time)
     flex       (c) torch.compile(flex_attention) with a score_mod returning -inf where
                roi[b, q] & ~keep[b, kv] (a failure to import / compile / run is recorded, not raised)
-    fp32_bmm   (d) the release's pattern, ``kernels/reference.release_attention``: q, k, v upcast to
+    fp32_bmm   (d) the release's pattern, ``benchmarks/release.py``: q, k, v upcast to
                fp32 and reshaped to [B*H, L, D], an fp32 additive mask [B*H, N, T] materialized in
                every call (as the release does), ``baddbmm(mask, q, kᵀ, alpha=scale)``, softmax,
                ``bmm`` with v, cast back to fp16
@@ -57,7 +57,8 @@ import math
 
 import pytest
 import torch
-from lime_fast.kernels.reference import regularized_attention_ref, release_attention, silenced_mask
+from lime_fast.kernels.reference import regularized_attention_ref, silenced_mask
+from release import release_attention
 
 CUDA = torch.cuda.is_available()
 GPU_ONLY = pytest.mark.skipif(
@@ -289,7 +290,7 @@ def _gpu_lines() -> list[str]:
         ),
         (
             "(a) SDPA no mask; (b) SDPA + additive fp16 [B,1,N,T] mask; (c) compiled flex_attention + score_mod; "
-            "(d) release pattern: fp32 baddbmm/softmax/bmm with an fp32 [B*H,N,T] mask materialized per call (reference.release_attention)."
+            "(d) release pattern: fp32 baddbmm/softmax/bmm with an fp32 [B*H,N,T] mask materialized per call (benchmarks/release.py)."
         ),
     ]
     for (N, D) in SHAPES:

@@ -48,7 +48,7 @@ RAY: dict[str, float] = {}  # name -> seconds
 @pytest.fixture(scope="module")
 def job(tmp_path_factory):
     """(model folder, {rows: manifest}) with max(ROWS) distinct pictures."""
-    from lime_fast.tiny import replica_pipeline, save_tiny
+    from lime_fast.testing.tiny import replica_pipeline, save_tiny
 
     root = tmp_path_factory.mktemp("bench_batch")
     if CUDA:

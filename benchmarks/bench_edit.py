@@ -14,7 +14,7 @@ Rows (each timed by pytest-benchmark, medians; CUDA work is synchronized inside 
   lime_auto   ``engine.edit`` with the automatic RoI (CUDA graphs on CUDA); lime_eager: graphs off.
   lime_mask   ``engine.edit`` with a user mask (no localization pass).
   release     the reference release's compute pattern: fp32 weights, explicit fp32 attention with a
-              per-call materialized mask (attention="release"), materialized k-means, and two full
+              per-call materialized mask (attention=release_attention), materialized k-means, and two full
               30-step passes. Timed on a 3-step run and scaled to 60 UNet evaluations (stated in the
               report), since the whole run would not fit the device check.
   unet_step   one three-branch UNet evaluation, eager vs CUDA-graph replay, and their max difference.
@@ -33,6 +33,7 @@ import torch
 import lime_fast
 from lime_fast import LimeEngine
 from lime_fast.demo import shapes_image
+from release import release_attention
 
 CUDA = torch.cuda.is_available()
 FULL = CUDA or os.environ.get("LIME_BENCH_FULL") == "1"
@@ -51,7 +52,7 @@ def _sync():
 
 @pytest.fixture(scope="module")
 def setup():
-    from lime_fast.tiny import replica_pipeline, tiny_pipeline
+    from lime_fast.testing.tiny import replica_pipeline, tiny_pipeline
 
     device = "cuda" if CUDA else "cpu"
     dtype = torch.float16 if CUDA else torch.float32
@@ -141,7 +142,7 @@ def test_lime_fast_user_mask(benchmark, setup):
 @pytest.mark.skipif(not CUDA, reason="the release estimate is a GPU figure (fp32 replica)")
 def test_release_pattern(benchmark, setup):
     _, _, image, release_pipe = setup
-    eng = LimeEngine.from_pipe(release_pipe, attention="release", use_cuda_graphs=False)
+    eng = LimeEngine.from_pipe(release_pipe, attention=release_attention, use_cuda_graphs=False)
     k = 3
     cfg = dict(steps=k, capture_step=1, reg_steps=(0, k - 1), segment_backend="materialized")
     out = {}

@@ -3,7 +3,7 @@
     python benchmarks/quality.py                       # 200 held-out edits with the shipped shapes model
     python benchmarks/quality.py --n 24 --grid grid.png --json out.json
 
-Data: ``lime_fast.shapes.make_sample(seed, 64)`` for seeds from ``--first-seed`` (default 5,000,000;
+Data: ``lime_fast.testing.shapes.make_sample(seed, 64)`` for seeds from ``--first-seed`` (default 5,000,000;
 training drew seeds below 1,200,000, so these are held out). Every sample has a source, the exact
 target of its instruction and the true edit region.
 
@@ -70,7 +70,7 @@ def evaluate(engine, seeds, *, size: int = 64, batch: int = 8, progress: bool = 
     """
     from lime_fast.demo import SHAPES_CONFIG
     from lime_fast.errors import LimeWarning
-    from lime_fast.shapes import make_sample
+    from lime_fast.testing.shapes import make_sample
 
     cfg = {**SHAPES_CONFIG, **config}
     seeds = list(seeds)

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .kernels.reference import regularized_attention_ref, regularized_attention_sdpa, release_attention
+from .kernels.reference import regularized_attention_ref, regularized_attention_sdpa
 
 
 def level_grids(latent_hw: tuple[int, int], n_levels: int = 8) -> list[tuple[int, int]]:
@@ -63,9 +63,9 @@ class AttentionController:
 
     backend: "eager" runs cross-attention with SDPA (a boolean mask when regularizing) and with the
     eager reference when maps are captured; "triton" runs the fused kernel (``lime_fast.kernels.regularized_attention``)
-    for every cross-attention call; "release" runs the reference release's pattern
-    (``lime_fast.kernels.reference.release_attention``: fp32 explicit attention with a per-call
-    materialized mask), for benchmarks only.
+    for every cross-attention call; a callable with ``regularized_attention_ref``'s signature
+    (``fn(q, k, v, roi=, keep=, scale=, capture=) -> (out, probs)``) runs instead of both, e.g. the
+    reference release's pattern that ``benchmarks/release.py`` times.
 
     static: CUDA-graph mode (``lime_fast.graphs``). The RoI masks live in buffers reused across
     passes (a graph reads fixed addresses), every regularized level always takes the masked path, and
@@ -158,8 +158,8 @@ class AttentionController:
     def attend(self, q, k, v, roi, keep, scale, capture):
         """Cross-attention: q [3B, H, N, D], k/v [3B, H, T, D]; roi [3B, N] / keep [3B, T] bool or None;
         capture: long [B] batch indices whose head-mean probabilities to return. -> (out, probs|None)."""
-        if self.backend == "release":
-            return release_attention(q, k, v, roi=roi, keep=keep, scale=scale, capture=capture)
+        if callable(self.backend):
+            return self.backend(q, k, v, roi=roi, keep=keep, scale=scale, capture=capture)
         if self._kernel is not None:
             if torch.compiler.is_compiling():
                 return self._op(q, k, v, roi=roi, keep=keep, scale=scale, capture=capture)
@@ -248,10 +248,13 @@ class LimeAttnProcessor:
         return hidden_states / attn.rescale_output_factor
 
 
-def pick_backend(attention: str, device: torch.device) -> str:
-    """"auto" -> "triton" on CUDA when triton and the kernel import, else "eager"; other values pass."""
-    if attention not in ("auto", "eager", "triton", "release"):
-        raise ValueError(f"attention must be 'auto', 'eager', 'triton' or 'release', got {attention!r}")
+def pick_backend(attention, device: torch.device):
+    """"auto" -> "triton" on CUDA when triton and the kernel import, else "eager"; "eager", "triton" and
+    callables (custom cross-attention functions) pass through."""
+    if callable(attention):
+        return attention
+    if attention not in ("auto", "eager", "triton"):
+        raise ValueError(f"attention must be 'auto', 'eager', 'triton' or a callable, got {attention!r}")
     if attention != "auto":
         return attention
     if torch.device(device).type == "cuda":

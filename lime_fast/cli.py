@@ -10,7 +10,6 @@ Every input is checked, and existing outputs are refused without --force, before
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -193,21 +192,10 @@ def _demo(args) -> int:
     return 0
 
 
-def quiet_libraries() -> None:
-    # diffusers/transformers chatter (optional-dependency notes, weight-loading bars) would bury our own
-    # progress bars and messages; their errors still surface as exceptions.
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    import diffusers.utils.logging as dlog
-    import transformers.utils.logging as tlog
-
-    dlog.disable_progress_bar()
-    tlog.disable_progress_bar()
-
-
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from .models import quiet_libraries
+
     quiet_libraries()
     from .errors import LimeWarning, ModelLoadError
 

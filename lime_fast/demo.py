@@ -1,7 +1,7 @@
 """``lime-fast demo``: a real edit, offline, with the small model that ships in the package.
 
 No weights can be downloaded on a fresh machine, so the package ships ``shapes-ip2p`` (in
-``lime_fast/data/shapes-ip2p``, trained by ``scripts/train_shapes.py`` on ``lime_fast.shapes``
+``lime_fast/data/shapes-ip2p``, trained by ``scripts/train_shapes.py`` on ``lime_fast.testing.shapes``
 pictures). The demo edits one generated picture and writes every stage's picture (input, target,
 RoI overlay, segments, heatmap, edit, panel).
 """
@@ -52,12 +52,12 @@ def shapes_image(size: int = 256, seed: int = 0) -> PIL.Image.Image:
 def run_demo(out_dir: str | Path, progress: bool = True, seed: int = DEMO_SEED, scale: int = 4):
     """Edit a generated shapes picture with the shipped shapes model; write the pictures to out_dir.
 
-    seed: which ``lime_fast.shapes.make_sample`` picture and instruction (a held-out seed: training
+    seed: which ``lime_fast.testing.shapes.make_sample`` picture and instruction (a held-out seed: training
     used seeds below 1,200,000). scale: the 64 x 64 pictures are written enlarged this many times
     (nearest neighbour) so they can be looked at.
     """
     from . import get_engine
-    from .shapes import make_sample
+    from .testing.shapes import make_sample
 
     model = shapes_model()
     engine = get_engine(str(model), device="cpu")

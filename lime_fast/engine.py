@@ -33,6 +33,7 @@ from . import viz
 from .attention import AttentionController, Capture, install, pick_backend
 from .config import DEFAULT_MODEL, EditConfig
 from .errors import LimeWarning, ModelLoadError, NonFiniteLatentsError
+from .models import local_checkpoint, pixel_multiple
 from .graphs import GraphedUNet, compiled, graphed_forward
 from .inputs import check_instruction, grid_shape, load_image, load_mask, working_size
 from .localize import heatmap, roi_from_segments
@@ -127,24 +128,6 @@ class EditResult:
         return paths
 
 
-def pixel_multiple(vae_config, unet_config) -> int:
-    """Side multiple images are brought to: the VAE factor times the UNet's downsampling (64 for SD 1.5,
-    so every level's grid is whole). Takes the two components' configs (dicts or config objects)."""
-    get = (lambda c, k: c[k]) if isinstance(vae_config, dict) else (lambda c, k: getattr(c, k))
-    return 2 ** (len(get(vae_config, "block_out_channels")) - 1) * 2 ** (len(get(unet_config, "down_block_types")) - 1)
-
-
-def local_checkpoint(model) -> Path | None:
-    """The folder ``model`` names when it names a local path (None for a hub id); raises
-    ``ModelLoadError`` when that folder is not a diffusers checkpoint."""
-    path = Path(str(model)).expanduser()
-    if not (path.exists() or str(model).startswith((".", "/", "~")) or str(model).count("/") > 1):
-        return None
-    if not (path / "model_index.json").is_file():
-        raise ModelLoadError(f"'{model}' is not a diffusers checkpoint folder (no model_index.json in {path.resolve()}).")
-    return path
-
-
 def _default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -157,8 +140,9 @@ class LimeEngine:
     lime_fast's attention processors, which behave exactly like diffusers' SDPA processor when idle).
 
     attention: "auto" (the fused Triton kernel on CUDA when triton imports, else eager), "eager",
-    "triton" (forces the kernel, e.g. on the CPU under TRITON_INTERPRET=1), or "release" (the
-    reference release's fp32 explicit attention, for benchmarks).
+    "triton" (forces the kernel, e.g. on the CPU under TRITON_INTERPRET=1), or a callable with the
+    signature of ``lime_fast.kernels.reference.regularized_attention_ref`` that replaces cross-attention
+    (``benchmarks/release.py`` passes the reference release's pattern this way).
     use_cuda_graphs: replay one CUDA graph per (batch, latent size, dtype, pass state) for every UNet
         evaluation (``lime_fast.graphs``); default True on CUDA. Ignored on the CPU (eager there).
     compile: ``torch.compile`` the UNet's forward (True: inductor, default mode; a string names another

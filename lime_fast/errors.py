@@ -11,3 +11,7 @@ class ModelLoadError(RuntimeError):
 
 class NonFiniteLatentsError(FloatingPointError):
     """A denoising step produced NaN or inf latents (usually fp16 overflow)."""
+
+
+class BatchError(Exception):
+    """A batch job cannot start: a bad manifest under ``strict``, Ray missing, its folder in use, ..."""

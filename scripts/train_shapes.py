@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from lime_fast.shapes import make_batch  # noqa: E402
+from lime_fast.testing.shapes import make_batch  # noqa: E402
 
 SIZE = 64
 SEED_STRIDE = 1_000_003  # stage offsets in the sample-seed counter
@@ -441,11 +441,11 @@ def write_card(out: Path, info: dict):
     start = f"\n- stage 2 started from `{info['init']}`" + (" (its VAE kept)" if info["vae_steps"] == 0 else "") if info.get("init") else ""
     text = f"""# shapes-ip2p: a small InstructPix2Pix-layout model trained on synthetic shapes
 
-Trained {"in two runs" if info.get("init") else "from scratch"} on the CPU by `scripts/train_shapes.py` on `lime_fast.shapes` data, so that
+Trained {"in two runs" if info.get("init") else "from scratch"} on the CPU by `scripts/train_shapes.py` on `lime_fast.testing.shapes` data, so that
 lime_fast's edit quality can be checked offline. Not a general image editor.
 
 ## Data
-`lime_fast.shapes.make_sample(seed, size={SIZE})`: {SIZE}x{SIZE} images of 2-4 flat-coloured shapes (circle,
+`lime_fast.testing.shapes.make_sample(seed, size={SIZE})`: {SIZE}x{SIZE} images of 2-4 flat-coloured shapes (circle,
 square, triangle, star, diamond) on plain or textured backgrounds; edits recolour one object, recolour all
 objects of one shape, or change the background, phrased in many ways. Fresh samples every step:
 {f"VAE stage seeds 0..{info['vae_steps'] * info['batch'] - 1}, " if info['vae_steps'] else ""}UNet stage seeds {SEED_STRIDE}..{SEED_STRIDE + info['unet_steps'] * info['batch'] - 1}.
@@ -495,7 +495,7 @@ def main(argv=None) -> Path:
     from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionInstructPix2PixPipeline
 
     from lime_fast.clip_bpe import clip_tokenizer
-    from lime_fast.tiny import shipped_config
+    from lime_fast.testing.tiny import shipped_config
 
     t0 = time.time()
     tokenizer = clip_tokenizer()

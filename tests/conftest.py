@@ -28,7 +28,7 @@ def clip_tok(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory, clip_tok):
     """A tiny random InstructPix2Pix checkpoint (8 heads), saved as a diffusers folder (safetensors)."""
-    from lime_fast.tiny import save_tiny
+    from lime_fast.testing.tiny import save_tiny
 
     return save_tiny(tmp_path_factory.mktemp("models") / "tiny8", heads=8, tokenizer=clip_tok)
 
@@ -36,7 +36,7 @@ def tiny_dir(tmp_path_factory, clip_tok):
 @pytest.fixture(scope="session")
 def tiny_dir_heads(tmp_path_factory, clip_tok):
     """Another tiny checkpoint, with 2 heads in the first block and 4 elsewhere."""
-    from lime_fast.tiny import save_tiny
+    from lime_fast.testing.tiny import save_tiny
 
     return save_tiny(tmp_path_factory.mktemp("models") / "tiny-2-4", heads=(2, 4, 4, 4), seed=1, tokenizer=clip_tok)
 

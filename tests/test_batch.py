@@ -222,7 +222,7 @@ def test_atomic_writes_torn_record_and_leftovers(tmp_path, inputs, monkeypatch):
     out = tmp_path / "out"
     (out / "images").mkdir(parents=True)
     shapes_image(64).save(out / "images" / "r0.png")
-    done = batch._record("r0", 1, "done", image="images/r0.png")
+    done = batch.store._record("r0", 1, "done", image="images/r0.png")
     (out / batch.RESULTS).write_text(json.dumps(done) + "\n" + '{"id": "r1", "line": 2, "sta')
     (out / "images" / ".r1.png.123.deadbeef.tmp").write_bytes(b"half an image")
     m = write_manifest(tmp_path / "m.jsonl", [

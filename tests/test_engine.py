@@ -216,7 +216,7 @@ def test_roi_words_override(engine, shapes, fast):
 
 
 def test_not_an_instructpix2pix_unet_is_refused(clip_tok):
-    from lime_fast.tiny import tiny_pipeline
+    from lime_fast.testing.tiny import tiny_pipeline
 
     pipe = tiny_pipeline(tokenizer=clip_tok)
     from diffusers import UNet2DConditionModel

@@ -1,4 +1,4 @@
-"""The synthetic shapes data (lime_fast.shapes) and the training script (scripts/train_shapes.py)."""
+"""The synthetic shapes data (lime_fast.testing.shapes) and the training script (scripts/train_shapes.py)."""
 
 import json
 import subprocess
@@ -10,7 +10,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from lime_fast.shapes import KINDS, PALETTE, PLURAL, SHAPES, ShapesDataset, make_batch, make_sample, write_magicbrush
+from lime_fast.testing.shapes import KINDS, PALETTE, PLURAL, SHAPES, ShapesDataset, make_batch, make_sample, write_magicbrush
 
 ROOT = Path(__file__).resolve().parents[1]
 SEEDS = range(100)

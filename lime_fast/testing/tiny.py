@@ -39,7 +39,7 @@ def tiny_pipeline(heads: int | tuple[int, ...] = 8, width: int = 32, text_width:
     )
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from .clip_bpe import clip_tokenizer
+    from ..clip_bpe import clip_tokenizer
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
@@ -109,7 +109,7 @@ def replica_pipeline(seed: int = 0, tokenizer=None):
     from diffusers import AutoencoderKL, EulerAncestralDiscreteScheduler, StableDiffusionInstructPix2PixPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from .clip_bpe import clip_tokenizer
+    from ..clip_bpe import clip_tokenizer
 
     torch.manual_seed(seed)
     text_cfg = {k: v for k, v in shipped_config("text_encoder").items() if k not in ("architectures", "torch_dtype")}
