@@ -73,7 +73,9 @@ def get_engine(model=DEFAULT_MODEL, *, device=None, torch_dtype=None, attention:
             return _ENGINES[key]
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch_dtype or (torch.float16 if dev.type == "cuda" else torch.float32)
-    key = (str(model), str(dev), dtype, attention)
+    from .models import model_location
+
+    key = (model_location(model), str(dev), dtype, attention)
     with _ENGINES_LOCK:
         if key not in _ENGINES:
             _ENGINES[key] = LimeEngine.from_pretrained(model, torch_dtype=dtype, device=dev, attention=attention)
@@ -86,8 +88,6 @@ def edit(
     *,
     mask=None,
     model=DEFAULT_MODEL,
-    steps: int = 30,
-    seed: int = 42,
     device=None,
     torch_dtype=None,
     progress: bool = True,
@@ -100,22 +100,30 @@ def edit(
         instruction: the edit, e.g. "make her outfit black" (at most 77 CLIP tokens; longer is truncated).
         mask: optional region to edit (path, PIL, numpy or torch, any size; True/white = inside). Skips
             the automatic localization.
-        model: hub id or local folder of an InstructPix2Pix-family diffusers checkpoint, a loaded
-            pipeline, or a ``LimeEngine``. Loaded engines are cached across calls.
-        steps, seed: denoising steps and noise seed.
+        model: hub id or local folder of an InstructPix2Pix-family diffusers checkpoint, the name of a
+            shipped model ("shapes-ip2p", offline), a loaded pipeline, or a ``LimeEngine``. Loaded
+            engines are cached across calls.
         device, torch_dtype: default CUDA + fp16 when available, else CPU + fp32.
         progress: show a progress bar per pass.
-        **config: any other ``EditConfig`` field (text_guidance, top_k, roi_words, clusters, ...).
+        **config: any ``EditConfig`` field (steps, seed, text_guidance, top_k, roi_words, ...); they
+            override the model's defaults (the spec's, or a shipped model's own).
 
     Returns:
         ``EditResult`` with the edited image at the input's size, the RoI mask, segments, heatmap,
         chosen tokens and per-stage timings.
     """
-    cfg = EditConfig(steps=steps, seed=seed, **config)  # validate before loading anything
     from .inputs import check_instruction, load_image, load_mask
+    from .models import shipped
 
+    # validate everything before loading anything
+    if isinstance(model, LimeEngine):
+        base = model.default_config
+    else:
+        info = shipped(model)
+        base = EditConfig(**info.config) if info else EditConfig()
+    base.replace(**config)
     load_image(image), check_instruction(instruction)
     if mask is not None:
         load_mask(mask)
     engine = get_engine(model, device=device, torch_dtype=torch_dtype)
-    return engine.edit(image, instruction, mask=mask, progress=progress, config=cfg)
+    return engine.edit(image, instruction, mask=mask, progress=progress, **config)

@@ -14,25 +14,16 @@ import numpy as np
 import PIL.Image
 import PIL.ImageDraw
 
+from .models import SHAPES_IP2P, model_location
+
 
 DEMO_SEED = 5_000_000
-SHAPES_MODEL = Path(__file__).with_name("data") / "shapes-ip2p"
-# EditConfig for the shapes model's 64 x 64 pictures (16 x 16 latents): fewer steps than SD's 30, a
-# 64-cell grid (one cell per pixel) and top-k scaled from the spec's 100 of 128 x 128 cells.
-# Chosen on tuning seeds 6,000,000-6,000,063 (not the benchmark's), this CPU, 2026-11-27:
-# - feature levels 0-2 (16, 8, 4 cells), not the spec's 1-3 (8, 4, 2 cells, too coarse to separate
-#   2-4 shapes): automatic-RoI IoU 0.36 vs 0.22 on 16 edits;
-# - text guidance 3.0, not the spec's 2.0 (tuned for SD 1.5): at 2.0 this model closes too little of
-#   the gap inside the region (plain sampling, 16 edits: L1 inside 0.254 vs 0.199 at 4.0); 3.0-5.0 edit alike inside
-#   (0.187-0.188, 48 edits) and outside changes grow with the guidance (0.107 -> 0.117).
-SHAPES_CONFIG = dict(steps=20, grid_size=64, top_k=20, feature_levels=(0, 1, 2), text_guidance=3.0)
+SHAPES_CONFIG = SHAPES_IP2P.config  # the shapes model's EditConfig defaults (lime_fast.models)
 
 
 def shapes_model() -> Path:
-    """The shipped shapes model (``scripts/train_shapes.py``; model card in its README.md)."""
-    if not (SHAPES_MODEL / "model_index.json").is_file():
-        raise FileNotFoundError(f"the shapes model is missing from this install ({SHAPES_MODEL})")
-    return SHAPES_MODEL
+    """The shipped shapes model's folder (``scripts/train_shapes.py``; model card in its README.md)."""
+    return Path(model_location(SHAPES_IP2P.name))
 
 
 def shapes_image(size: int = 256, seed: int = 0) -> PIL.Image.Image:

@@ -33,7 +33,7 @@ from . import viz
 from .attention import AttentionController, Capture, install, pick_backend
 from .config import DEFAULT_MODEL, EditConfig
 from .errors import LimeWarning, ModelLoadError, NonFiniteLatentsError
-from .models import local_checkpoint, pixel_multiple
+from .models import local_checkpoint, model_location, pixel_multiple, shipped
 from .graphs import GraphedUNet, compiled, graphed_forward
 from .inputs import check_instruction, grid_shape, load_image, load_mask, working_size
 from .localize import heatmap, roi_from_segments
@@ -153,7 +153,8 @@ class LimeEngine:
     the CUDA-graph cache.
     """
 
-    def __init__(self, pipe, attention: str = "auto", *, use_cuda_graphs: bool | None = None, compile: bool | str = False):
+    def __init__(self, pipe, attention="auto", *, use_cuda_graphs: bool | None = None, compile: bool | str = False,
+                 default_config: EditConfig | None = None, trained_size: int | None = None):
         unet, vae = pipe.unet, pipe.vae
         latent_channels = vae.config.latent_channels
         if unet.config.in_channels != 2 * latent_channels:
@@ -163,6 +164,8 @@ class LimeEngine:
                 "checkpoint? lime_fast needs an InstructPix2Pix-family model (e.g. timbrooks/instruct-pix2pix)."
             )
         self.pipe = pipe
+        self.default_config = default_config or EditConfig()  # what edit() starts from (a shipped model's own)
+        self.trained_size = trained_size  # pixels; larger edits warn (a shipped model never saw them)
         self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, pipe.text_encoder, pipe.tokenizer
         self.scheduler = pipe.scheduler
         self.vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
@@ -203,7 +206,8 @@ class LimeEngine:
         device = torch.device(device) if device is not None else _default_device()
         if torch_dtype is None:
             torch_dtype = torch.float16 if device.type == "cuda" else torch.float32
-        path = local_checkpoint(model)
+        info = shipped(model)
+        path = local_checkpoint(model_location(model))
         try:
             with warnings.catch_warnings():  # diffusers >= 0.36 renames torch_dtype to dtype; both work
                 warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
@@ -226,7 +230,9 @@ class LimeEngine:
                 "To try lime_fast offline, run `lime-fast demo`."
             ) from None
         pipe.set_progress_bar_config(disable=True)
-        return cls(pipe.to(device), attention=attention, use_cuda_graphs=use_cuda_graphs, compile=compile)
+        return cls(pipe.to(device), attention=attention, use_cuda_graphs=use_cuda_graphs, compile=compile,
+                   default_config=EditConfig(**info.config) if info else None,
+                   trained_size=info.image_size if info else None)
 
     @classmethod
     def from_pipe(cls, pipe, attention: str = "auto", *, use_cuda_graphs: bool | None = None, compile: bool | str = False) -> "LimeEngine":
@@ -449,7 +455,8 @@ class LimeEngine:
 
     # --- the whole edit -------------------------------------------------------------------
     def edit(self, image, instruction: str, *, mask=None, progress: bool = True, **config) -> EditResult:
-        """One LIME edit. ``config`` holds ``EditConfig`` fields (steps, seed, top_k, roi_words, ...).
+        """One LIME edit. ``config`` holds ``EditConfig`` fields (steps, seed, top_k, roi_words, ...) that
+        override ``self.default_config`` (the model's own defaults for a shipped model, else the spec's).
 
         mask: optional user RoI (path, PIL, numpy or torch; any size; True/white = edit here) that skips
         stage 1. An all-False mask gives plain InstructPix2Pix (warning); an all-True mask regularizes
@@ -463,7 +470,7 @@ class LimeEngine:
         Each edit has its own tokens and RoI; masks, if given, is a list with one entry (or None) per
         image. All edits use the same config. Returns one ``EditResult`` per image.
         """
-        cfg = config.pop("config", None) or EditConfig()
+        cfg = config.pop("config", None) or self.default_config
         cfg = cfg.replace(**config) if config else cfg
         if isinstance(instructions, str) or len(images) != len(instructions):
             raise ValueError("edit_batch takes equal-length lists of images and instructions")
@@ -492,6 +499,11 @@ class LimeEngine:
 
         evals0 = self.unet_evals
         w, h = working_size(*inputs[0].size, self.multiple, cfg.max_side)
+        if self.trained_size and max(w, h) > self.trained_size:
+            warnings.warn(
+                f"this model was trained on {self.trained_size} x {self.trained_size} pictures; at {w} x {h} it "
+                f"garbles the image: resize the input to {self.trained_size} pixels, or use a model made for "
+                "photos (e.g. timbrooks/instruct-pix2pix)", LimeWarning, stacklevel=3)
         grid = grid_shape(h, w, cfg.grid_size)
         work = [im if im.size == (w, h) else im.resize((w, h), PIL.Image.LANCZOS) for im in inputs]
         t = time.perf_counter()

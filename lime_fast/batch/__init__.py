@@ -192,11 +192,16 @@ def run(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if isinstance(model, (str, os.PathLike)):
-        from ..models import local_checkpoint
+        from ..models import local_checkpoint, model_location
 
-        local_checkpoint(str(model))  # a mistyped folder fails here, before anything is written
+        local_checkpoint(model_location(model))  # a mistyped folder fails here, before anything is written
     if isinstance(config, dict):
         config = EditConfig(**config)
+    if config is None:  # the model's own defaults (a shipped model's, or the spec's)
+        from ..models import shipped
+
+        info = None if hasattr(model, "default_config") else shipped(model)
+        config = model.default_config if hasattr(model, "default_config") else EditConfig(**(info.config if info else {}))
     out = Path(out_dir).expanduser().absolute()
     if out.exists() and not out.is_dir():
         raise BatchError(f"--out {out} exists and is not a folder")

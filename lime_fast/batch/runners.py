@@ -171,7 +171,9 @@ def _run_local(todo, out, account, bar, *, model, batch_size, save_roi, device, 
 
 def _run_ray(ray, todo, out, account, *, model, batch_size, save_roi, device, torch_dtype, threads, ray_address,
              workers, num_gpus, num_cpus) -> None:
-    model_ref = str(model)
+    from ..models import model_location
+
+    model_ref = model_location(model)  # a shipped model's name -> its folder
     local = Path(model_ref).expanduser()
     if local.exists():  # workers may run elsewhere: give them an absolute path
         model_ref = str(local.resolve())
