@@ -14,7 +14,8 @@ setup(
     package_data={"lime_fast": ["data/*.txt", "data/*.json", "data/configs/*/*.json",
                                 "data/shapes-ip2p/*.json", "data/shapes-ip2p/*.md", "data/shapes-ip2p/*.png",
                                 "data/shapes-ip2p/*/*.json", "data/shapes-ip2p/*/*.safetensors"]},
-    # torch is deliberately unpinned here; .ci/setup installs the CPU build (torch==2.13.0) first.
+    # torch is deliberately unpinned here; scripts/install.sh (what .ci/run calls) installs the CPU build
+    # (torch==2.13.0) first when no torch is present, so CI never pulls a CUDA build.
     install_requires=[
         "torch>=2.4",
         "diffusers>=0.30",

@@ -32,6 +32,8 @@ import torch
 
 import lime_fast
 from lime_fast import LimeEngine
+from lime_fast.graphs import GraphedUNet
+from lime_fast.sampling import PassPlan
 from lime_fast.demo import shapes_image
 from release import release_attention
 
@@ -164,7 +166,6 @@ def test_release_pattern(benchmark, setup):
 def test_unet_step(benchmark, setup, mode):
     """One three-branch UNet evaluation of the edit pass (penalty on), eager vs graph replay."""
     _, engine, image, _ = setup
-    g = engine.graphs
     h = w = image.height // engine.vae_scale
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(3, 2 * engine.vae.config.latent_channels, h, w, generator=gen).to(engine.device, engine.dtype)
@@ -172,20 +173,20 @@ def test_unet_step(benchmark, setup, mode):
     states = torch.randn(3, engine.tokenizer.model_max_length, engine.text_encoder.config.hidden_size, generator=gen)
     states = states.to(engine.device, engine.dtype)
     ctl = engine.controller
-    ctl.static = mode == "graph"
-    ctl.set_latent_size((h, w))
     roi = torch.zeros(1, 16, 16, dtype=torch.bool, device=engine.device)
     roi[:, 4:12, 4:12] = True
     keep = torch.zeros(1, states.shape[1], dtype=torch.bool, device=engine.device)
     keep[:, :4] = True
-    ctl.set_regularization(roi, keep)
-    ctl.regularize = True
-    fn = (lambda: g(x, t, states, return_dict=False)[0]) if mode == "graph" else (lambda: g.forward(x, t, states, return_dict=False)[0])
+    plan = PassPlan("edit", 1, (h, w), engine.vae.config.latent_channels, STEPS, (2.0, 1.5), reg_levels=(0, 1),
+                    reg_range=(0, STEPS - 1), dtype=engine.dtype)
+    ctl.begin_pass(plan, roi_grid=roi, keep=keep)
+    ctl.step = 0
+    unet = GraphedUNet(engine.unet, engine._unet, enabled=mode == "graph")  # one graph of one evaluation
+    fn = lambda: unet(x, t, states, return_dict=False)[0]  # noqa: E731
     with torch.no_grad():
         _run(benchmark, f"unet_{mode}", fn, rounds=20)
         NOTES.setdefault("unet_out", {})[mode] = fn().float()
-    ctl.set_regularization(None, None)
-    ctl.static = False
+    ctl.end_pass()
 
 
 @pytest.mark.parametrize("batch", BATCHES)

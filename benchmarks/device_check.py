@@ -5,14 +5,16 @@ and the date) into benchmarks/RESULTS.md:
 
     python3 benchmarks/device_check.py --out $OUT/device_check.md --json $OUT/device_check.json
 
-Steps (each a pytest subprocess with its own time limit, so one slow or failing step does not hide
-the others):
+Steps (each a subprocess with its own time limit, so one slow or failing step does not hide the
+others):
   1. tests on the device: the kernel against its reference (fp16, fp32 and bf16 on a real GPU), the
-     engine end to end through the kernel, the native segmentation;
-  2. bench_attention.py: the kernel vs SDPA, SDPA + float mask, FlexAttention, the release's pattern;
-  3. bench_segment.py: native vs materialized at 512 x 512;
+     engine end to end through the kernel, whole-pass CUDA graphs, the native segmentation;
+  2. profile_edit.py: where one automatic and one user-mask edit spend their time (stages, host
+     time, top CUDA kernels, GPU idle time, host syncs inside each pass) on the full-size replica;
+  3. bench_attention.py: the kernel vs SDPA, SDPA + float mask, FlexAttention, the release's pattern;
   4. bench_edit.py: diffusers vs lime_fast on the full-size random-weight replica, 512 x 512 fp16;
-  5. bench_batch.py: the batch runner.
+  5. bench_segment.py: native vs materialized at 512 x 512, sync-free vs early-exit k-means;
+  6. bench_batch.py: the batch runner.
 The report holds each step's status and time and the ratio lines the benchmarks print.
 
 On a machine without CUDA it runs the same steps (the GPU benchmarks skip themselves), which is how
@@ -37,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Most valuable first: a lease is short, and --budget cuts the tail, not the head.
 STEPS = [
     ("tests: kernel, engine through the kernel, CUDA graphs, segmentation", ["tests/test_regularized_attention.py", "tests/test_engine_triton.py", "tests/test_graphs.py", "tests/test_segment.py", "-q", "--maxfail=5"], 150),
+    ("profile_edit", ["benchmarks/profile_edit.py"], 120),
     ("bench_attention", ["benchmarks/bench_attention.py", "--benchmark-only", "-q"], 180),
     ("bench_edit", ["benchmarks/bench_edit.py", "--benchmark-only", "-q"], 180),
     ("bench_segment", ["benchmarks/bench_segment.py", "--benchmark-only", "-q"], 90),
@@ -76,10 +79,13 @@ def ratio_lines(output: str) -> list[str]:
 
 
 def run_step(args: list[str], limit: int) -> tuple[str, float, str]:
+    """Run a pytest step, or a script step (a benchmarks/*.py that is not a bench_ suite)."""
     t0 = time.perf_counter()
+    script = not Path(args[0]).name.startswith(("bench_", "test_"))
+    cmd = [sys.executable, *args] if script else [sys.executable, "-m", "pytest", *args, "-p", "no:cacheprovider"]
     try:
         done = subprocess.run(
-            [sys.executable, "-m", "pytest", *args, "-p", "no:cacheprovider"],
+            cmd,
             cwd=ROOT, capture_output=True, text=True, timeout=limit, env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
         out = done.stdout + done.stderr
@@ -114,7 +120,14 @@ def main(argv=None) -> int:
             record["steps"].append({"name": name, "status": "skipped: budget spent", "seconds": 0, "ratios": []})
             continue
         print(f"== {name}", flush=True)
+        profile_json = None
+        if name == "profile_edit":
+            profile_json = Path(args.log_dir or ROOT) / "profile_edit.json"
+            step_args = [*step_args, "--json", str(profile_json)]
         status, secs, out = run_step(step_args, int(min(limit, left)))
+        if profile_json is not None and profile_json.is_file():
+            record["profile_edit"] = json.loads(profile_json.read_text())
+            details += ["### per-stage profile", "", *[line for line in out.splitlines() if line.startswith(("|", "  "))], ""]
         failed += status != "ok"
         report.append(f"| {name} | {status} | {secs:.0f} |")
         record["steps"].append({"name": name, "status": status, "seconds": round(secs, 1), "ratios": ratio_lines(out)})

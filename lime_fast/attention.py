@@ -56,26 +56,23 @@ class Capture:
 
 
 class AttentionController:
-    """Shared state of all ``LimeAttnProcessor``s of one UNet.
+    """Shared state of all ``LimeAttnProcessor``s of one UNet: the pass being run and its step.
 
-    Per UNet call the engine sets ``capture`` (a ``Capture`` to fill, or None) and ``regularize``
-    (bool); per pass it sets the latent size, the RoI masks and the keep mask.
+    The engine brackets each denoising pass with ``begin_pass(plan, roi_grid, keep)`` /
+    ``end_pass()`` and sets ``step`` before each UNet evaluation; everything else the processors need
+    comes from the immutable ``PassPlan`` (``lime_fast.sampling``): whether this step captures, whether
+    it is regularized, at which levels. Outside a pass (``plan`` None, e.g. under ``accelerate(pipe)``)
+    every processor is plain attention.
 
     backend: "eager" runs cross-attention with SDPA (a boolean mask when regularizing) and with the
     eager reference when maps are captured; "triton" runs the fused kernel (``lime_fast.kernels.regularized_attention``)
     for every cross-attention call; a callable with ``regularized_attention_ref``'s signature
     (``fn(q, k, v, roi=, keep=, scale=, capture=) -> (out, probs)``) runs instead of both, e.g. the
     reference release's pattern that ``benchmarks/release.py`` times.
-
-    static: CUDA-graph mode (``lime_fast.graphs``). The RoI masks live in buffers reused across
-    passes (a graph reads fixed addresses), every regularized level always takes the masked path, and
-    ``regularize = False`` zeros the RoI buffers instead of skipping the mask (an all-False RoI is
-    plain attention), so the penalty switches per step without a new graph.
     """
 
-    def __init__(self, backend: str = "eager", static: bool = False):
+    def __init__(self, backend="eager"):
         self.backend = backend
-        self.static = static
         self._kernel = self._op = None
         if backend == "triton":  # imported once here, not per call (the hot path runs ~30x per step)
             from .kernels.regularized_attention import regularized_attention, regularized_attention_launch
@@ -83,76 +80,33 @@ class AttentionController:
             # The launcher directly (no custom-op dispatch: ~60 us less per eager call on an H200);
             # the registered op only while torch.compile traces.
             self._kernel, self._op = regularized_attention_launch, regularized_attention
-        self.latent_hw: tuple[int, int] | None = None
-        self.feature_levels: tuple[int, ...] = (1, 2, 3)
-        self.reg_levels: tuple[int, ...] = (0, 1)
+        self.plan = None
+        self.step = -1
         self.capture: Capture | None = None
-        self._regularize = False
-        self.roi: dict[int, torch.Tensor] = {}  # level -> [3B, N_l] bool (static: the buffers graphs read)
-        self._roi_src: dict[int, torch.Tensor] = {}  # static: the pass's RoI, copied in when regularizing
+        self.roi: dict[int, torch.Tensor] = {}  # level -> [3B, N_l] bool, for the pass's regularized levels
         self.keep: torch.Tensor | None = None  # [3B, T] bool
-        self._buffers: dict[tuple, torch.Tensor] = {}  # static: (name, shape, device) -> buffer
-        self._levels: dict[int, int] = {}
-
-    @property
-    def regularize(self) -> bool:
-        return self._regularize
-
-    @regularize.setter
-    def regularize(self, on: bool) -> None:
-        on = bool(on)
-        if self.static and on != self._regularize:
-            for level, buf in self.roi.items():
-                buf.copy_(self._roi_src[level]) if on else buf.zero_()
-        self._regularize = on
-
-    def graph_key(self) -> tuple:
-        """What a CUDA graph of the UNet depends on besides its inputs (see ``lime_fast.graphs``)."""
-        capture = tuple(self.feature_levels) if self.capture is not None else None
-        masked = tuple(sorted(self.roi)) if self.keep is not None else ()
-        return (self.backend, self.static, self.latent_hw, capture, masked, tuple(self.reg_levels))
-
-    def _buffer(self, name: str, like: torch.Tensor) -> torch.Tensor:
-        key = (name, tuple(like.shape), like.device)
-        buf = self._buffers.get(key)
-        if buf is None:
-            buf = self._buffers[key] = torch.zeros_like(like)
-        return buf
 
     # --- per pass ----------------------------------------------------------------------
-    def set_latent_size(self, latent_hw: tuple[int, int]) -> None:
-        self.latent_hw = tuple(latent_hw)
-        self._levels = {h * w: l for l, (h, w) in reversed(list(enumerate(level_grids(latent_hw))))}
-        self._grids = level_grids(latent_hw)
+    def begin_pass(self, plan, roi_grid: torch.Tensor | None = None, keep: torch.Tensor | None = None) -> Capture:
+        """Start a pass: roi_grid [B, gh, gw] bool on the output grid and keep [B, T] bool (both or neither,
+        regularizing plans only). Returns the ``Capture`` the capture step fills.
 
-    def set_regularization(self, roi_grid: torch.Tensor | None, keep: torch.Tensor | None) -> None:
-        """roi_grid: [B, gh, gw] bool RoI on the output grid; keep: [B, T] bool. None clears.
+        The RoI is resized (nearest) to each regularized level's grid and repeated over the three
+        guidance branches here, with device ops only (inside a whole-pass CUDA graph they read the
+        graph's input buffers). An element whose RoI is empty gets no penalty (an all-False row is plain
+        attention), and one whose keep row is all False neither (see ``silenced_mask``)."""
+        self.plan, self.step, self.capture = plan, -1, Capture()
+        self.roi, self.keep = {}, None
+        if plan.regularizes and roi_grid is not None and keep is not None:
+            self.keep = keep.bool().repeat(3, 1)
+            for level in plan.reg_levels:
+                h, w = plan.grids[level]
+                m = F.interpolate(roi_grid[:, None].float(), size=(h, w), mode="nearest")[:, 0] > 0.5
+                self.roi[level] = m.reshape(m.shape[0], h * w).repeat(3, 1)
+        return self.capture
 
-        Elements with an empty RoI simply get no penalty; the masks are resized once per pass (nearest)
-        to each regularized level and repeated over the three guidance branches.
-        """
-        self.roi, self._roi_src, self.keep = {}, {}, None
-        self._regularize = False
-        # (static: no any() check, which would sync the host; an empty RoI is a zero buffer)
-        if roi_grid is None or keep is None or (not self.static and not bool(roi_grid.any())):
-            return
-        keep3 = keep.bool().repeat(3, 1)
-        self.keep = self._buffer("keep", keep3).copy_(keep3) if self.static else keep3
-        for level in self.reg_levels:
-            h, w = self._grids[level]
-            m = F.interpolate(roi_grid[:, None].float(), size=(h, w), mode="nearest")[:, 0] > 0.5
-            m = m.reshape(m.shape[0], h * w).repeat(3, 1)
-            if self.static:
-                self._roi_src[level] = m
-                self.roi[level] = self._buffer(f"roi{level}", m).zero_()  # off until regularize = True
-            else:
-                self.roi[level] = m
-
-    def level_of(self, n_queries: int) -> int:
-        level = self._levels.get(n_queries)
-        if level is None:
-            raise RuntimeError(f"{n_queries} query pixels match no level of the latent grid {self.latent_hw}")
-        return level
+    def end_pass(self) -> None:
+        self.plan, self.step, self.capture, self.roi, self.keep = None, -1, None, {}, None
 
     # --- the cross-attention seam ------------------------------------------------------
     def attend(self, q, k, v, roi, keep, scale, capture):
@@ -211,10 +165,11 @@ class LimeAttnProcessor:
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
-        level = ctl.level_of(n_queries) if ctl.latent_hw is not None else -1
-        capturing = ctl.capture is not None and level in ctl.feature_levels
+        plan, step = ctl.plan, ctl.step
+        level = plan.level_of(n_queries) if plan is not None else -1
+        capturing = plan is not None and plan.capturing(step) and level in plan.feature_levels
         if is_cross and attention_mask is None:
-            penalize = (ctl.regularize or ctl.static) and level in ctl.roi
+            penalize = plan is not None and plan.regularized(step) and level in ctl.roi
             n_edits = batch // 3
             out, probs = ctl.attend(
                 query,
@@ -226,7 +181,7 @@ class LimeAttnProcessor:
                 torch.arange(n_edits, device=query.device) if capturing else None,
             )
             if probs is not None:  # [B, N, T] -> [B, T, h, w]
-                h, w = ctl._grids[level]
+                h, w = plan.grids[level]
                 ctl.capture.maps.append(probs.transpose(1, 2).reshape(n_edits, -1, h, w))
                 ctl.capture.map_levels.append(level)
         else:
@@ -237,7 +192,7 @@ class LimeAttnProcessor:
         hidden_states = attn.to_out[1](hidden_states)
         if capturing:  # image-only branch, [B, N, C] -> [B, C, h, w]
             n_edits = batch // 3
-            h, w = ctl._grids[level]
+            h, w = plan.grids[level]
             feats = hidden_states[n_edits : 2 * n_edits]
             ctl.capture.features.append(feats.transpose(1, 2).reshape(n_edits, -1, h, w))
             ctl.capture.feature_levels.append(level)

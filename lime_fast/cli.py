@@ -4,19 +4,21 @@
     lime-fast batch edits.jsonl --out results/ [--ray --workers 4]
     lime-fast demo --out lime_fast_demo
 
-Every input is checked, and existing outputs are refused without --force, before any model loads.
+Every ``EditConfig`` field is a flag (``--top-k 50``, ``--reg-steps 0 20``, ``--roi-words collar``),
+generated from the dataclass and its docstring; a flag not given keeps the model's own default.
+Arguments, input files and output locations are all checked before torch or any model is imported,
+and nothing is written until the edit is done.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import warnings
 from pathlib import Path
 
-import PIL.Image
-
-from .config import DEFAULT_MODEL, EditConfig
+from .config import DEFAULT_MODEL, EditConfig, field_docs
 
 PICTURES = ("roi", "overlay", "segments", "heatmap", "panel")
 
@@ -25,27 +27,73 @@ class UsageError(Exception):
     pass
 
 
+# --- EditConfig as flags -------------------------------------------------------------------------
+# argparse options per annotation of an EditConfig field (the annotations are strings: PEP 563).
+_KINDS = {
+    "int": dict(type=int, metavar="N"),
+    "int | None": dict(type=int, metavar="N"),
+    "float": dict(type=float, metavar="X"),
+    "str": dict(),
+    "tuple[int, int] | None": dict(type=int, nargs=2, metavar=("FIRST", "LAST")),
+    "tuple[int, ...]": dict(type=int, nargs="*", metavar="LEVEL"),
+    "tuple[str, ...] | None": dict(nargs="+", metavar="WORD"),
+}
+
+
+def add_config_args(parser: argparse.ArgumentParser) -> None:
+    """One flag per ``EditConfig`` field (``--field-name``), help from its docstring; unset flags are absent
+    from the parsed namespace, so the model's defaults apply."""
+    group = parser.add_argument_group("edit settings (EditConfig fields; default: the model's own)")
+    docs = field_docs()
+    for f in dataclasses.fields(EditConfig):
+        kind = dict(_KINDS[f.type])
+        if f.name == "segment_backend":
+            from .config import SEGMENT_BACKENDS
+
+            kind["choices"] = SEGMENT_BACKENDS
+        group.add_argument("--" + f.name.replace("_", "-"), dest=f"config.{f.name}", default=argparse.SUPPRESS,
+                           help=docs[f.name].replace("%", "%%"), **kind)
+
+
+def config_overrides(args: argparse.Namespace) -> dict:
+    """The ``EditConfig`` fields given on the command line (lists as tuples)."""
+    return {k.removeprefix("config."): tuple(v) if isinstance(v, list) else v
+            for k, v in vars(args).items() if k.startswith("config.")}
+
+
+def model_config(model, overrides: dict) -> EditConfig:
+    """The model's default ``EditConfig`` (a shipped model's own, else the spec's) with ``overrides``
+    applied and validated; no model is loaded."""
+    from .models import shipped
+
+    info = shipped(model)
+    return EditConfig(**(info.config if info else {})).replace(**overrides)
+
+
+# --- the parser ----------------------------------------------------------------------------------
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lime-fast", description="Localized image editing (LIME) for InstructPix2Pix models.")
     sub = p.add_subparsers(dest="command", required=True)
+    model_help = (f"hub id, local diffusers folder, or a shipped model's name (shapes-ip2p: offline, 64 x 64 "
+                  f"pictures); default {DEFAULT_MODEL}")
 
     e = sub.add_parser("edit", help="edit one image")
     e.add_argument("image", help="input image file")
     e.add_argument("instruction", help='the edit, e.g. "make her outfit black"')
     e.add_argument("-o", "--output", required=True, help="output image file (.png, .jpg, ...)")
     e.add_argument("--mask", help="mask image of the region to edit (white = edit); skips localization")
-    e.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id or local diffusers folder (default {DEFAULT_MODEL})")
-    e.add_argument("--steps", type=int, default=30)
-    e.add_argument("--seed", type=int, default=42)
-    e.add_argument("--text-guidance", type=float, default=EditConfig.text_guidance)
-    e.add_argument("--image-guidance", type=float, default=EditConfig.image_guidance)
-    e.add_argument("--top-k", type=int, default=EditConfig.top_k)
-    e.add_argument("--roi-words", nargs="+", help="words of the instruction to localize instead of the automatic ones")
+    e.add_argument("--model", default=DEFAULT_MODEL, help=model_help)
     e.add_argument("--device", help="cuda, cpu, cuda:1, ... (default: cuda when available)")
     e.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), help="default float16 on CUDA, float32 on CPU")
     e.add_argument("--save-roi", metavar="DIR", help="write the RoI mask, overlay, segment map, heatmap and a panel as PNGs")
     e.add_argument("--force", action="store_true", help="overwrite existing output files")
+    e.add_argument("--strict", action="store_true",
+                   help="refuse inputs that would otherwise be adjusted with a warning (a mask of another aspect "
+                        "ratio, an image larger than a shipped model was trained on)")
     e.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_config_args(e)
 
     b = sub.add_parser("batch", help="edit every row of a JSONL manifest into a folder (resumable; --ray for Ray)",
                        description="Edit every row of a JSONL manifest ({id, image, instruction[, mask][, EditConfig "
@@ -53,12 +101,7 @@ def _parser() -> argparse.ArgumentParser:
                        "Re-running skips rows already done. Exit status 1 when rows failed in this run.")
     b.add_argument("manifest", help="JSONL file, one edit per line")
     b.add_argument("--out", required=True, metavar="DIR", help="output folder (images/, roi/, results.jsonl)")
-    b.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id or local diffusers folder (default {DEFAULT_MODEL})")
-    b.add_argument("--steps", type=int, default=30, help="job default; a row's own fields override the job's")
-    b.add_argument("--seed", type=int, default=42)
-    b.add_argument("--text-guidance", type=float, default=EditConfig.text_guidance)
-    b.add_argument("--image-guidance", type=float, default=EditConfig.image_guidance)
-    b.add_argument("--top-k", type=int, default=EditConfig.top_k)
+    b.add_argument("--model", default=DEFAULT_MODEL, help=model_help)
     b.add_argument("--batch-size", type=int, default=1,
                    help="rows per UNet batch (same size and config); >1 is for GPU throughput and may change the last bit")
     b.add_argument("--save-roi", action="store_true", help="also write each RoI mask to DIR/roi/{id}.png")
@@ -73,6 +116,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--workers", type=int, default=1, help="Ray workers, each loading the model once (default 1)")
     b.add_argument("--num-gpus-per-worker", type=float, help="default 1 when the Ray cluster has GPUs, else 0")
     b.add_argument("--num-cpus-per-worker", type=float, default=1)
+    add_config_args(b)
 
     d = sub.add_parser("demo", help="a real edit, offline, with the small shapes model that ships with lime_fast")
     d.add_argument("--out", default="lime_fast_demo", help="folder for the pictures (default ./lime_fast_demo)")
@@ -81,72 +125,73 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _check_outputs(paths: list[Path], force: bool) -> None:
-    existing = [str(p) for p in paths if p.exists()]
-    if existing and not force:
-        raise UsageError(f"refusing to overwrite {', '.join(existing)} (use --force)")
+# --- commands ------------------------------------------------------------------------------------
 
 
-def _check_image_suffix(path: Path) -> None:
-    if path.suffix.lower() not in PIL.Image.registered_extensions():
-        raise UsageError(f"cannot tell the image format of '{path}' from its extension (use .png or .jpg)")
+def _dtype(name):
+    import torch
 
-
-def _config(args) -> EditConfig:
-    """The EditConfig the common edit options describe (validated: bad values raise here)."""
-    roi_words = getattr(args, "roi_words", None)
-    return EditConfig(
-        steps=args.steps,
-        seed=args.seed,
-        text_guidance=args.text_guidance,
-        image_guidance=args.image_guidance,
-        top_k=args.top_k,
-        roi_words=tuple(roi_words) if roi_words else None,
-    )
+    return getattr(torch, name) if name else None
 
 
 def _edit(args) -> int:
-    import torch
+    from .inputs import EditInputs
+    from .io import check_outputs, save_all
+    from .models import config_multiple, local_checkpoint, model_location, resolve_device, shipped
 
-    import lime_fast
-    from .inputs import check_instruction, load_image, load_mask
-
+    # 1. arguments, output locations, inputs: no torch, no model, nothing written
     out = Path(args.output)
-    _check_image_suffix(out)
-    planned = [out] + ([Path(args.save_roi) / f"{n}.png" for n in PICTURES] if args.save_roi else [])
-    _check_outputs(planned, args.force)
-    cfg = _config(args)
-    image = load_image(args.image)
-    instruction = check_instruction(args.instruction)
-    mask = load_mask(args.mask) if args.mask else None
-    dtype = getattr(torch, args.dtype) if args.dtype else None
-    engine = lime_fast.get_engine(args.model, device=args.device, torch_dtype=dtype)
-    result = engine.edit(image, instruction, mask=mask, progress=not args.quiet, config=cfg)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    result.image.save(out)
+    planned = {out: "image"} | ({Path(args.save_roi) / f"{n}.png": n for n in PICTURES} if args.save_roi else {})
+    check_outputs(planned, args.force)
+    cfg = model_config(args.model, config_overrides(args))
+    info = shipped(args.model)
+    with warnings.catch_warnings():
+        if args.strict:
+            from .errors import InputWarning
+
+            warnings.simplefilter("error", InputWarning)
+        job = EditInputs.build([args.image], [args.instruction], [args.mask] if args.mask else None,
+                               multiple=config_multiple(args.model) or 64, cfg=cfg,
+                               trained_size=info.image_size if info else None)
+    local_checkpoint(model_location(args.model))  # a mistyped folder fails here, before torch loads
+    # 2. the device and the model (torch and diffusers import here)
+    device = resolve_device(args.device)
+    from .models import quiet_libraries
+
+    quiet_libraries()
+    import lime_fast
+
+    engine = lime_fast.get_engine(args.model, device=device, torch_dtype=_dtype(args.dtype))
+    # 3. the edit; the outputs are written together at the end (a failure or Ctrl-C leaves none)
+    result = engine.edit(job.images[0], job.instructions[0], mask=job.masks[0], progress=not args.quiet, config=cfg)
+    pictures = result.pictures() if args.save_roi else {}
+    for path in planned:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    save_all({path: result.image if name == "image" else pictures[name] for path, name in planned.items()})
     print(f"wrote {out}  (content words: {', '.join(result.tokens) or '-'}; RoI {result.roi_mask.mean():.1%} of the image; "
           f"{result.unet_evals} UNet evaluations, {result.timings['total']:.1f} s)")
     if args.save_roi:
-        paths = result.save_pictures(args.save_roi)
-        print("pictures: " + ", ".join(str(p) for p in paths.values()))
+        print("pictures: " + ", ".join(str(p) for p, n in planned.items() if n != "image"))
     return 0
 
 
 def _batch(args) -> int:
-    import torch
+    from .errors import BatchError
+    from .models import resolve_device
 
-    from . import batch
-
-    cfg = _config(args)
     if args.batch_size < 1 or args.workers < 1 or (args.threads is not None and args.threads < 1):
         raise UsageError("--batch-size, --workers and --threads must be >= 1")
+    cfg = model_config(args.model, config_overrides(args))
+    device = args.device
+    if device is not None and not args.ray:
+        device = resolve_device(device)
+    from . import batch
+    from .models import quiet_libraries
+
+    quiet_libraries()
     if args.ray:
         import logging
 
-        try:
-            import ray.data
-        except ImportError:
-            pass  # batch.run says which extra to install
         logging.getLogger("ray.data").setLevel(logging.WARNING)  # our bar reports progress
     try:
         summary = batch.run(
@@ -158,8 +203,8 @@ def _batch(args) -> int:
             save_roi=args.save_roi,
             strict=args.strict,
             retry_failed=args.retry_failed,
-            device=args.device,
-            torch_dtype=getattr(torch, args.dtype) if args.dtype else None,
+            device=device,
+            torch_dtype=_dtype(args.dtype),
             threads=args.threads,
             progress=not args.quiet,
             ray=args.ray,
@@ -168,7 +213,7 @@ def _batch(args) -> int:
             num_gpus_per_worker=args.num_gpus_per_worker,
             num_cpus_per_worker=args.num_cpus_per_worker,
         )
-    except batch.BatchError as e:
+    except BatchError as e:
         raise UsageError(str(e)) from None
     except KeyboardInterrupt:
         print(f"lime-fast: interrupted; finished rows are recorded in {Path(args.out) / batch.RESULTS}: "
@@ -184,20 +229,22 @@ def _batch(args) -> int:
 
 
 def _demo(args) -> int:
-    from .demo import run_demo
+    from .io import check_outputs
 
     out = Path(args.out)
-    _check_outputs([out / f"{n}.png" for n in ("input", "target", "edited") + PICTURES], args.force)
+    check_outputs([out / f"{n}.png" for n in ("input", "target", "edited") + PICTURES], args.force)
+    from .demo import run_demo
+    from .models import quiet_libraries
+
+    quiet_libraries()
     run_demo(out, progress=not args.quiet)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from .models import quiet_libraries
-
-    quiet_libraries()
     from .errors import LimeWarning, ModelLoadError
+    from .io import OutputError
 
     show = warnings.showwarning
 
@@ -212,7 +259,10 @@ def main(argv: list[str] | None = None) -> int:
         warnings.showwarning = one_line
         try:
             return {"edit": _edit, "batch": _batch, "demo": _demo}[args.command](args)
-        except (UsageError, ModelLoadError, FileNotFoundError, ValueError, TypeError) as e:
+        except KeyboardInterrupt:
+            print("lime-fast: interrupted; nothing was written", file=sys.stderr)
+            return 130
+        except (UsageError, ModelLoadError, OutputError, OSError, ValueError, TypeError, LimeWarning) as e:
             print(f"lime-fast: error: {e}", file=sys.stderr)
             return 2
 

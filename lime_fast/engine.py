@@ -1,6 +1,6 @@
 """LimeEngine: an InstructPix2Pix checkpoint plus LIME's two passes.
 
-A full automatic edit runs, for B images at once:
+A full automatic edit of B images reads like the algorithm (``_edit_locked``):
 
 1. ``encode``: VAE latents of the images (posterior mode) and text embeddings, once, shared by both passes.
 2. ``localization_pass``: steps 0..capture_step with the localization guidance, capturing attention
@@ -10,18 +10,20 @@ A full automatic edit runs, for B images at once:
 5. ``edit_pass``: the full edit with unrelated tokens silenced inside the RoI (steps UNet evaluations).
 6. ``decode``: VAE decode.
 
-Every UNet evaluation goes through ``_guided_eps`` (three guidance branches in one batch, guidance
-combined), the one place a CUDA graph can capture.
+Each pass is one ``PassPlan`` run by ``lime_fast.sampling.run_pass``; on CUDA a whole pass is one CUDA
+graph (``lime_fast.graphs.PassGraphs``). Between the host-side preparation (checks, tokenization,
+random numbers, masks) and the one copy of the results to the host at the end, an edit queues device
+work only: no host-device synchronization inside or between the stages (on the CPU the same code
+runs eagerly, and is what the tests compare the graphs with).
 """
 
 from __future__ import annotations
 
-import inspect
 import threading
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,15 +31,16 @@ import PIL.Image
 import torch
 from tqdm.auto import tqdm
 
-from . import viz
 from .attention import AttentionController, Capture, install, pick_backend
 from .config import DEFAULT_MODEL, EditConfig
 from .errors import LimeWarning, ModelLoadError, NonFiniteLatentsError
-from .models import local_checkpoint, model_location, pixel_multiple, shipped
-from .graphs import GraphedUNet, compiled, graphed_forward
-from .inputs import check_instruction, grid_shape, load_image, load_mask, working_size
-from .localize import heatmap, roi_from_segments
-from .segment import segment as segment_features
+from .graphs import PassGraphs, compiled, graphed_forward
+from .inputs import EditInputs
+from .localize import heatmaps, normalized, roi_from_segments
+from .models import local_checkpoint, model_location, pixel_multiple, resolve_device, shipped
+from .results import EditResult
+from .sampling import PassPlan, draw_noise, is_ancestral, make_scheduler, run_pass
+from .segment import _segment
 from .tokens import TokenRoles, keep_mask, token_roles
 
 
@@ -48,12 +51,15 @@ class Encoded:
     image_latents: [B, c, h, w] VAE posterior mode (unscaled, as InstructPix2Pix conditions on it).
     text_embeds: [B, T, C] instruction embeddings; empty_embeds: [1, T, C] embedding of "".
     roles: per edit, its tokens' roles (content / unrelated).
+    keep: [B, T] bool on the device, tokens visible inside the RoI; content: [B, T] bool, content tokens.
     """
 
     image_latents: torch.Tensor
     text_embeds: torch.Tensor
     empty_embeds: torch.Tensor
     roles: list[TokenRoles]
+    keep: torch.Tensor | None = None
+    content: torch.Tensor | None = None
 
     @property
     def batch(self) -> int:
@@ -69,67 +75,58 @@ class Encoded:
         lat = self.image_latents
         return torch.cat([lat, lat, torch.zeros_like(lat)])
 
-
-@dataclass
-class EditResult:
-    """One finished edit.
-
-    image: the edited image (PIL, RGB, at the input's size).
-    roi_mask: bool [H, W] at the input's size (True = regularized region).
-    roi_grid: bool [gh, gw] on the output grid.
-    segments: int [gh, gw] k-means labels (None when a mask was given).
-    heatmap: float32 [gh, gw] localization heatmap, min-max normalized to [0, 1] (None with a mask).
-    tokens: content words that localized the edit; silenced: words silenced inside the RoI.
-    instruction, input_image: what was asked, as given (RGB).
-    timings: seconds per stage ('encode', 'localize', 'segment', 'edit', 'decode', 'total').
-    unet_evals: UNet evaluations this edit took (batch-shared ones counted once per batch).
-    fallback: None, or how the RoI was chosen when the instruction had no content words.
-    """
-
-    image: PIL.Image.Image
-    roi_mask: np.ndarray
-    roi_grid: np.ndarray
-    segments: np.ndarray | None
-    heatmap: np.ndarray | None
-    tokens: list[str]
-    silenced: list[str]
-    instruction: str
-    input_image: PIL.Image.Image
-    timings: dict[str, float] = field(default_factory=dict)
-    unet_evals: int = 0
-    fallback: str | None = None
-
-    def overlay(self) -> PIL.Image.Image:
-        """The input with the RoI tinted red and outlined."""
-        return viz.overlay(self.input_image, self.roi_mask)
-
-    def pictures(self) -> dict[str, PIL.Image.Image]:
-        """Named pictures: roi (mask), overlay, segments and heatmap (when computed), panel."""
-        size = self.input_image.size
-        pics = {"roi": viz.mask_image(self.roi_mask), "overlay": self.overlay()}
-        if self.segments is not None:
-            pics["segments"] = viz.segment_image(self.segments, size)
-        if self.heatmap is not None:
-            pics["heatmap"] = viz.heatmap_image(self.heatmap, size)
-        strip = [("input", self.input_image), ("RoI", pics["overlay"])]
-        strip += [(name, pics[name]) for name in ("segments", "heatmap") if name in pics]
-        strip.append(("edited", self.image))
-        pics["panel"] = viz.panel(strip)
-        return pics
-
-    def save_pictures(self, out_dir: str | Path, prefix: str = "") -> dict[str, Path]:
-        """Write every picture of ``pictures()`` as ``{prefix}{name}.png`` into out_dir; returns the paths."""
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        paths = {}
-        for name, pic in self.pictures().items():
-            paths[name] = out / f"{prefix}{name}.png"
-            pic.save(paths[name])
-        return paths
+    def select(self, idx: Sequence[int], idx_device: torch.Tensor) -> Encoded:
+        """The edits ``idx`` of this batch (``idx_device``: the same indices as a device tensor)."""
+        if list(idx) == list(range(self.batch)):
+            return self
+        pick = lambda t: None if t is None else t.index_select(0, idx_device)  # noqa: E731
+        return Encoded(pick(self.image_latents), pick(self.text_embeds), self.empty_embeds,
+                       [self.roles[b] for b in idx], pick(self.keep), pick(self.content))
 
 
-def _default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+class _Clock:
+    """Seconds per stage without host syncs: CUDA events on the GPU (read once at the end), wall time on the CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks: list[tuple[str, object]] = []
+        self.t0 = time.perf_counter()
+        self._mark("start")
+
+    def _mark(self, name: str) -> None:
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self.marks.append((name, ev))
+        else:
+            self.marks.append((name, time.perf_counter()))
+
+    def __call__(self, name: str) -> None:
+        self._mark(name)
+
+    def seconds(self) -> dict[str, float]:
+        """Per-stage seconds (call after the work is done) plus 'total' (wall time since creation)."""
+        out: dict[str, float] = {}
+        for (_, a), (name, b) in zip(self.marks, self.marks[1:]):
+            dt = a.elapsed_time(b) / 1000 if self.cuda else b - a
+            out[name] = out.get(name, 0.0) + dt
+        out["total"] = time.perf_counter() - self.t0
+        return out
+
+
+def _to_host(tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """Copy several device tensors to the host in ONE transfer (packed as bytes; one sync), as numpy."""
+    items = [(k, t.contiguous()) for k, t in tensors.items() if t is not None]
+    if not items or items[0][1].device.type == "cpu":
+        return {k: t.numpy() for k, t in items}
+    packed = torch.cat([t.reshape(-1).view(torch.uint8) for _, t in items]).cpu().numpy()
+    out, at = {}, 0
+    for k, t in items:
+        n = t.numel() * t.element_size()
+        dtype = np.dtype(str(t.dtype).removeprefix("torch."))
+        out[k] = packed[at : at + n].view(dtype).reshape(tuple(t.shape))
+        at += n
+    return out
 
 
 class LimeEngine:
@@ -143,8 +140,9 @@ class LimeEngine:
     "triton" (forces the kernel, e.g. on the CPU under TRITON_INTERPRET=1), or a callable with the
     signature of ``lime_fast.kernels.reference.regularized_attention_ref`` that replaces cross-attention
     (``benchmarks/release.py`` passes the reference release's pattern this way).
-    use_cuda_graphs: replay one CUDA graph per (batch, latent size, dtype, pass state) for every UNet
-        evaluation (``lime_fast.graphs``); default True on CUDA. Ignored on the CPU (eager there).
+    use_cuda_graphs: run each denoising pass as one CUDA graph, recorded once per ``PassPlan`` (batch,
+        latent size, dtype, steps, guidance, capture and regularization settings) and replayed after
+        (``lime_fast.graphs``); default True on CUDA. Ignored on the CPU (eager there).
     compile: ``torch.compile`` the UNet's forward (True: inductor, default mode; a string names another
         backend; the fused kernel is a registered custom op, so it stays one opaque node). The first edit per shape then pays the
         compilation (minutes for SD 1.5); combined with CUDA graphs, the compiled code is captured.
@@ -174,11 +172,13 @@ class LimeEngine:
         install(unet, self.controller)
         self.unet_evals = 0
         self._lock = threading.Lock()  # the controller is per-engine state: one edit at a time
-        accelerated = graphed_forward(unet)  # lime_fast.accelerate(pipe) ran on this pipe: use the plain forward
-        forward = accelerated.forward if accelerated is not None else unet.forward
-        forward = compiled(forward, compile)
+        # The UNet is called as a module, so user hooks, PEFT/LoRA adapters and offloading hooks run (inside
+        # a CUDA graph they run once, at capture). After lime_fast.accelerate(pipe) its forward is a
+        # per-call graph runner: the engine graphs whole passes itself and takes the plain forward.
+        accelerated = graphed_forward(unet)
+        self._unet = compiled(accelerated.forward if accelerated is not None else unet, compile)
         self.use_cuda_graphs = (self.device.type == "cuda") if use_cuda_graphs is None else bool(use_cuda_graphs)
-        self.graphs = GraphedUNet(unet, forward, self.controller, enabled=self.use_cuda_graphs)
+        self.graphs = PassGraphs(enabled=self.use_cuda_graphs)
 
     # --- loading --------------------------------------------------------------------------
     @classmethod
@@ -203,7 +203,7 @@ class LimeEngine:
         """
         from diffusers import StableDiffusionInstructPix2PixPipeline
 
-        device = torch.device(device) if device is not None else _default_device()
+        device = resolve_device(device)
         if torch_dtype is None:
             torch_dtype = torch.float16 if device.type == "cuda" else torch.float32
         info = shipped(model)
@@ -222,12 +222,19 @@ class LimeEngine:
                 )
         except Exception as e:  # hub / filesystem errors come in many types; one clear message instead
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            if path is not None:  # a local folder: downloading is not the fix
+                raise ModelLoadError(
+                    f"could not load the checkpoint folder '{model}': {reason}\n"
+                    "The folder has a model_index.json but a component is missing, incomplete or corrupt: it "
+                    "needs unet/, vae/, text_encoder/, tokenizer/ and scheduler/ with their configs and "
+                    "weights (safetensors unless use_safetensors=False). Re-copy or re-save it."
+                ) from None
             raise ModelLoadError(
                 f"could not load the model '{model}': {reason}\n"
-                "If it is a hub id, its weights are not in the local Hugging Face cache and could not be "
-                "downloaded (no network?). Download them once where there is network, e.g. "
-                f"`huggingface-cli download {model}`, or pass the path of a local diffusers folder. "
-                "To try lime_fast offline, run `lime-fast demo`."
+                "Its weights are not in the local Hugging Face cache and could not be downloaded (no network?). "
+                f"Download them once where there is network with `hf download {model}` (huggingface_hub's "
+                "command line), or pass the path of a local diffusers folder. Offline, the shipped model "
+                "works everywhere a model is accepted: model='shapes-ip2p' (`lime-fast demo` shows it)."
             ) from None
         pipe.set_progress_bar_config(disable=True)
         return cls(pipe.to(device), attention=attention, use_cuda_graphs=use_cuda_graphs, compile=compile,
@@ -264,188 +271,153 @@ class LimeEngine:
             max_length=self.tokenizer.model_max_length,
             truncation=True,
             return_tensors="pt",
-        ).input_ids.to(self.device)
+        ).input_ids
+        keep = keep_mask(roles)
+        content = torch.zeros_like(keep)
+        for b, r in enumerate(roles):
+            content[b, r.content] = True
+        # every host-to-device copy before the first kernel: a pageable copy waits for queued GPU work
+        ids, keep, content = (t.to(self.device) for t in (ids, keep, content))
         embeds = self.text_encoder(ids)[0].to(self.text_encoder.dtype)
         latents = self.vae.encode(pixels).latent_dist.mode()
-        return Encoded(latents, embeds[:-1], embeds[-1:], roles)
+        return Encoded(latents, embeds[:-1], embeds[-1:], roles, keep, content)
 
-    # --- the denoising loop ---------------------------------------------------------------
-    def _guided_eps(self, sched, latents, t, embeds, image_latents, s_text: float, s_image: float):
-        """One UNet evaluation of the three guidance branches, combined: the graph-capturable unit."""
-        self.unet_evals += 1
-        x = sched.scale_model_input(torch.cat([latents] * 3), t)
-        x = torch.cat([x, image_latents], dim=1)
-        eps = self.graphs(x, t, encoder_hidden_states=embeds, return_dict=False)[0]
-        e_text, e_image, e_uncond = eps.chunk(3)
-        return e_uncond + s_text * (e_text - e_image) + s_image * (e_image - e_uncond)
-
-    def _denoise(self, enc: Encoded, steps, guidance, generators, *, stop_after=None, before_step=None, desc="", progress=True):
-        """Run Euler-ancestral (the checkpoint's scheduler) from fresh noise.
-
-        Stops after the UNet evaluation of ``stop_after`` (returns None) or returns final latents.
-        ``before_step(i)`` sets the attention controller for step i. Latents are checked for NaN/inf
-        once at the end (no host sync inside the loop); the error names the first bad step.
-        """
-        sched = self.scheduler.__class__.from_config(self.scheduler.config)
-        sched.set_timesteps(steps, device=self.device)
-        from diffusers.utils.torch_utils import randn_tensor
-
+    # --- the passes -----------------------------------------------------------------------
+    def _plan(self, kind: str, enc: Encoded, cfg: EditConfig, regularized: bool = False) -> PassPlan:
         h, w = enc.image_latents.shape[-2:]
-        shape = (enc.batch, self.vae.config.latent_channels, h, w)
-        latents = randn_tensor(shape, generator=generators, device=self.device, dtype=self.dtype)
-        latents = latents * sched.init_noise_sigma
-        embeds, image_latents = enc.branch_embeds(), enc.branch_image_latents()
-        step_kwargs = {"generator": generators} if "generator" in inspect.signature(sched.step).parameters else {}
-        n = steps if stop_after is None else stop_after + 1
-        noise = self._ancestral_noise(sched, generators, n if stop_after is None else stop_after, shape)
-        finite = torch.ones(n, dtype=torch.bool, device=self.device)
-        self.controller.set_latent_size((h, w))
-        for i, t in enumerate(tqdm(sched.timesteps[:n], desc=desc, disable=not progress, leave=False)):
-            if before_step is not None:
-                before_step(i)
-            eps = self._guided_eps(sched, latents, t, embeds, image_latents, *guidance)
-            if i == stop_after:
-                finite[i] = torch.isfinite(eps).all()
-                break
-            if noise is not None:
-                latents = _euler_ancestral_step(sched, eps, latents, noise[i])
-            else:
-                latents = sched.step(eps, t, latents, **step_kwargs, return_dict=False)[0]
-            finite[i] = torch.isfinite(latents).all()
-        self.controller.capture, self.controller.regularize = None, False
-        if not bool(finite.all()):
-            bad = int((~finite).nonzero()[0])
+        common = dict(batch=enc.batch, latent_hw=(int(h), int(w)), channels=self.vae.config.latent_channels,
+                      steps=cfg.steps, dtype=self.dtype, ancestral=is_ancestral(self.scheduler))
+        if kind == "localize":
+            return PassPlan("localize", guidance=(cfg.loc_text_guidance, cfg.loc_image_guidance),
+                            capture_step=cfg.capture, feature_levels=tuple(cfg.feature_levels), **common)
+        return PassPlan("edit", guidance=(cfg.text_guidance, cfg.image_guidance),
+                        reg_levels=tuple(cfg.reg_levels) if regularized else (),
+                        reg_range=cfg.reg_range if regularized else (0, -1), **common)
+
+    def draw_noise(self, enc: Encoded, cfg: EditConfig, seeds: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(initial latents [B, c, h, w], ancestral noise [steps, B, c, h, w]) on the device, from CPU
+        generators seeded per edit (default ``cfg.seed``): the same seed gives the same noise on every
+        device, and both passes use it (the localization pass its first ``capture`` steps)."""
+        seeds = seeds if seeds is not None else [cfg.seed] * enc.batch
+        gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+        h, w = enc.image_latents.shape[-2:]
+        shape = (enc.batch, self.vae.config.latent_channels, int(h), int(w))
+        count = cfg.steps if is_ancestral(self.scheduler) else 0
+        init, noise = draw_noise(gens, shape, count, self.dtype)
+        if self.device.type == "cuda":
+            init, noise = init.pin_memory(), noise.pin_memory()
+        return init.to(self.device, non_blocking=True), noise.to(self.device, non_blocking=True)
+
+    def _run(self, plan: PassPlan, enc: Encoded, noise, roi_grid=None, seeds=None, cfg=None, progress=True) -> dict:
+        """One pass (graphed on CUDA); returns run_pass's outputs (``finite`` not yet checked)."""
+        init, steps = noise
+        x = {"latents": init, "embeds": enc.branch_embeds(), "image_latents": enc.branch_image_latents()}
+        if plan.ancestral:
+            x["noise"] = steps[: plan.n_noise]
+        if plan.regularizes:
+            x["roi_grid"], x["keep"] = roi_grid, enc.keep
+        generators = None
+        if not plan.ancestral:  # sched.step draws its own noise: fresh generators, as diffusers does
+            gens = [torch.Generator("cpu").manual_seed(int(s)) for s in (seeds or [cfg.seed] * enc.batch)]
+            for g in gens:  # skip the initial latents' draws, which draw_noise already made
+                torch.randn(init.shape[1:], generator=g, dtype=self.dtype)
+            generators = gens
+        self.unet_evals += plan.n_evals
+        graphed = self.graphs.replays_on(self.device) and plan.ancestral
+        bar = tqdm(total=plan.n_evals, desc=plan.kind, disable=not progress, leave=False)
+        try:
+            def fn(inputs, sched):
+                return run_pass(self._unet, self.controller, plan, sched, inputs, generators=generators,
+                                on_step=None if graphed else (lambda i: bar.update(1)))
+
+            out = self.graphs.run(plan, fn, x, lambda: make_scheduler(self.scheduler, plan.steps, self.device), self.device)
+            bar.n = plan.n_evals
+            bar.refresh()
+        finally:
+            bar.close()
+        return out
+
+    @staticmethod
+    def _check_finite(finite: np.ndarray, what: str, dtype) -> None:
+        if not finite.all():
+            bad = int(np.flatnonzero(~finite)[0])
             raise NonFiniteLatentsError(
-                f"{desc or 'denoising'}: step {bad} produced NaN/inf latents ({self.dtype}). In fp16 this is "
-                "usually an overflow: retry with torch_dtype=torch.float32 (or bfloat16)."
+                f"{what}: step {bad} produced NaN/inf latents ({dtype}). In fp16 this is usually an overflow: "
+                "retry with torch_dtype=torch.float32 (or bfloat16)."
             )
-        return None if stop_after is not None else latents
-
-    def _ancestral_noise(self, sched, generators, count: int, shape) -> torch.Tensor | None:
-        """Euler-ancestral's per-step noise for the whole pass, drawn up front: [count, B, c, h, w].
-
-        diffusers' step draws it from the CPU generators inside the loop and copies it to the device
-        each step (a pageable copy: a host sync per step). Drawing the same numbers, from the same
-        generators in the same order, before the loop makes one copy per pass; the results are
-        bit-identical to ``sched.step`` (tests/test_engine.py compares with diffusers' pipeline).
-        None for other schedulers (they keep ``sched.step``)."""
-        from diffusers import EulerAncestralDiscreteScheduler
-
-        if (type(sched) is not EulerAncestralDiscreteScheduler or not hasattr(sched, "_step_index")
-                or sched.config.prediction_type not in ("epsilon", "v_prediction") or count < 1):
-            return None
-        one = (1, *shape[1:])
-        draws = [torch.cat([torch.randn(one, generator=g, dtype=self.dtype) for g in generators]) for _ in range(count)]
-        return torch.stack(draws).to(self.device)
-
-    def _graphs_active(self) -> bool:
-        return self.graphs.replays_on(self.device)
-
-    def _generators(self, seeds: Sequence[int]) -> list[torch.Generator]:
-        # CPU generators: the same seed gives the same noise on every device.
-        return [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
 
     # --- stage 1: localization pass -------------------------------------------------------
     @torch.no_grad()
-    def localization_pass(self, enc: Encoded, cfg: EditConfig, seeds: Sequence[int] | None = None, progress=True) -> Capture:
+    def localization_pass(self, enc: Encoded, cfg: EditConfig, seeds: Sequence[int] | None = None, progress=True,
+                          noise=None) -> Capture:
         """Steps 0..cfg.capture, stopping after the capture step's UNet evaluation.
 
         Returns a ``Capture``: features [B, C, h_l, w_l] per attention module and head-averaged
         cross-attention maps [B, T, h_l, w_l] per cross-attention module, at cfg.feature_levels.
+        noise: ``draw_noise``'s pair (drawn from ``seeds`` when None).
         """
-        ctl, capture = self.controller, Capture()
-        ctl.static = self._graphs_active()
-        ctl.feature_levels, ctl.regularize = tuple(cfg.feature_levels), False
-        ctl.set_regularization(None, None)
+        capture, finite = self._localize_pass(enc, cfg, seeds, progress, noise)
+        self._check_finite(finite.cpu().numpy(), "localize", self.dtype)
+        return capture
 
-        def before_step(i):
-            ctl.capture = capture if i == cfg.capture else None
-
-        seeds = seeds if seeds is not None else [cfg.seed] * enc.batch
-        self._denoise(
-            enc,
-            cfg.steps,
-            (cfg.loc_text_guidance, cfg.loc_image_guidance),
-            self._generators(seeds),
-            stop_after=cfg.capture,
-            before_step=before_step,
-            desc="localize",
-            progress=progress,
-        )
+    def _localize_pass(self, enc, cfg, seeds, progress, noise) -> tuple[Capture, torch.Tensor]:
+        noise = noise if noise is not None else self.draw_noise(enc, cfg, seeds)
+        out = self._run(self._plan("localize", enc, cfg), enc, noise, seeds=seeds, cfg=cfg, progress=progress)
+        capture = Capture(out["features"], out["feature_levels"], out["maps"], out["map_levels"])
         if not capture.features or not capture.maps:
             raise RuntimeError(
                 f"no attention layer runs at levels {cfg.feature_levels} of this UNet; "
                 "set EditConfig.feature_levels to levels the model has"
             )
-        return capture
+        return capture, out["finite"]
 
     # --- stages 1b/1c: segmentation and localization --------------------------------------
-    def segment(self, capture: Capture, grid: tuple[int, int], cfg: EditConfig) -> torch.Tensor:
-        """k-means segments of each edit's fused features on the output grid -> [B, gh, gw] long."""
-        batch = capture.features[0].shape[0]
-        return torch.stack(
-            [
-                segment_features(
-                    [f[b] for f in capture.features],
-                    grid,
-                    k=cfg.clusters,
-                    seed=cfg.seed,
-                    n_init=cfg.kmeans_n_init,
-                    max_iter=cfg.kmeans_max_iter,
-                    tol=cfg.kmeans_tol,
-                    backend=cfg.segment_backend,
-                )
-                for b in range(batch)
-            ]
-        )
+    def segment(self, capture: Capture, grid: tuple[int, int], cfg: EditConfig, *, converged: list | None = None) -> torch.Tensor:
+        """k-means segments of each edit's fused features on the output grid -> [B, gh, gw] long.
 
-    def localize(self, capture: Capture, segments: torch.Tensor, roles: Sequence[TokenRoles], top_k: int):
-        """RoI and heatmap per edit: ([B, gh, gw] bool, [B, gh, gw] fp32 or NaN-free zeros for whole-image)."""
-        grid = tuple(segments.shape[-2:])
-        rois, heats = [], []
-        for b, role in enumerate(roles):
-            if not role.content:  # "whole_image" fallback: nothing to localize
-                rois.append(torch.ones(grid, dtype=torch.bool, device=segments.device))
-                heats.append(torch.zeros(grid, device=segments.device))
-                continue
-            heat = heatmap([m[b] for m in capture.maps], grid, role.content)
-            rois.append(roi_from_segments(segments[b], heat, top_k))
-            heats.append(heat)
-        return torch.stack(rois), torch.stack(heats)
+        On the CPU the Lloyd loop stops as soon as it converges; on a GPU the host reads the on-device
+        convergence flag every ``cfg.kmeans_check_every`` iterations (0: never; exactly
+        ``cfg.kmeans_max_iter`` iterations, frozen once converged: the same labels with no sync).
+        ``converged`` (a list) receives each edit's 0-dim bool flag to read later."""
+        cpu = self.device.type == "cpu"
+        sync, check_every = (True, 1) if cpu else (cfg.kmeans_check_every > 0, max(1, cfg.kmeans_check_every))
+        batch = capture.features[0].shape[0]
+        labels = []
+        for b in range(batch):
+            res = _segment([f[b] for f in capture.features], grid, k=cfg.clusters, seed=cfg.seed, n_init=cfg.kmeans_n_init,
+                           max_iter=cfg.kmeans_max_iter, tol=cfg.kmeans_tol, backend=cfg.segment_backend, sync=sync,
+                           check_every=check_every)
+            labels.append(res.labels.reshape(grid))
+            if converged is not None:
+                converged.append(torch.as_tensor(res.converged, device=res.labels.device))
+        return torch.stack(labels)
+
+    def localize(self, capture: Capture, segments: torch.Tensor, content: torch.Tensor, cfg: EditConfig):
+        """RoI and heatmap of every edit, batched on the device: ([B, gh, gw] bool, [B, gh, gw] fp32).
+
+        content: [B, T] bool content tokens (``Encoded.content``). An edit without content tokens (the
+        "whole_image" fallback) gets the whole grid as its RoI and an all-zero heatmap."""
+        heat = heatmaps(capture.maps, tuple(segments.shape[-2:]), content)
+        roi = roi_from_segments(segments, heat, cfg.top_k, cfg.clusters)
+        whole = ~content.any(1)[:, None, None]
+        return roi | whole, heat
 
     # --- stage 2: the regularized edit ----------------------------------------------------
     @torch.no_grad()
-    def edit_pass(self, enc: Encoded, roi_grid: torch.Tensor | None, cfg: EditConfig, seeds: Sequence[int] | None = None, progress=True) -> torch.Tensor:
+    def edit_pass(self, enc: Encoded, roi_grid: torch.Tensor | None, cfg: EditConfig, seeds: Sequence[int] | None = None,
+                  progress=True, noise=None) -> torch.Tensor:
         """The edit, with unrelated tokens silenced inside roi_grid ([B, gh, gw] bool) at cfg.reg_levels
         during cfg.reg_range, in all three guidance branches. roi_grid None: plain InstructPix2Pix.
         Returns latents [B, c, h, w]."""
-        ctl = self.controller
-        ctl.static = self._graphs_active()
-        ctl.reg_levels = tuple(cfg.reg_levels)
-        ctl.capture = None
-        ctl.set_latent_size(tuple(enc.image_latents.shape[-2:]))
-        if roi_grid is not None:
-            ctl.set_regularization(roi_grid.to(self.device), keep_mask(enc.roles).to(self.device))
-        else:
-            ctl.set_regularization(None, None)
-        first, last = cfg.reg_range
+        latents, finite = self._edit_pass(enc, roi_grid, cfg, seeds, progress, noise)
+        self._check_finite(finite.cpu().numpy(), "edit", self.dtype)
+        return latents
 
-        def before_step(i):
-            ctl.regularize = first <= i <= last
-
-        seeds = seeds if seeds is not None else [cfg.seed] * enc.batch
-        try:
-            return self._denoise(
-                enc,
-                cfg.steps,
-                (cfg.text_guidance, cfg.image_guidance),
-                self._generators(seeds),
-                before_step=before_step,
-                desc="edit",
-                progress=progress,
-            )
-        finally:
-            ctl.set_regularization(None, None)
+    def _edit_pass(self, enc, roi_grid, cfg, seeds, progress, noise):
+        noise = noise if noise is not None else self.draw_noise(enc, cfg, seeds)
+        plan = self._plan("edit", enc, cfg, regularized=roi_grid is not None)
+        out = self._run(plan, enc, noise, roi_grid=roi_grid, seeds=seeds, cfg=cfg, progress=progress)
+        return out["latents"], out["finite"]
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -472,125 +444,55 @@ class LimeEngine:
         """
         cfg = config.pop("config", None) or self.default_config
         cfg = cfg.replace(**config) if config else cfg
-        if isinstance(instructions, str) or len(images) != len(instructions):
-            raise ValueError("edit_batch takes equal-length lists of images and instructions")
-        if not images:
-            raise ValueError("edit_batch needs at least one image")
-        masks = list(masks) if masks is not None else [None] * len(images)
-        if len(masks) != len(images):
-            raise ValueError(f"got {len(masks)} masks for {len(images)} images")
-        # --- check everything before any model work ---
-        inputs = [load_image(im) for im in images]
-        texts = [check_instruction(s) for s in instructions]
-        user_masks = [None if m is None else load_mask(m) for m in masks]
+        # everything is checked before any model work
+        job = EditInputs.build(images, instructions, masks, multiple=self.multiple, cfg=cfg, trained_size=self.trained_size)
         with self._lock:
-            return self._edit_locked(inputs, texts, user_masks, cfg, progress)
+            return self._edit_locked(job, cfg, progress)
 
-    def _edit_locked(self, inputs, texts, user_masks, cfg: EditConfig, progress: bool) -> list[EditResult]:
-        t0 = time.perf_counter()
-        times: dict[str, float] = {}
-
-        def tick(name, since):
-            if self.device.type == "cuda":
-                torch.cuda.synchronize()
-            now = time.perf_counter()
-            times[name] = times.get(name, 0.0) + now - since
-            return now
-
-        evals0 = self.unet_evals
-        w, h = working_size(*inputs[0].size, self.multiple, cfg.max_side)
-        if self.trained_size and max(w, h) > self.trained_size:
-            warnings.warn(
-                f"this model was trained on {self.trained_size} x {self.trained_size} pictures; at {w} x {h} it "
-                f"garbles the image: resize the input to {self.trained_size} pixels, or use a model made for "
-                "photos (e.g. timbrooks/instruct-pix2pix)", LimeWarning, stacklevel=3)
-        grid = grid_shape(h, w, cfg.grid_size)
-        work = [im if im.size == (w, h) else im.resize((w, h), PIL.Image.LANCZOS) for im in inputs]
-        t = time.perf_counter()
-        enc = self.encode(self.preprocess(work), texts, roi_words=cfg.roi_words)
-        t = tick("encode", t)
-
-        auto = [b for b, m in enumerate(user_masks) if m is None]
-        rois = [None] * len(inputs)
-        segs, heats = [None] * len(inputs), [None] * len(inputs)
-        for b, m in enumerate(user_masks):
-            if m is not None:
-                rois[b] = _mask_to_grid(m, grid)
-                if not rois[b].any():
-                    warnings.warn("the mask is empty: nothing is regularized, the edit is plain InstructPix2Pix", LimeWarning, stacklevel=3)
-                elif rois[b].all():
-                    warnings.warn("the mask covers the whole image: unrelated tokens are silenced everywhere", LimeWarning, stacklevel=3)
+    @torch.no_grad()
+    def _edit_locked(self, job: EditInputs, cfg: EditConfig, progress: bool) -> list[EditResult]:
+        clock, evals0 = _Clock(self.device), self.unet_evals
+        user_rois = job.mask_grids()  # host: the user masks on the output grid (None where automatic)
+        auto = [b for b, m in enumerate(user_rois) if m is None]
+        # host-to-device copies first: a pageable copy would wait for the GPU work queued before it
+        roi_grid = torch.from_numpy(np.stack([np.zeros(job.grid, bool) if m is None else m for m in user_rois]))
+        roi_grid, auto_idx = roi_grid.to(self.device), torch.tensor(auto, dtype=torch.long).to(self.device)
+        enc = self.encode(self.preprocess(job.working_images()), job.instructions, roi_words=cfg.roi_words)
+        noise = self.draw_noise(enc, cfg)
+        clock("encode")
+        checks, host = {}, {}
         if auto:
-            sub = Encoded(enc.image_latents[auto], enc.text_embeds[auto], enc.empty_embeds, [enc.roles[b] for b in auto])
-            capture = self.localization_pass(sub, cfg, progress=progress)
-            t = tick("localize", t)
-            seg = self.segment(capture, grid, cfg)
-            roi, heat = self.localize(capture, seg, sub.roles, cfg.top_k)
-            t = tick("segment", t)
-            for j, b in enumerate(auto):
-                rois[b], segs[b] = roi[j].cpu().numpy(), seg[j].cpu().numpy()
-                hm = heat[j].float().cpu().numpy()
-                span = hm.max() - hm.min()
-                heats[b] = ((hm - hm.min()) / span if span > 0 else np.zeros_like(hm)).astype(np.float32)
-        roi_grid = torch.from_numpy(np.stack(rois)).to(self.device)
-        latents = self.edit_pass(enc, roi_grid if roi_grid.any() else None, cfg, progress=progress)
-        t = tick("edit", t)
-        pixels = self.decode(latents)
-        arr = (pixels.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
-        t = tick("decode", t)
-        times["total"] = t - t0
-
+            sub = enc.select(auto, auto_idx)
+            sub_noise = (noise[0].index_select(0, auto_idx), noise[1].index_select(1, auto_idx))
+            capture, checks["localize"] = self._localize_pass(sub, cfg, None, progress, sub_noise)
+            clock("localize")
+            converged: list[torch.Tensor] = []
+            segments = self.segment(capture, job.grid, cfg, converged=converged)
+            roi, heat = self.localize(capture, segments, sub.content, cfg)
+            roi_grid = roi_grid.index_copy(0, auto_idx, roi)
+            host.update(segments=segments.to(torch.int32), heat=normalized(heat), converged=torch.stack(converged))
+            clock("segment")
+        regularized = bool(auto) or any(m.any() for m in user_rois if m is not None)
+        latents, checks["edit"] = self._edit_pass(enc, roi_grid if regularized else None, cfg, None, progress, noise)
+        clock("edit")
+        pixels = (self.decode(latents) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+        clock("decode")
+        host.update(pixels=pixels, roi=roi_grid, **{f"finite_{k}": v for k, v in checks.items()})
+        got = _to_host(host)  # the one device-to-host copy (and sync) of the edit
+        for what in checks:
+            self._check_finite(got[f"finite_{what}"], what, self.dtype)
+        if auto and not got["converged"].all():
+            warnings.warn(f"k-means stopped at kmeans_max_iter={cfg.kmeans_max_iter} before converging; the "
+                          "segments are those of the last iteration (raise kmeans_max_iter)", LimeWarning, stacklevel=3)
+        timings = clock.seconds()
+        evals = self.unet_evals - evals0
         results = []
-        for b, im in enumerate(inputs):
-            out = PIL.Image.fromarray(arr[b])
-            if out.size != im.size:
-                out = out.resize(im.size, PIL.Image.LANCZOS)
-            if user_masks[b] is not None and user_masks[b].shape == (im.height, im.width):
-                full = user_masks[b]
-            else:
-                full = np.asarray(viz.mask_image(rois[b], im.size)) > 127
-            role = enc.roles[b]
-            results.append(
-                EditResult(
-                    image=out,
-                    roi_mask=full,
-                    roi_grid=rois[b],
-                    segments=segs[b],
-                    heatmap=heats[b],
-                    tokens=list(role.content_words),
-                    silenced=[role.words[i] or role.tokens[i] for i in range(1, len(role.tokens) - 1) if not role.keep[i]],
-                    instruction=role.instruction,
-                    input_image=im,
-                    timings=dict(times),
-                    unet_evals=self.unet_evals - evals0,
-                    fallback=role.fallback,
-                )
-            )
+        for b, role in enumerate(enc.roles):
+            j = auto.index(b) if b in auto else None
+            results.append(EditResult.build(
+                job, b, got["pixels"][b], got["roi"][b], role,
+                segments=None if j is None else got["segments"][j].astype(np.int64),
+                heatmap=None if j is None else got["heat"][j].astype(np.float32),
+                timings=timings, unet_evals=evals,
+            ))
         return results
-
-
-def _euler_ancestral_step(sched, eps: torch.Tensor, latents: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """``EulerAncestralDiscreteScheduler.step`` with the noise given (same arithmetic, same order);
-    advances the scheduler's step index. The sigmas live on the CPU: scalar math, no device sync."""
-    idx = sched.step_index
-    sigma = sched.sigmas[idx]
-    sample = latents.to(torch.float32)
-    if sched.config.prediction_type == "epsilon":
-        pred_original_sample = sample - sigma * eps
-    else:  # v_prediction
-        pred_original_sample = eps * (-sigma / (sigma**2 + 1) ** 0.5) + (sample / (sigma**2 + 1))
-    sigma_from, sigma_to = sched.sigmas[idx], sched.sigmas[idx + 1]
-    sigma_up = (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5
-    sigma_down = (sigma_to**2 - sigma_up**2) ** 0.5
-    derivative = (sample - pred_original_sample) / sigma
-    dt = sigma_down - sigma
-    prev_sample = sample + derivative * dt
-    prev_sample = prev_sample + noise * sigma_up
-    sched._step_index += 1
-    return prev_sample.to(eps.dtype)
-
-
-def _mask_to_grid(mask: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
-    """bool [H, W] -> bool [gh, gw] (nearest)."""
-    gh, gw = grid
-    return np.asarray(viz.mask_image(mask, (gw, gh))) > 127

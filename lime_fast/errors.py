@@ -5,6 +5,12 @@ class LimeWarning(UserWarning):
     """Something was adjusted or fell back to a documented default (truncated text, empty mask, ...)."""
 
 
+class InputWarning(LimeWarning):
+    """An input was accepted with an adjustment the user may not want (a stretched mask, an image larger
+    than the model was trained on, ...). ``--strict`` (or ``warnings.simplefilter("error", InputWarning)``)
+    turns these into errors, raised before any model work."""
+
+
 class ModelLoadError(RuntimeError):
     """A checkpoint could not be loaded (missing weights with no network, wrong layout, ...)."""
 

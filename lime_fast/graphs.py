@@ -1,31 +1,25 @@
-"""CUDA-graph replay of a UNet's forward, one graph per input signature.
+"""CUDA graphs: whole denoising passes for the engine, single UNet calls for ``accelerate(pipe)``.
 
-``GraphedUNet(unet)`` is called exactly like ``unet(sample, timestep, encoder_hidden_states=...)``.
-On the first call with a new signature (shapes and dtypes of the three inputs, ``return_dict``, and
-the attention controller's state key: capture on/off, which levels carry RoI buffers, latent size)
-it runs the forward eagerly ``warmup`` times on a side stream, which also runs the Triton kernel's
-autotuning, then captures one CUDA graph into a pool shared by all of this runner's graphs. Every
-later call copies the inputs into the graph's static buffers, replays, and returns a copy of the
-static output, so a caller may keep its result while the next step runs.
+``PassGraphs`` holds one CUDA graph per ``PassPlan`` (``lime_fast.sampling``): a whole pass (every
+UNet evaluation, the scheduler steps, the guidance combination, the per-step penalty switch, the
+capture step's outputs and the finite checks) recorded once and replayed for every later pass with the
+same plan. The plan is immutable and the whole loop is unrolled into the graph, so the per-step state
+(which step captures, which steps are regularized) is fixed at capture time: no buffer toggling, no
+host work between UNet evaluations. A replay copies the pass's input tensors (initial noise, ancestral
+noise, embeddings, image latents, RoI and keep masks) into the graph's static buffers, replays, and
+returns copies of its outputs, so a caller may keep them while the next pass runs.
 
-Why a pool may be shared: replays never overlap (one lock per runner) and every output is copied
-(or, for the localization capture, cloned into the caller's ``Capture``) before the next replay.
+Recording: the pass runs ``warmup`` times eagerly on a side stream (this also runs the Triton
+kernel's autotuning and fills cuDNN/cuBLAS caches), then once under capture into a memory pool shared
+by all of this cache's graphs (replays never overlap: one lock per cache, and every output is copied
+before the next replay). A plan whose capture fails runs eagerly from then on (warned once).
 
-Penalty on/off per step without re-capture: in graph mode the attention controller is *static*: its
-RoI masks live in fixed buffers that the graph reads at every regularized level, and switching the
-penalty off writes zeros into them (an all-False RoI is exactly plain attention in the kernel), so
-one graph serves every step of a pass. The localization pass's capture step is a second graph whose
-captured features and maps are graph-owned tensors, cloned out after each replay.
+``GraphedUNet`` is the per-call variant for ``accelerate(pipe)``, where lime_fast does not own the
+sampling loop: one graph per UNet input signature, called exactly like ``unet(...)``.
 
-Falls back to the eager forward (same results): on the CPU (unless ``emulate``), with autograd on,
-while torch.compile traces, with inputs it does not know (any extra keyword that is not None), and
-for a signature whose capture failed (warned once).
-
-Thread safety: one ``threading.Lock`` per runner guards the graph cache and each copy-in / replay /
-copy-out, so an engine shared by several threads is safe; calls are serialized.
-
-``emulate=True`` runs the same static-buffer path on any device with the eager forward standing in
-for the replay: how the CPU tests check the buffer and key logic that the GPU relies on.
+Both fall back to eager code (same results): on the CPU (unless ``emulate``), with autograd on, while
+torch.compile traces. ``emulate=True`` runs the same static-buffer path on any device with the eager
+code standing in for the replay: how the CPU tests check the buffer and key logic the GPU relies on.
 """
 
 from __future__ import annotations
@@ -35,8 +29,118 @@ import warnings
 from dataclasses import dataclass, field
 
 import torch
+from torch.utils._pytree import tree_map
 
 from .errors import LimeWarning
+
+
+@dataclass
+class GraphStats:
+    """Counters for tests and reports: captures, replays and eager runs."""
+
+    captures: int = 0
+    replays: int = 0
+    eager_calls: int = 0
+    failed: dict = field(default_factory=dict)
+
+
+def replays_on(enabled: bool, emulate: bool, device) -> bool:
+    """Whether work on ``device`` goes through graphs (or their emulation) rather than eager code."""
+    return enabled and (emulate or torch.device(device).type == "cuda")
+
+
+def _clone(tree):
+    return tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, tree)
+
+
+@dataclass
+class _PassEntry:
+    graph: "torch.cuda.CUDAGraph | None"
+    inputs: dict  # name -> static buffer
+    sched: object = None  # the scheduler the graph was recorded with (its timesteps tensor stays alive)
+    out: dict | None = None
+
+
+class PassGraphs:
+    """One CUDA graph per ``PassPlan``: record a whole pass once, replay it for every later pass.
+
+    ``run(plan, fn, inputs, make_sched)`` returns what ``fn(inputs, sched)`` returns (a dict of tensors
+    and lists of tensors), computed by a replay when graphs are on. ``inputs``: name -> tensor, with
+    shapes the plan determines; ``make_sched()``: a fresh scheduler (recording needs one per run).
+    """
+
+    def __init__(self, *, enabled: bool = True, emulate: bool = False, warmup: int = 1):
+        self.enabled = enabled
+        self.emulate = emulate
+        self.warmup = warmup
+        self.stats = GraphStats()
+        self._graphs: dict = {}
+        self._pool = None
+        self._lock = threading.Lock()
+
+    def replays_on(self, device) -> bool:
+        return replays_on(self.enabled, self.emulate, device)
+
+    @property
+    def num_graphs(self) -> int:
+        return len(self._graphs)
+
+    def clear(self) -> None:
+        """Drop every graph (frees their memory pool once no output references it)."""
+        with self._lock:
+            self._graphs.clear()
+            self._pool = None
+
+    def run(self, plan, fn, inputs: dict, make_sched, device) -> dict:
+        graphable = (self.replays_on(device) and plan.ancestral and not torch.is_grad_enabled()
+                     and not torch.compiler.is_compiling())
+        if not graphable:
+            self.stats.eager_calls += 1
+            return fn(inputs, make_sched())
+        with self._lock:
+            entry = self._graphs.get(plan)
+            if entry is None and plan not in self.stats.failed:
+                entry = self._record(plan, fn, inputs, make_sched, device)
+            if entry is None:  # this plan's capture failed: eager
+                self.stats.eager_calls += 1
+                return fn(inputs, make_sched())
+            for name, buf in entry.inputs.items():
+                buf.copy_(inputs[name])
+            if entry.graph is None:  # emulation: the eager pass on the static buffers
+                entry.out = fn(entry.inputs, make_sched())
+            else:
+                entry.graph.replay()
+            self.stats.replays += 1
+            return _clone(entry.out)
+
+    def _record(self, plan, fn, inputs, make_sched, device) -> _PassEntry | None:
+        entry = _PassEntry(None, {k: v.clone() for k, v in inputs.items()})
+        if self.emulate and torch.device(device).type != "cuda":
+            self._graphs[plan] = entry
+            return entry
+        try:
+            side = torch.cuda.Stream(device=device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                for _ in range(self.warmup):  # also runs the kernel's autotuning, before capture
+                    fn(entry.inputs, make_sched())
+            torch.cuda.current_stream(device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            entry.sched = make_sched()  # outside the capture: set_timesteps copies to the device
+            with torch.cuda.graph(graph, pool=self._pool):
+                entry.out = fn(entry.inputs, entry.sched)
+            entry.graph = graph
+            if self._pool is None:
+                self._pool = graph.pool()
+            self.stats.captures += 1
+            self._graphs[plan] = entry
+            return entry
+        except Exception as e:  # an op that cannot be captured: this plan stays eager
+            self.stats.failed[plan] = f"{type(e).__name__}: {e}"
+            warnings.warn(f"CUDA-graph capture of a {plan.kind} pass failed, running it eagerly: {type(e).__name__}: {e}",
+                          LimeWarning, stacklevel=3)
+            torch.cuda.synchronize(device)
+            return None
 
 
 @dataclass
@@ -46,31 +150,20 @@ class _Entry:
     timestep: torch.Tensor
     states: torch.Tensor
     out: torch.Tensor | None = None
-    recorded: object = None  # the Capture filled while recording (graph-owned tensors), or None
-
-
-@dataclass
-class GraphStats:
-    """Counters for tests and reports: captures, replays and eager fallbacks."""
-
-    captures: int = 0
-    replays: int = 0
-    eager_calls: int = 0
-    failed: dict = field(default_factory=dict)
 
 
 class GraphedUNet:
-    """Callable stand-in for ``unet(...)`` that replays one CUDA graph per input signature.
+    """Callable stand-in for ``unet(...)`` that replays one CUDA graph per input signature
+    (``accelerate(pipe)``: diffusers' own sampling loop calls it once per step).
 
     unet: a diffusers ``UNet2DConditionModel``. forward: the callable to capture (default the UNet's
-    own forward; pass a ``torch.compile``d one to graph compiled code). controller: the
-    ``AttentionController`` whose state is part of each graph's key (None: no LIME state).
+    own forward; pass a ``torch.compile``d one to graph compiled code).
+    Falls back to the eager forward with inputs it does not know (any extra keyword that is not None).
     """
 
-    def __init__(self, unet, forward=None, controller=None, *, enabled: bool = True, emulate: bool = False, warmup: int = 2):
+    def __init__(self, unet, forward=None, *, enabled: bool = True, emulate: bool = False, warmup: int = 2):
         self.unet = unet
         self.forward = forward if forward is not None else unet.forward
-        self.controller = controller
         self.enabled = enabled
         self.emulate = emulate
         self.warmup = warmup
@@ -79,14 +172,14 @@ class GraphedUNet:
         self._pool = None
         self._lock = threading.Lock()
 
-    # --- public ---------------------------------------------------------------------------
     def __call__(self, sample, timestep, encoder_hidden_states=None, *args, return_dict: bool = True, **kwargs):
         extra = {k: v for k, v in kwargs.items() if v is not None}
         if not self._graphable(sample, encoder_hidden_states, args, extra):
             self.stats.eager_calls += 1
             return self.forward(sample, timestep, encoder_hidden_states, *args, return_dict=return_dict, **kwargs)
-        timestep = self._as_tensor(timestep, sample.device)
-        key = self._key(sample, timestep, encoder_hidden_states)
+        timestep = timestep if isinstance(timestep, torch.Tensor) else torch.tensor(timestep, device=sample.device)
+        key = (tuple(sample.shape), sample.dtype, sample.device, tuple(timestep.shape), timestep.dtype,
+               tuple(encoder_hidden_states.shape), encoder_hidden_states.dtype)
         with self._lock:
             entry = self._graphs.get(key)
             if entry is None and key not in self.stats.failed:
@@ -94,7 +187,15 @@ class GraphedUNet:
             if entry is None:  # this signature's capture failed: eager
                 self.stats.eager_calls += 1
                 return self.forward(sample, timestep, encoder_hidden_states, return_dict=return_dict)
-            out = self._replay(entry, sample, timestep, encoder_hidden_states)
+            entry.sample.copy_(sample)
+            entry.timestep.copy_(timestep)
+            entry.states.copy_(encoder_hidden_states)
+            if entry.graph is None:  # emulation: the eager forward on the static buffers
+                entry.out = self._run(entry)
+            else:
+                entry.graph.replay()
+            self.stats.replays += 1
+            out = entry.out.clone()
         if return_dict:
             from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
@@ -102,7 +203,6 @@ class GraphedUNet:
         return (out,)
 
     def clear(self) -> None:
-        """Drop every graph (frees their memory pool once no output references it)."""
         with self._lock:
             self._graphs.clear()
             self._pool = None
@@ -112,54 +212,32 @@ class GraphedUNet:
         return len(self._graphs)
 
     def replays_on(self, device) -> bool:
-        """Whether calls on ``device`` go through graphs (or their emulation) rather than eager."""
-        return self.enabled and (self.emulate or torch.device(device).type == "cuda")
+        return replays_on(self.enabled, self.emulate, device)
 
-    # --- internals ------------------------------------------------------------------------
     def _graphable(self, sample, states, args, extra) -> bool:
         if args or extra or states is None or torch.is_grad_enabled() or torch.compiler.is_compiling():
             return False
         return self.replays_on(sample.device)
 
-    @staticmethod
-    def _as_tensor(timestep, device) -> torch.Tensor:
-        if isinstance(timestep, torch.Tensor):
-            return timestep
-        return torch.tensor(timestep, device=device)
-
-    def _key(self, sample, timestep, states) -> tuple:
-        ctl = self.controller.graph_key() if self.controller is not None else None
-        return (tuple(sample.shape), sample.dtype, sample.device, tuple(timestep.shape), timestep.dtype,
-                tuple(states.shape), states.dtype, ctl)
-
     def _run(self, entry: _Entry):
         return self.forward(entry.sample, entry.timestep, entry.states, return_dict=False)[0]
 
     def _record(self, key, sample, timestep, states) -> _Entry | None:
-        ctl = self.controller
-        caller_capture = ctl.capture if ctl is not None else None
         entry = _Entry(None, sample.clone(), timestep.to(sample.device).clone(), states.clone())
+        if self.emulate and sample.device.type != "cuda":
+            self._graphs[key] = entry
+            return entry
         try:
-            if self.emulate:
-                self._graphs[key] = entry
-                return entry
-            from .attention import Capture
-
             side = torch.cuda.Stream(device=sample.device)
             side.wait_stream(torch.cuda.current_stream(sample.device))
             with torch.cuda.stream(side):
                 for _ in range(self.warmup):  # also runs the kernel's autotuning, before capture
-                    if caller_capture is not None:
-                        ctl.capture = Capture()
                     self._run(entry)
             torch.cuda.current_stream(sample.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            if caller_capture is not None:
-                ctl.capture = Capture()
             with torch.cuda.graph(graph, pool=self._pool):
                 entry.out = self._run(entry)
             entry.graph = graph
-            entry.recorded = ctl.capture if caller_capture is not None else None
             if self._pool is None:
                 self._pool = graph.pool()
             self.stats.captures += 1
@@ -171,37 +249,6 @@ class GraphedUNet:
                           LimeWarning, stacklevel=3)
             torch.cuda.synchronize(sample.device)
             return None
-        finally:
-            if ctl is not None:
-                ctl.capture = caller_capture
-
-    def _replay(self, entry: _Entry, sample, timestep, states) -> torch.Tensor:
-        entry.sample.copy_(sample)
-        entry.timestep.copy_(timestep)
-        entry.states.copy_(states)
-        ctl = self.controller
-        if entry.graph is None:  # emulation: the eager forward on the static buffers
-            if ctl is not None and ctl.capture is not None:
-                from .attention import Capture
-
-                caller, ctl.capture = ctl.capture, Capture()
-                try:
-                    entry.out = self._run(entry)
-                    entry.recorded = ctl.capture
-                finally:
-                    ctl.capture = caller
-            else:
-                entry.out = self._run(entry)
-        else:
-            entry.graph.replay()
-        self.stats.replays += 1
-        if ctl is not None and ctl.capture is not None and entry.recorded is not None:
-            rec, dst = entry.recorded, ctl.capture
-            dst.features.extend(t.clone() for t in rec.features)
-            dst.feature_levels.extend(rec.feature_levels)
-            dst.maps.extend(t.clone() for t in rec.maps)
-            dst.map_levels.extend(rec.map_levels)
-        return entry.out.clone()
 
 
 def compiled(forward, compile: bool | str):
@@ -238,5 +285,5 @@ def accelerate(pipe, *, use_cuda_graphs: bool = True, compile: bool = False, att
     controller = AttentionController(pick_backend(attention, unet.device))
     install(unet, controller)
     forward = compiled(unet.forward, compile)
-    unet.forward = GraphedUNet(unet, forward, controller, enabled=use_cuda_graphs)
+    unet.forward = GraphedUNet(unet, forward, enabled=use_cuda_graphs)
     return pipe

@@ -84,6 +84,20 @@ def pixel_multiple(vae_config, unet_config) -> int:
     return 2 ** (len(get(vae_config, "block_out_channels")) - 1) * 2 ** (len(get(unet_config, "down_block_types")) - 1)
 
 
+def config_multiple(model) -> int | None:
+    """``pixel_multiple`` from a local checkpoint's (or a shipped model's) JSON configs, without importing
+    torch or diffusers; None for hub ids or unreadable configs."""
+    import json
+
+    try:
+        folder = Path(model_location(model)).expanduser()
+        vae = json.loads((folder / "vae" / "config.json").read_text())
+        unet = json.loads((folder / "unet" / "config.json").read_text())
+        return pixel_multiple(vae, unet)
+    except (OSError, ValueError, KeyError, TypeError, ModelLoadError):
+        return None
+
+
 def local_checkpoint(model) -> Path | None:
     """The folder ``model`` names when it names a local path (None for a hub id); raises
     ``ModelLoadError`` when that folder is not a diffusers checkpoint."""
@@ -106,3 +120,26 @@ def quiet_libraries() -> None:
 
     dlog.disable_progress_bar()
     tlog.disable_progress_bar()
+
+
+def resolve_device(device=None):
+    """``device`` as a ``torch.device`` (default: CUDA when available, else the CPU); ValueError naming
+    the problem for a device this PyTorch cannot use (a typo, CUDA on a CPU-only build, a missing GPU)."""
+    import torch
+
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"unknown device {device!r}: use cpu, cuda or cuda:N ({str(e).splitlines()[0]})") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+            raise ValueError(f"device {device!r}: CUDA is not available here (this PyTorch is {build}, or no GPU "
+                             "is visible); use --device cpu, or install a CUDA build of PyTorch")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: there are only {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type not in ("cpu", "mps", "xpu"):
+        raise ValueError(f"device {device!r}: lime_fast runs on cpu or cuda")
+    return dev

@@ -143,6 +143,21 @@ def _interp_matrix(i0: torch.Tensor, t: torch.Tensor, n_in: int) -> torch.Tensor
     return m
 
 
+_INTERP: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+
+def _interp_on(n_in: int, n_out: int, n_cols: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(i0, t, matrix [n_out, n_cols] fp32) of ``_interp_1d`` on ``device``, built once per shape and device:
+    a host-to-device copy waits for the queued GPU work, so later calls must not make one."""
+    key = (n_in, n_out, n_cols, str(device))
+    hit = _INTERP.get(key)
+    if hit is None:
+        i0, t = _interp_1d(n_in, n_out)
+        m = _interp_matrix(i0, t, n_cols)
+        hit = _INTERP[key] = (i0.to(device), t.to(device), m.to(device, torch.float32))
+    return hit
+
+
 # ---------------------------------------------------------------------------------------------------
 # Point spaces: what the shared k-means driver needs to know about the points
 # ---------------------------------------------------------------------------------------------------
@@ -213,13 +228,10 @@ class _NativeSpace:
                 if w == 1:
                     x = torch.cat([x, x], dim=2)
                 blocks.append((rest, x))
-            r0, ty = _interp_1d(h, gh)
-            c0, tx = _interp_1d(w, gw)
             hp, wp = blocks[0][1].shape[1:]
-            a = _interp_matrix(r0, ty, hp).to(self.device, torch.float32)
-            b = _interp_matrix(c0, tx, wp).to(self.device, torch.float32)
-            dev = self.device
-            sq += _upsampled_sqnorms([x for _, x in blocks], r0.to(dev), ty.to(dev), c0.to(dev), tx.to(dev))
+            r0, ty, a = _interp_on(h, gh, hp, self.device)
+            c0, tx, b = _interp_on(w, gw, wp, self.device)
+            sq += _upsampled_sqnorms([x for _, x in blocks], r0, ty, c0, tx)
             self.groups.append((blocks, a, b))
         widths = [x.shape[0] for blocks, _, _ in self.groups for _, x in blocks]
         self.dim = sum(widths)
@@ -334,33 +346,53 @@ def _upsampled_sqnorms(blocks, r0, ty, c0, tx) -> torch.Tensor:
 
 @dataclass
 class KMeansResult:
-    """``labels`` ``[P]`` long, ``centroids`` ``[k, D]`` fp32, ``inertia`` (sum of squared distances), ``n_iter``."""
+    """``labels`` ``[P]`` long, ``centroids`` ``[k, D]`` fp32, ``inertia`` (sum of squared distances), ``n_iter``.
+
+    From the engine's device path (``sync=False``) ``inertia`` and ``n_iter`` are 0-dim device tensors
+    and ``converged`` a 0-dim bool tensor (read them after the work is done); otherwise Python numbers."""
 
     labels: torch.Tensor
     centroids: torch.Tensor
-    inertia: float
-    n_iter: int
+    inertia: float | torch.Tensor
+    n_iter: int | torch.Tensor
+    converged: bool | torch.Tensor = True
 
 
-def _kmeans_pp(space, k: int, gen: torch.Generator) -> torch.Tensor:
-    """Greedy k-means++ (``2 + int(log k)`` local trials); returns the initial centres ``[k, D]``."""
-    n = space.n
-    dev = space.device
+def _draws(gen: torch.Generator, n: int, k: int, n_init: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every random number k-means++ uses, drawn up front on the CPU and copied to ``device`` at once:
+    (first centre index [n_init] long, candidate uniforms [n_init, k - 1, trials] fp64), in the order the
+    draws are consumed (per restart: the first centre, then each later centre's trials)."""
     trials = 2 + int(math.log(k))
-    first = torch.randint(n, (1,), generator=gen)
-    centers = [space.points(first.to(dev))]
+    firsts, unis = [], []
+    for _ in range(n_init):
+        firsts.append(torch.randint(n, (1,), generator=gen))
+        unis.append(torch.stack([torch.rand(trials, generator=gen, dtype=torch.float64) for _ in range(k - 1)])
+                    if k > 1 else torch.zeros(0, trials, dtype=torch.float64))
+    return torch.cat(firsts).to(device), torch.stack(unis).to(device)
+
+
+def _pick(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``t[idx]`` for a 0-dim device index without a host sync (plain indexing would call ``.item()``)."""
+    return t.index_select(0, idx.view(1))[0]
+
+
+def _kmeans_pp(space, k: int, first: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Greedy k-means++ (``2 + int(log k)`` local trials) from pre-drawn random numbers; returns the initial
+    centres ``[k, D]``. Device work only: the winning candidate stays a device index."""
+    n = space.n
+    centers = [space.points(first.view(1))]
     closest = (space.sqnorms - 2.0 * space.dots(centers[0])[0] + centers[0].square().sum()).clamp_min_(0)
     pot = closest.double().sum()
-    for _ in range(1, k):
-        r = torch.rand(trials, generator=gen, dtype=torch.float64).to(dev) * pot
+    for j in range(1, k):
+        r = uniforms[j - 1] * pot
         cand = torch.searchsorted(closest.double().cumsum(0), r).clamp_(max=n - 1)
         c = space.points(cand)
         d = space.sqnorms[None, :] - 2.0 * space.dots(c) + c.square().sum(1)[:, None]
         d = torch.minimum(d.clamp_min_(0), closest[None, :])
         pots = d.double().sum(1)
-        best = int(torch.argmin(pots))
-        closest, pot = d[best], pots[best]
-        centers.append(c[best : best + 1])
+        best = torch.argmin(pots)
+        closest, pot = _pick(d, best), _pick(pots, best)
+        centers.append(c.index_select(0, best.view(1)))
     return torch.cat(centers, dim=0)
 
 
@@ -375,80 +407,104 @@ def _assign(space, c):
     return labels, (best + space.sqnorms).clamp_min_(0)
 
 
-def _update(space, onehot, labels, dist, counts, n_empty: int):
-    """Centres as means of their members, after relocating points into empty clusters (see module doc)."""
-    if n_empty:
-        empty = (counts == 0).nonzero().flatten()
-        far = torch.sort(dist, descending=True, stable=True).indices[:n_empty]
-        onehot = onehot.clone()
-        onehot[labels[far], far] = 0.0
-        onehot[empty, far] = 1.0
-        counts = onehot.sum(1)
+def _update(space, onehot, labels, dist, counts):
+    """Centres as means of their members, after relocating points into empty clusters (see module doc).
+
+    Without a host sync: the j-th empty cluster (ascending) takes the j-th farthest point (descending
+    distance, ties by lowest index); for non-empty clusters the relocation adds zeros."""
+    k = counts.shape[0]
+    empty = counts == 0
+    far = torch.sort(dist, descending=True, stable=True).indices[:k]
+    src = far.gather(0, (torch.cumsum(empty.long(), 0) - 1).clamp_min(0))  # [k]: the point cluster j would take
+    w = empty.to(onehot.dtype)
+    onehot = onehot.clone()
+    onehot.index_put_((labels[src], src), -w, accumulate=True)
+    onehot.index_put_((torch.arange(k, device=onehot.device), src), w, accumulate=True)
+    counts = onehot.sum(1)
     return space.combine(onehot / counts.clamp_min(1)[:, None])
 
 
-def _dist_to(space, c, labels):
-    """Squared distance of every point to the centre ``labels`` assigns it to."""
-    return (_scores(space, c).gather(0, labels[None, :])[0] + space.sqnorms).clamp_min_(0)
-
-
-def _tolerance(space, tol: float) -> float:
+def _tolerance(space, tol: float) -> torch.Tensor:
+    """The absolute shift tolerance, ``tol * mean_d var(X[:, d])``, as a 0-dim fp64 device tensor."""
     if tol == 0:
-        return 0.0
+        return torch.zeros((), dtype=torch.float64, device=space.device)
     mean = space.combine(torch.full((1, space.n), 1.0 / space.n, device=space.device))
-    var_total = float(space.sqnorms.double().mean()) - float(mean.double().square().sum())
-    return tol * max(var_total, 0.0) / space.dim
+    var_total = space.sqnorms.double().mean() - mean.double().square().sum()
+    return tol * var_total.clamp_min(0) / space.dim
 
 
-def _lloyd(space, k: int, *, seed: int, n_init: int, max_iter: int, tol: float):
-    """Seeded k-means++ + Lloyd on a point space; returns (labels [P], centres [k, D], inertia, n_iter)."""
+def _lloyd(space, k: int, *, seed: int, n_init: int, max_iter: int, tol: float, sync: bool = True,
+           check_every: int = 1):
+    """Seeded k-means++ + Lloyd on a point space -> (labels [P], centres [k, D], inertia, n_iter, converged).
+
+    sync: read the on-device convergence flag on the host every ``check_every`` iterations and stop
+    early (free on the CPU); ``sync=False`` never reads it: exactly ``max_iter`` iterations run, those after
+    convergence change nothing, and the results stay on the device (the engine's path on CUDA)."""
     if k < 1 or k > space.n:
         raise ValueError(f"k must be in [1, {space.n}] (number of points), got {k}")
     if n_init < 1 or max_iter < 1:
         raise ValueError(f"n_init and max_iter must be >= 1, got n_init={n_init}, max_iter={max_iter}")
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    firsts, uniforms = _draws(gen, space.n, k, n_init, space.device)
     tol_abs = _tolerance(space, float(tol))
     best = None
-    for _ in range(n_init):
-        labels, dist, centres, n_iter = _lloyd_single(space, _kmeans_pp(space, k, gen), k, max_iter, tol_abs)
-        inertia = float(dist.double().sum())
-        if best is None or inertia < best[2]:
-            best = (labels, centres, inertia, n_iter)
-    return best
+    for r in range(n_init):
+        c0 = _kmeans_pp(space, k, firsts[r], uniforms[r])
+        labels, dist, centres, n_iter, done = _lloyd_single(space, c0, k, max_iter, tol_abs, sync, check_every)
+        inertia = dist.double().sum()
+        if best is None:
+            best = (labels, centres, inertia, n_iter, done)
+        else:  # keep the lowest inertia (the first on ties), without a host sync
+            better = inertia < best[2]
+            best = tuple(torch.where(better, new, old) for new, old in zip((labels, centres, inertia, n_iter, done), best))
+    labels, centres, inertia, n_iter, done = best
+    if sync:
+        return labels, centres, float(inertia), int(n_iter), bool(done)
+    return labels, centres, inertia, n_iter, done
 
 
-def _lloyd_single(space, c, k: int, max_iter: int, tol_abs: float):
-    """Lloyd iterations from initial centres ``c`` ``[k, D]``; one host synchronisation per iteration.
+def _lloyd_single(space, c, k: int, max_iter: int, tol_abs: torch.Tensor, sync: bool = True, check_every: int = 1):
+    """Lloyd iterations from initial centres ``c`` ``[k, D]`` as device work with an on-device stop flag.
 
-    Iteration ``i`` is: assign -> recompute centres -> stop if the labels equal those of iteration ``i-1``
-    (strict convergence) or if the centre shift is ``<= tol_abs``. The assignment that starts iteration
-    ``i+1`` doubles as the final assignment when iteration ``i`` stopped on ``tol_abs`` or ``max_iter``,
-    so the shift test is read together with the next iteration's flags.
-    Returns (labels [P], squared distance of each point to its centre [P], centres [k, D], n_iter).
+    Iteration ``i`` is: assign -> stop if the centre shift of iteration ``i-1`` was ``<= tol_abs`` (the
+    current labels are final) -> recompute centres -> stop if the labels equal those of iteration ``i-1``
+    (strict convergence: keep these labels, distances to the new centres) -> next assignment. Once the
+    flag is set every later iteration keeps the state as it is (``torch.where``), so running more
+    iterations than needed changes nothing: the host reads the flag only every ``check_every``
+    iterations (``sync``), or never. Returns (labels [P], squared distance of each point to its centre
+    [P], centres [k, D], n_iter, done) with n_iter and done 0-dim device tensors.
     """
     dev = space.device
     cols = torch.arange(space.n, device=dev)
     labels, dist = _assign(space, c)
-    labels_old = None
+    labels_old = labels
     shift = torch.zeros((), dtype=torch.float64, device=dev)
-    n_iter = 0
-    while True:
+    n_iter = torch.zeros((), dtype=torch.long, device=dev)
+    done = torch.zeros((), dtype=torch.bool, device=dev)
+    for it in range(max_iter):
+        if it > 0:
+            done = done | (shift <= tol_abs)
         onehot = torch.zeros(k, space.n, device=dev)
         onehot[labels, cols] = 1.0
         counts = onehot.sum(1)  # (torch.bincount would synchronise on CUDA)
-        changed = torch.ones((), dtype=torch.bool, device=dev) if labels_old is None else (labels != labels_old).any()
-        shift_v, changed_v, n_empty = torch.stack([shift, changed.double(), (counts == 0).sum().double()]).tolist()
-        if n_iter > 0 and shift_v <= tol_abs:
-            return labels, dist, c, n_iter
-        if n_iter == max_iter:
-            return labels, dist, c, n_iter
-        n_iter += 1
-        new = _update(space, onehot, labels, dist, counts, int(n_empty))
-        if not changed_v:  # strict convergence: keep these labels, report distances to the new centres
-            return labels, _dist_to(space, new, labels), new, n_iter
-        shift = (new - c).double().square().sum()
-        c, labels_old = new, labels
-        labels, dist = _assign(space, c)
+        new = _update(space, onehot, labels, dist, counts)
+        scores = _scores(space, new)
+        strict = (labels == labels_old).all() if it > 0 else torch.zeros((), dtype=torch.bool, device=dev)
+        step = ~done  # this iteration counts
+        moves = step & ~strict  # labels changed: move on to the new centres' assignment
+        best, new_labels = scores.min(dim=0)
+        kept_dist = (scores.gather(0, labels[None, :])[0] + space.sqnorms).clamp_min_(0)
+        shift = torch.where(moves, (new - c).double().square().sum(), shift)
+        c = torch.where(step, new, c)
+        labels_old = torch.where(moves, labels, labels_old)
+        dist = torch.where(moves, (best + space.sqnorms).clamp_min_(0), torch.where(step, kept_dist, dist))
+        labels = torch.where(moves, new_labels, labels)
+        n_iter = n_iter + step.long()
+        done = done | (step & strict)
+        if sync and (it + 1) % check_every == 0 and bool(done):
+            break
+    done = done | (shift <= tol_abs) if max_iter > 0 else done
+    return labels, dist, c, n_iter, done
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -476,8 +532,8 @@ def kmeans(
     xf = x.float()
     mean = xf.mean(0, keepdim=True)
     space = _DenseSpace(xf - mean)
-    labels, cents, inertia, n_iter = _lloyd(space, k, seed=seed, n_init=n_init, max_iter=max_iter, tol=tol)
-    return KMeansResult(labels=labels, centroids=cents + mean, inertia=inertia, n_iter=n_iter)
+    labels, cents, inertia, n_iter, done = _lloyd(space, k, seed=seed, n_init=n_init, max_iter=max_iter, tol=tol)
+    return KMeansResult(labels=labels, centroids=cents + mean, inertia=inertia, n_iter=n_iter, converged=done)
 
 
 def _check_features(features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -545,18 +601,20 @@ def _segment(
     max_iter: int = 300,
     tol: float = 1e-4,
     backend: str = "native",
+    sync: bool = True,
+    check_every: int = 1,
 ) -> KMeansResult:
     """Like :func:`segment` but returns the full result (flat labels, centroids in layer order)."""
     feats = _check_features(features)
     grid = _check_grid(grid)
+    opts = dict(seed=seed, n_init=n_init, max_iter=max_iter, tol=tol, sync=sync, check_every=check_every)
     if backend == "native":
         space = _NativeSpace(feats, grid)
-        labels, cents, inertia, n_iter = _lloyd(space, k, seed=seed, n_init=n_init, max_iter=max_iter, tol=tol)
-        return KMeansResult(labels=labels, centroids=space.layer_order(cents), inertia=inertia, n_iter=n_iter)
+        labels, cents, inertia, n_iter, done = _lloyd(space, k, **opts)
+        return KMeansResult(labels, space.layer_order(cents) if sync else cents, inertia, n_iter, done)
     if backend == "materialized":
         space = _DenseSpace(_materialize(feats, grid))
-        labels, cents, inertia, n_iter = _lloyd(space, k, seed=seed, n_init=n_init, max_iter=max_iter, tol=tol)
-        return KMeansResult(labels=labels, centroids=cents, inertia=inertia, n_iter=n_iter)
+        return KMeansResult(*_lloyd(space, k, **opts))
     if backend == "cuml":
         return _segment_cuml(feats, grid, k=k, seed=seed, n_init=n_init, max_iter=max_iter, tol=tol)
     raise ValueError(f"unknown segmentation backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -572,6 +630,8 @@ def segment(
     max_iter: int = 300,
     tol: float = 1e-4,
     backend: str = "native",
+    sync: bool = True,
+    check_every: int = 1,
 ) -> torch.Tensor:
     """Cluster the fused per-pixel features of one image; returns labels ``[gh, gw]`` long on the features' device.
 
@@ -580,8 +640,13 @@ def segment(
     pixel vector is L2-normalized (scaled by ``1 / max(||x||, 1e-12)``) and k-means'd with ``k`` clusters.
     ``backend``: ``"native"`` (exact, never builds the fused matrix), ``"materialized"`` (builds it) or
     ``"cuml"`` (cuML on the GPU). See the module docstring.
+    ``sync``/``check_every``: the host reads the on-device convergence flag every ``check_every`` Lloyd
+    iterations and stops early; ``sync=False`` never reads it (exactly ``max_iter`` iterations, no host
+    sync at all: what the engine runs on CUDA). Both give the same labels when k-means converges within
+    ``max_iter``.
     """
-    res = _segment(features, grid, k=k, seed=seed, n_init=n_init, max_iter=max_iter, tol=tol, backend=backend)
+    res = _segment(features, grid, k=k, seed=seed, n_init=n_init, max_iter=max_iter, tol=tol, backend=backend,
+                   sync=sync, check_every=check_every)
     gh, gw = _check_grid(grid)
     return res.labels.reshape(gh, gw)
 

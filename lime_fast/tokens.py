@@ -198,6 +198,11 @@ class TokenRoles:
     fallback: str | None
     truncated: bool
 
+    @property
+    def silenced_words(self) -> list[str]:
+        """The instruction's words (or tokens) silenced inside the RoI, in order (BOS and padding left out)."""
+        return [self.words[i] or self.tokens[i] for i in range(1, len(self.tokens) - 1) if not self.keep[i]]
+
 
 def _group_words(tokenizer, ids: list[int]) -> tuple[list[str], list[int]]:
     """Split BPE ids into words.

@@ -309,3 +309,51 @@ def test_ray_matches_local(tmp_path, inputs, tiny_dir, monkeypatch):
             assert np.array_equal(pixels(local / sub / f"r{i}.png"), pixels(on_ray / sub / f"r{i}.png")), (sub, i)
         assert a[f"r{i}"]["tokens"] == b[f"r{i}"]["tokens"] and a[f"r{i}"]["roi_area"] == b[f"r{i}"]["roi_area"]
     assert temporaries(on_ray) == []
+
+
+def test_two_jobs_started_together_edit_each_row_once(tmp_path, inputs, tiny_dir):
+    """Two jobs on an --out folder that does not exist yet: creating it and taking its lock is one safe
+    step, and a job that gets the lock late drops what the other recorded meanwhile."""
+    m = write_manifest(tmp_path / "m.jsonl", good_rows(inputs, 3))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "lime_fast.cli", "batch", str(m), "--out", str(out), "--model", str(tiny_dir),
+           "--threads", "1", "--quiet"]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    codes = sorted(p.returncode for p in procs)
+    assert codes[0] == 0 and codes[1] in (0, 2), outs
+    if codes[1] == 2:  # refused while the other held the lock, with one clear line
+        assert any("another batch job is writing" in err for _, err in outs), outs
+    done = [r["id"] for r in records(out) if r["status"] == "done"]
+    assert sorted(done) == ["r0", "r1", "r2"]
+
+
+def test_summary_says_how_to_retry_failed_rows(tmp_path, inputs, tiny_dir):
+    rows = good_rows(inputs, 2)
+    rows[1]["image"] = str(tmp_path / "not-yet.png")
+    m = write_manifest(tmp_path / "m.jsonl", rows)
+    out = tmp_path / "out"
+    s1 = batch.run(m, out, model=str(tiny_dir), progress=False)
+    assert (s1.done, s1.failed) == (1, 1)
+    shutil.copy(inputs / "img1.png", tmp_path / "not-yet.png")  # the user fixes the row ...
+    s2 = batch.run(m, out, model=str(tiny_dir), progress=False)  # ... and re-runs: nothing is done
+    assert (s2.done, s2.skipped, s2.skipped_failed) == (0, 2, 1)
+    assert "--retry-failed" in str(s2) and "1 of the skipped rows failed" in str(s2)
+    s3 = batch.run(m, out, model=str(tiny_dir), progress=False, retry_failed=True)
+    assert (s3.done, s3.skipped, s3.skipped_failed) == (1, 1, 0) and "--retry-failed" not in str(s3)
+
+
+def test_row_config_fields_are_checked_by_editconfig(tmp_path, inputs):
+    rows = good_rows(inputs, 3)
+    rows[0]["colour"] = "red"
+    rows[1]["roi_words"] = ["square"]  # not in "turn the square green"? it is: fine
+    rows[2]["roi_words"] = ["dog"]  # not in its instruction: a bad row, found before any model loads
+    rows[2]["seed"] = 2**70
+    m = write_manifest(tmp_path / "m.jsonl", rows)
+    good, problems = batch.read_manifest(m)
+    assert [r.id for r in good] == ["r1"]
+    assert "unknown field(s) 'colour'" in problems[0].error and "EditConfig fields" in problems[0].error
+    assert "seed" in problems[1].error
+    rows[2].pop("seed")
+    good, problems = batch.read_manifest(write_manifest(tmp_path / "m2.jsonl", rows))
+    assert "'dog' is not in the instruction" in problems[1].error

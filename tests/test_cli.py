@@ -81,3 +81,135 @@ def test_demo_runs_offline_and_says_which_model(tmp_path, capsys):
         assert (out / f"{name}.png").is_file(), name
     assert main(["demo", "--out", str(out), "--quiet"]) == 2  # refuses to overwrite
     lime_fast._ENGINES.clear()
+
+
+def _edit_args(photo, out, *extra, model="/nonexistent/model"):
+    return ["edit", str(photo), "make it red", "-o", str(out), "--model", model, "--quiet", *extra]
+
+
+def test_output_problems_are_found_before_any_model_work(tmp_path, photo, capsys):
+    folder = tmp_path / "a-folder"
+    folder.mkdir()
+    assert main(_edit_args(photo, folder, "--force")) == 2
+    assert "is a folder" in capsys.readouterr().err
+    afile = tmp_path / "a-file"
+    afile.write_text("x")
+    assert main(_edit_args(photo, tmp_path / "o.png", "--save-roi", str(afile))) == 2  # --save-roi names a file
+    assert "is a file, not a folder" in capsys.readouterr().err
+    assert not (tmp_path / "o.png").exists()
+    assert main(_edit_args(photo, afile / "o.png")) == 2  # a parent that is a file
+    assert "not a folder" in capsys.readouterr().err
+
+
+def test_read_only_output_folder(tmp_path, photo, capsys):
+    """A folder the process cannot write into is refused before any model work. As root, permission
+    bits do not stop writes, so a read-only folder of the system (sysfs) stands in when needed."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        if os.access(ro, os.W_OK):  # root
+            ro = Path("/sys")
+            try:
+                tempfile.TemporaryFile(dir=ro).close()
+                pytest.skip("no read-only folder to test with on this machine")
+            except OSError:
+                pass
+        assert main(_edit_args(photo, ro / "out.png")) == 2
+        err = capsys.readouterr().err
+        assert "not writable" in err and "Traceback" not in err
+    finally:
+        (tmp_path / "ro").chmod(0o755)
+
+
+@pytest.mark.parametrize("device, message", [("tpu9", "unknown device"), ("cuda", "CUDA is not available")])
+def test_bad_device_is_one_clear_error(tmp_path, photo, tiny_dir, device, message, capsys):
+    import torch
+
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    rc = main(_edit_args(photo, tmp_path / "o.png", "--device", device, model=str(tiny_dir)))
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and "Traceback" not in err and err.count("\n") == 1
+
+
+def test_ctrl_c_during_an_edit_writes_nothing(tmp_path, photo, tiny_dir, monkeypatch, capsys):
+    from lime_fast.engine import LimeEngine
+
+    def interrupted(self, *a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(LimeEngine, "edit", interrupted)
+    out, roi = tmp_path / "o.png", tmp_path / "roi"
+    assert main(_edit_args(photo, out, "--save-roi", str(roi), model=str(tiny_dir))) == 130
+    err = capsys.readouterr().err
+    assert "interrupted" in err and err.count("\n") == 1
+    assert not out.exists() and not roi.exists()
+
+
+def test_outputs_are_written_all_or_nothing(tmp_path, monkeypatch):
+    from lime_fast import io
+
+    good = PIL.Image.new("RGB", (4, 4))
+
+    class Broken:
+        def save(self, f, format=None):
+            raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        io.save_all({tmp_path / "a.png": good, tmp_path / "b.png": Broken()})
+    assert list(tmp_path.iterdir()) == []  # neither the finished first file nor any temporary
+
+
+def test_errors_come_before_importing_torch(tmp_path):
+    """A typo or a missing file is reported without importing torch or diffusers (seconds each)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from lime_fast.cli import main; "
+            f"rc = main(['edit', {str(tmp_path / 'missing.png')!r}, 'make it red', '-o', {str(tmp_path / 'o.png')!r}]); "
+            "print(rc, 'torch' in sys.modules, 'diffusers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.split() == ["2", "False", "False"], out.stderr
+    assert "no such file" in out.stderr
+
+
+def test_strict_refuses_a_stretched_mask(tmp_path, photo, capsys):
+    mask = tmp_path / "wide.png"
+    PIL.Image.new("L", (64, 16), 255).save(mask)
+    rc = main(_edit_args(photo, tmp_path / "o.png", "--mask", str(mask), "--strict"))
+    err = capsys.readouterr().err
+    assert rc == 2 and "stretched" in err and "error:" in err  # refused before the (missing) model
+
+
+def test_every_config_field_is_a_flag(tmp_path, photo, tiny_dir, monkeypatch):
+    """The CLI's flags are generated from EditConfig: all fields, parsed to their types, and only the
+    flags given override the model's defaults."""
+    import dataclasses
+
+    from lime_fast.cli import _parser, config_overrides, model_config
+
+    args = _parser().parse_args(["edit", "a.png", "x", "-o", "o.png", "--reg-steps", "0", "5", "--feature-levels", "0", "1",
+                                 "--roi-words", "red", "car", "--kmeans-tol", "0.01", "--capture-step", "3"])
+    over = config_overrides(args)
+    assert over == dict(reg_steps=(0, 5), feature_levels=(0, 1), roi_words=("red", "car"), kmeans_tol=0.01, capture_step=3)
+    help_text = _parser()._subparsers._group_actions[0].choices["edit"].format_help()
+    for f in dataclasses.fields(lime_fast.EditConfig):
+        assert "--" + f.name.replace("_", "-") in help_text, f.name
+    assert model_config("shapes-ip2p", {}).steps == 20 and model_config("shapes-ip2p", {"steps": 7}).steps == 7
+    assert model_config(str(tiny_dir), {}) == lime_fast.EditConfig()
+
+
+def test_shipped_model_by_name_warns_on_large_pictures(tmp_path, capsys):
+    big = tmp_path / "big.png"
+    PIL.Image.new("RGB", (256, 256), (200, 180, 160)).save(big)
+    rc = main(["edit", str(big), "make the background blue", "-o", str(tmp_path / "o.png"), "--model", "shapes-ip2p",
+               "--quiet", "--steps", "2", "--capture-step", "0"])
+    err = capsys.readouterr().err
+    assert rc == 0 and "trained on 64 x 64" in err
+    rc = main(["edit", str(big), "make the background blue", "-o", str(tmp_path / "o2.png"), "--model", "shapes-ip2p", "--strict"])
+    assert rc == 2 and not (tmp_path / "o2.png").exists()

@@ -11,16 +11,14 @@ from lime_fast import EditConfig, LimeEngine, LimeWarning, ModelLoadError
 from lime_fast.attention import AttentionController
 
 
-def _count_unet_calls(engine, monkeypatch):
+@pytest.fixture
+def unet_calls(engine):
+    """UNet evaluations, counted by a forward pre-hook on the UNet: the engine calls the module, so user
+    hooks (and PEFT / offloading hooks) run."""
     calls = []
-    forward = engine.graphs.forward  # what every UNet evaluation calls (eager, or inside a graph)
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return forward(*args, **kwargs)
-
-    monkeypatch.setattr(engine.graphs, "forward", counting)
-    return calls
+    handle = engine.unet.register_forward_pre_hook(lambda module, args: calls.append(1))
+    yield calls
+    handle.remove()
 
 
 @pytest.mark.parametrize("model", ["tiny_dir", "tiny_dir_heads"])
@@ -41,8 +39,8 @@ def test_full_edit_runs_on_both_head_layouts(request, model, shapes, fast):
     assert 0.0 <= r.heatmap.min() and r.heatmap.max() <= 1.0
 
 
-def test_unet_evaluation_counts(engine, shapes, fast, monkeypatch):
-    calls = _count_unet_calls(engine, monkeypatch)
+def test_unet_evaluation_counts(engine, shapes, fast, unet_calls):
+    calls = unet_calls
     cfg = EditConfig(**fast)
     enc = engine.encode(engine.preprocess([shapes]), ["make the red circle blue"])
     engine.localization_pass(enc, cfg, progress=False)
@@ -71,14 +69,14 @@ def test_same_seed_same_result_and_seed_matters(engine, shapes, fast):
 
 
 def test_non_square_image(engine, fast):
-    img = PIL.Image.fromarray(np.random.default_rng().integers(0, 255, (64, 128, 3), dtype=np.uint8))
+    img = PIL.Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 128, 3), dtype=np.uint8))
     r = engine.edit(img, "make the sky purple", progress=False, **fast)
     assert r.image.size == (128, 64)
     assert r.roi_mask.shape == (64, 128) and r.roi_grid.shape == (16, 32) and r.segments.shape == (16, 32)
 
 
 def test_odd_size_image_is_resized_and_returned_at_its_size(engine, fast):
-    img = PIL.Image.fromarray(np.random.default_rng().integers(0, 255, (100, 150, 3), dtype=np.uint8))
+    img = PIL.Image.fromarray(np.random.default_rng(2).integers(0, 255, (100, 150, 3), dtype=np.uint8))
     r = engine.edit(img, "make the car red", progress=False, **fast)
     assert r.image.size == (150, 100) and r.roi_mask.shape == (100, 150)
 
@@ -100,13 +98,13 @@ def test_parity_with_diffusers_when_mask_is_empty(tiny_dir, shapes):
     ).images[0]
     engine = LimeEngine.from_pretrained(tiny_dir, device="cpu")
     pre_drawn = []
-    draw = engine._ancestral_noise
-    engine._ancestral_noise = lambda *a: pre_drawn.append(draw(*a)) or pre_drawn[-1]
+    draw = engine.draw_noise
+    engine.draw_noise = lambda *a: pre_drawn.append(draw(*a)) or pre_drawn[-1]
     with pytest.warns(LimeWarning, match="empty"):
         ours = engine.edit(shapes, "make the red circle blue", mask=np.zeros((128, 128), bool), steps=steps, seed=seed, progress=False)
     # Same operations in the same order (SDPA, guidance, scheduler, VAE): bit-identical on the CPU,
     # with the step noise drawn up front (no per-step copy to the device) rather than by sched.step.
-    assert len(pre_drawn) == 1 and pre_drawn[0] is not None and pre_drawn[0].shape[0] == steps
+    assert len(pre_drawn) == 1 and pre_drawn[0][1].shape[0] == steps
     np.testing.assert_array_equal(np.asarray(ours.image), np.asarray(ref))
 
 
@@ -117,25 +115,20 @@ def test_regularization_only_inside_roi_and_only_unrelated_tokens(engine, shapes
     cfg = EditConfig(**fast)
     roi = np.zeros((32, 32), bool)
     roi[4:20, 8:24] = True
-    calls = []
+    calls, steps = [], []
     original = AttentionController.attend
 
     def spy(self, q, k, v, roi_, keep, scale, capture):
         out = original(self, q, k, v, roi_, keep, scale, capture)
+        if not steps or steps[-1] != self.step:
+            steps.append(self.step)
+            calls.append(("step", self.step))
         calls.append((q.shape[2], q, k, roi_, keep))
         return out
 
     monkeypatch.setattr(AttentionController, "attend", spy)
-    step = {"i": -1}
-    original_eps = engine._guided_eps
-
-    def eps_spy(*a, **kw):
-        step["i"] += 1
-        calls.append(("step", step["i"]))
-        return original_eps(*a, **kw)
-
-    monkeypatch.setattr(engine, "_guided_eps", eps_spy)
     r = engine.edit(shapes, "make the red circle blue", mask=roi, progress=False, **fast)
+    assert steps == list(range(cfg.steps))
     keep_expected = torch.zeros(77, dtype=torch.bool)
     keep_expected[1:7] = torch.tensor([True, False, True, True, True, True])  # make the red circle blue EOS
     level_n = {16 * 16: 0, 8 * 8: 1, 4 * 4: 2, 2 * 2: 3}
@@ -232,7 +225,8 @@ def test_missing_weights_give_one_clear_error(tmp_path):
     with pytest.raises(ModelLoadError) as e:
         LimeEngine.from_pretrained("someone/not-a-cached-model", device="cpu")
     msg = str(e.value)
-    assert "someone/not-a-cached-model" in msg and "huggingface-cli download" in msg
+    assert "someone/not-a-cached-model" in msg and "`hf download someone/not-a-cached-model`" in msg
+    assert "huggingface-cli" not in msg  # huggingface_hub no longer ships that command
     assert e.value.__cause__ is None and e.value.__suppress_context__
     with pytest.raises(ModelLoadError, match="model_index.json"):
         LimeEngine.from_pretrained(tmp_path / "empty-folder-that-does-not-exist", device="cpu")
@@ -251,14 +245,61 @@ def test_from_pipe_shares_modules(tiny_dir, shapes, fast):
 def test_non_finite_latents_raise_naming_the_step(engine, shapes, fast, monkeypatch):
     from lime_fast import NonFiniteLatentsError
 
-    original = engine._guided_eps
     n = {"i": 0}
 
-    def poisoned(*a, **kw):
+    def poisoned(module, args, kwargs, out):  # the second UNet evaluation returns NaN
         n["i"] += 1
-        eps = original(*a, **kw)
-        return eps * float("nan") if n["i"] == 2 else eps
+        return (out[0] * float("nan"),) if n["i"] == 2 else out
 
-    monkeypatch.setattr(engine, "_guided_eps", poisoned)
-    with pytest.raises(NonFiniteLatentsError, match="step 1"):
-        engine.edit(shapes, "make the red circle blue", mask=np.ones((4, 4), bool), progress=False, **fast)
+    handle = engine.unet.register_forward_hook(poisoned, with_kwargs=True)
+    try:
+        with pytest.raises(NonFiniteLatentsError, match="edit: step 1"):
+            engine.edit(shapes, "make the red circle blue", mask=np.ones((4, 4), bool), progress=False, **fast)
+    finally:
+        handle.remove()
+
+
+def test_corrupt_local_folder_gets_folder_advice(tmp_path, tiny_dir):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_dir, broken)
+    for f in (broken / "unet").glob("*.safetensors"):
+        f.write_bytes(b"not safetensors")
+    with pytest.raises(ModelLoadError) as e:
+        LimeEngine.from_pretrained(broken, device="cpu")
+    msg = str(e.value)
+    assert "checkpoint folder" in msg and "corrupt" in msg and "download" not in msg
+
+
+def test_user_hooks_on_the_unet_run(engine, shapes, fast):
+    """The engine calls the UNet module (not .forward), so forward hooks, PEFT adapters and offloading
+    hooks run for every evaluation; a forward hook may even change the output."""
+    seen = []
+    handle = engine.unet.register_forward_hook(lambda module, args, out: seen.append(out[0].shape))
+    try:
+        r = engine.edit(shapes, "make the red circle blue", progress=False, **fast)
+    finally:
+        handle.remove()
+    assert len(seen) == r.unet_evals == fast["capture_step"] + 1 + fast["steps"]
+
+
+def test_attention_takes_a_custom_cross_attention_function(tiny_dir, shapes, fast):
+    """attention=<callable> replaces cross-attention (how benchmarks/release.py times the release's
+    pattern); with the eager reference itself it gives the eager engine's result."""
+    from lime_fast.kernels.reference import regularized_attention_ref
+
+    calls = []
+
+    def ref(q, k, v, roi=None, keep=None, scale=None, capture=None):
+        calls.append(roi is not None)
+        return regularized_attention_ref(q, k, v, roi=roi, keep=keep, scale=scale, capture=capture)
+
+    mask = np.zeros((128, 128), bool)
+    mask[:64] = True
+    custom = LimeEngine.from_pretrained(tiny_dir, device="cpu", attention=ref)
+    a = custom.edit(shapes, "make the red circle blue", mask=mask, progress=False, **fast)
+    b = LimeEngine.from_pretrained(tiny_dir, device="cpu").edit(shapes, "make the red circle blue", mask=mask, progress=False, **fast)
+    assert any(calls) and not all(calls)  # penalized and plain calls both went through it
+    diff = np.abs(np.asarray(a.image).astype(int) - np.asarray(b.image).astype(int))
+    assert diff.max() <= 1

@@ -165,3 +165,96 @@ def test_long_instruction_is_truncated_with_a_warning(engine, shapes):
     with pytest.warns(LimeWarning, match="tokens were dropped"):
         r = engine.edit(shapes, long, mask=np.ones((4, 4), bool), steps=1, progress=False)
     assert r.image.size == shapes.size
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    """A phone photo stores the sensor's pixels plus an orientation tag: the edit must see (and return)
+    the picture the user saw. Orientation 6 = rotate 90 degrees clockwise to display."""
+    sensor = np.zeros((20, 40, 3), np.uint8)  # 40 wide, 20 high as stored
+    sensor[:, :10] = (255, 0, 0)  # a red band on the stored left edge
+    img = PIL.Image.fromarray(sensor)
+    exif = img.getexif()
+    exif[274] = 6
+    path = tmp_path / "phone.jpg"
+    img.save(path, exif=exif, quality=95)
+    for source in (path, PIL.Image.open(path)):
+        shown = load_image(source)
+        assert shown.size == (20, 40)  # upright: 20 wide, 40 high
+        top = np.asarray(shown)[:8].reshape(-1, 3).mean(0)
+        assert top[0] > 200 and top[1] < 60, top  # the stored left edge is now on top
+        assert shown.getexif().get(274, 1) == 1
+    mask = np.zeros((20, 40), np.uint8)
+    mask[:, :10] = 255
+    mpil = PIL.Image.fromarray(mask)
+    mexif = mpil.getexif()
+    mexif[274] = 6
+    mpath = tmp_path / "mask.png"
+    mpil.save(mpath, exif=mexif)
+    m = load_mask(mpath)
+    assert m.shape == (40, 20) and m[:8].all() and not m[12:].any()
+
+
+def test_sixteen_bit_pictures_convert_alike_on_every_path(tmp_path):
+    """One rule for 16-bit data: full scale 65535 -> 255, whatever the values (a dark 16-bit PNG must
+    not be read as 8-bit and brightened)."""
+    data = np.array([[0, 100, 257, 20000], [40000, 65535, 255, 12]], np.uint16)
+    want = np.round(data / 257.0).astype(np.uint8)
+    path = tmp_path / "gray16.png"
+    PIL.Image.fromarray(data).save(path)
+    assert PIL.Image.open(path).mode.startswith("I")
+    for source in (path, PIL.Image.open(path), data, PIL.Image.fromarray(data)):
+        got = np.asarray(load_image(source))[..., 0]
+        np.testing.assert_array_equal(got, want)
+    dark = np.full((4, 4), 200, np.uint16)  # all values below 256: still 16-bit data, so nearly black
+    assert np.asarray(load_image(PIL.Image.fromarray(dark))).max() == 1 == np.asarray(load_image(dark)).max()
+
+
+def test_limits_are_checked_before_decoding(tmp_path, monkeypatch):
+    import lime_fast.inputs as inputs
+
+    path = tmp_path / "big.png"
+    PIL.Image.new("RGB", (300, 200)).save(path)
+    monkeypatch.setattr(inputs, "MAX_INPUT_PIXELS", 50_000)
+    decoded = []
+    monkeypatch.setattr(PIL.ImageFile.ImageFile, "load", lambda self: decoded.append(1))
+    with pytest.raises(ValueError, match="megapixels"):
+        load_image(path)
+    assert not decoded  # refused from the header alone
+    with pytest.raises(ValueError, match="steps must be <= 1000"):
+        _edit(steps=100_000)
+
+
+@pytest.mark.parametrize("seed, exc", [(2**70, ValueError), (-1, ValueError), (2**64, ValueError), (True, TypeError)])
+def test_seed_range_is_checked_up_front(seed, exc):
+    with pytest.raises(exc, match="seed"):
+        _edit(seed=seed)
+    EditConfig(seed=2**64 - 1)  # the largest valid seed
+
+
+def test_a_folder_is_not_an_image(tmp_path):
+    with pytest.raises(IsADirectoryError, match="is a folder"):
+        _edit(tmp_path)
+
+
+def test_roi_words_not_in_the_instruction_fail_before_loading():
+    with pytest.raises(ValueError, match="'square' is not in the instruction"):
+        _edit(instruction="make the red circle blue", roi_words=["square"])
+    with pytest.raises(lime_fast.ModelLoadError):  # present words pass the check and reach the loader
+        _edit(instruction="make the red circle blue", roi_words=["Red circle"])
+
+
+def test_mask_of_another_aspect_ratio_warns_or_is_refused():
+    from lime_fast.errors import InputWarning
+    from lime_fast.inputs import EditInputs
+
+    cfg = EditConfig()
+    image = np.zeros((64, 128, 3), np.uint8)
+    with pytest.warns(InputWarning, match="stretched"):
+        EditInputs.build([image], ["make it red"], [np.ones((64, 64), bool)], multiple=64, cfg=cfg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # same aspect ratio, other size: resized silently
+        EditInputs.build([image], ["make it red"], [np.ones((32, 64), bool)], multiple=64, cfg=cfg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", InputWarning)  # what --strict does
+        with pytest.raises(InputWarning):
+            EditInputs.build([image], ["make it red"], [np.ones((64, 64), bool)], multiple=64, cfg=cfg)

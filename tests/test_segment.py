@@ -264,7 +264,8 @@ def test_kmeans_n_init_keeps_lowest_inertia_and_is_deterministic():
 def test_kmeans_plus_plus_picks_one_point_per_blob():
     x, truth, _ = blobs(seed=2, offset=0.0)
     space = seg._DenseSpace(x)
-    init = seg._kmeans_pp(space, 5, torch.Generator().manual_seed(0))
+    first, uniforms = seg._draws(torch.Generator().manual_seed(0), space.n, 5, 1, space.device)
+    init = seg._kmeans_pp(space, 5, first[0], uniforms[0])
     chosen = torch.cdist(init, x).argmin(1)
     assert torch.cdist(init, x).min(1).values.max() < 1e-5  # centres are data points
     assert sorted(truth[chosen].tolist()) == list(range(5))
@@ -276,13 +277,15 @@ def test_empty_cluster_moves_farthest_point():
     x = torch.tensor([[0.0], [1.0], [9.0], [10.0]])
     space = seg._DenseSpace(x)
     init = torch.tensor([[0.5], [5.0], [100.0]])
-    labels, dist, cents, n_iter = seg._lloyd_single(space, init, 3, 300, 0.0)
+    zero = torch.zeros((), dtype=torch.float64)
+    labels, dist, cents, n_iter, done = seg._lloyd_single(space, init, 3, 300, zero)
+    assert bool(done)
     assert labels.tolist() == [0, 0, 1, 2]
     torch.testing.assert_close(cents, torch.tensor([[0.5], [9.0], [10.0]]))
     assert float(dist.sum()) == pytest.approx(0.5)
     # deterministic: two clusters empty at once take the farthest points in ascending cluster order
     init = torch.tensor([[4.5], [100.0], [200.0]])
-    labels, _, cents, _ = seg._lloyd_single(space, init, 3, 1, 0.0)
+    labels, _, cents, _, _ = seg._lloyd_single(space, init, 3, 1, zero)
     # all at centre 0 (4.5); distances 20.25, 12.25, 20.25, 30.25 -> x=10 -> cluster 1, x=0 -> cluster 2, {1, 9} stay
     torch.testing.assert_close(cents, torch.tensor([[5.0], [10.0], [0.0]]))
 
@@ -312,7 +315,7 @@ def test_lloyd_matches_sklearn_from_same_init(tol):
     x = torch.cat([torch.randn(150, 5, generator=g) + 3 * i for i in range(4)]) + 0.3 * torch.randn(600, 5, generator=g)
     init = x[torch.tensor([0, 1, 2, 3, 4, 5])].clone()
     space = seg._DenseSpace(x - x.mean(0))
-    labels, dist, out, n_iter = seg._lloyd_single(space, init - x.mean(0), 6, 300, seg._tolerance(space, tol))
+    labels, dist, out, n_iter, _ = seg._lloyd_single(space, init - x.mean(0), 6, 300, seg._tolerance(space, tol))
     ref = sk.KMeans(n_clusters=6, init=init.double().numpy(), n_init=1, max_iter=300, tol=tol, algorithm="lloyd")
     ref.fit(x.double().numpy())
     assert n_iter == ref.n_iter_
@@ -436,3 +439,22 @@ def test_native_on_cuda_matches_cpu():
     assert_same_clustering(
         KMeansResult(gpu.labels.cpu(), gpu.centroids.cpu(), gpu.inertia, gpu.n_iter), cpu, cent_atol=1e-4
     )
+
+
+@pytest.mark.parametrize("backend", ["native", "materialized"])
+@pytest.mark.parametrize("k, n_init, max_iter, tol", [(8, 1, 300, 1e-4), (6, 3, 300, 1e-4), (12, 1, 5, 0.0), (8, 2, 300, 0.0)])
+def test_sync_free_lloyd_gives_the_same_clusters(backend, k, n_init, max_iter, tol):
+    """The engine's CUDA path never reads the convergence flag (sync=False: every iteration up to
+    max_iter runs, frozen once converged); the result equals the early-exit loop's, bit for bit,
+    including restarts (n_init > 1), the max_iter cap (5) and empty-cluster relocation (k = 12)."""
+    for seed, (grid, layout) in enumerate([((32, 32), [(40, 8, 8), (64, 4, 4), (64, 2, 2)]),
+                                           ((17, 23), [(30, 9, 11), (20, 5, 6)])]):
+        feats = clustered_features(grid, layout, seed=seed, n_regions=4 + seed, noise=0.3)
+        opts = dict(k=k, seed=seed, n_init=n_init, max_iter=max_iter, tol=tol, backend=backend)
+        a = seg._segment(feats, grid, **opts)
+        b = seg._segment(feats, grid, **opts, sync=False)
+        c = seg._segment(feats, grid, **opts, check_every=4)
+        assert isinstance(b.n_iter, torch.Tensor) and isinstance(a.n_iter, int)
+        assert torch.equal(a.labels, b.labels) and a.n_iter == int(b.n_iter) and a.inertia == float(b.inertia)
+        assert a.converged == bool(b.converged) and (a.converged or a.n_iter == max_iter)
+        assert torch.equal(a.labels, c.labels) and a.n_iter == c.n_iter

@@ -13,7 +13,7 @@ separators, no leading dot, no control characters, unique even ignoring letter c
 ``"steps": 20``, ``"roi_words": ["collar"]``), applied on top of the job's config. Blank lines and
 lines starting with ``#`` are ignored. Every row is checked before any model loads: its fields, that
 its image (and mask) exist and decode, and that its config is valid. A bad row is reported with its
-line number; with ``strict=True`` (``--strict``) the job refuses to start, otherwise the row is recorded
+line number; with ``strict=True`` the job refuses to start, otherwise the row is recorded
 as failed and skipped.
 
 **Outputs.** ``DIR/images/{id}.png`` (the edited image, at the input's size), ``DIR/roi/{id}.png``
@@ -35,7 +35,7 @@ at a time may write into DIR (an ``flock`` on ``DIR/.lock``; released by the OS 
 
 **Resume.** Re-running the same job skips the rows whose latest record is ``done`` and whose image
 exists (they are not re-read or re-checked), and the rows whose latest record is ``failed`` unless
-``retry_failed=True`` (``--retry-failed``). Rows are identified by their id: to redo a done row,
+``retry_failed=True``. Rows are identified by their id: to redo a done row,
 delete its image (or give it a new id).
 
 **Determinism.** Results depend only on the row (its seed is part of its config) as long as the
@@ -97,10 +97,15 @@ class Summary:
     out_dir: Path | None = None
     results: Path | None = None
     failures: list[str] = field(default_factory=list)
+    skipped_failed: int = 0  # of the skipped rows, those that failed before (retry_failed re-runs them)
 
     def __str__(self) -> str:
-        return (f"{self.rows} rows: {self.done} done, {self.skipped} skipped, {self.failed} failed in "
+        text = (f"{self.rows} rows: {self.done} done, {self.skipped} skipped, {self.failed} failed in "
                 f"{self.seconds:.1f} s ({self.edits_per_second:.2f} edits/s); results: {self.results}")
+        if self.skipped_failed:
+            text += (f"\n{self.skipped_failed} of the skipped rows failed in an earlier run and were not retried: "
+                     "after fixing them, run again with --retry-failed (retry_failed=True) to edit them")
+        return text
 
 
 class _Progress:
@@ -204,40 +209,42 @@ def run(
         config = model.default_config if hasattr(model, "default_config") else EditConfig(**(info.config if info else {}))
     out = Path(out_dir).expanduser().absolute()
     if out.exists() and not out.is_dir():
-        raise BatchError(f"--out {out} exists and is not a folder")
+        raise BatchError(f"the output folder {out} exists and is not a folder")
     summary = Summary(out_dir=out, results=out / RESULTS)
     rows, problems = read_manifest(manifest, config)
     summary.rows = len(rows) + len(problems)
+
+    def pending(items, records):  # rows and problems alike: those not already recorded
+        by_id, by_line, _ = records
+        left = []
+        for x in items:
+            prev = by_id.get(x.id) if x.id is not None else by_line.get(x.line)
+            if prev is None or (prev["status"] == "done" and not (x.id is not None and image_path(out, x.id).is_file())):
+                left.append(x)
+            elif prev["status"] == "failed":
+                if retry_failed:
+                    left.append(x)
+                else:
+                    summary.skipped_failed += 1
+        return left
 
     with contextlib.ExitStack() as stack:
         locked = out.is_dir()
         if locked:  # before reading results.jsonl: no other job may be appending to it
             stack.enter_context(_locked(out))
-        by_id, by_line, _ = _read_results(out / RESULTS)
-
-        def already(rid: str | None, line: int) -> bool:
-            prev = by_id.get(rid) if rid is not None else by_line.get(line)
-            if prev is None:
-                return False
-            if prev["status"] == "done":
-                return rid is not None and image_path(out, rid).is_file()
-            return not retry_failed
-
-        def pending(items):  # rows and problems alike: drop (and count) the ones already recorded
-            left = [x for x in items if not already(x.id, x.line)]
-            summary.skipped += len(items) - len(left)
-            return left
-
-        todo_problems = pending(problems)
+        records = _read_results(out / RESULTS)
+        todo_problems = pending(problems, records)
         todo: list[Row] = []
-        to_check = pending(rows)
+        to_check = pending(rows, records)
         from tqdm.auto import tqdm
+
+        from ..errors import InputWarning
 
         for r in tqdm(to_check, desc="checking", unit="row", leave=False, disable=not progress or len(to_check) < 100):
             try:
-                check_files(r)
+                check_files(r, strict=strict)
                 todo.append(r)
-            except (OSError, TypeError, ValueError) as e:
+            except (OSError, TypeError, ValueError, InputWarning) as e:
                 todo_problems.append(Problem(r.line, r.id, str(e)))
         todo_problems.sort(key=lambda p: p.line)
         if strict and todo_problems:
@@ -245,8 +252,11 @@ def run(
 
         for sub in (IMAGES, ROIS) if save_roi else (IMAGES,):
             (out / sub).mkdir(parents=True, exist_ok=True)
-        if not locked:  # DIR was created just now
-            stack.enter_context(_locked(out))
+        if not locked:  # DIR was created just now, maybe by a job started at the same time as this one:
+            stack.enter_context(_locked(out))  # once locked, drop what that job has recorded meanwhile
+            records = _read_results(out / RESULTS)
+            todo, todo_problems = pending(todo, records), pending(todo_problems, records)
+        summary.skipped = summary.rows - len(todo) - len(todo_problems)
         _remove_temporaries(out)
         writer = ResultsWriter(out / RESULTS)
         stack.callback(writer.close)

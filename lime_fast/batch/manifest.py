@@ -28,7 +28,7 @@ class ManifestError(BatchError):
         self.problems = problems
         lines = "\n".join(str(p) for p in problems[:50])
         more = f"\n... and {len(problems) - 50} more" if len(problems) > 50 else ""
-        super().__init__(f"{manifest}: {len(problems)} bad row(s), nothing was run (--strict):\n{lines}{more}")
+        super().__init__(f"{manifest}: {len(problems)} bad row(s), nothing was run (strict):\n{lines}{more}")
 
 
 @dataclass
@@ -114,7 +114,7 @@ def read_manifest(manifest: str | os.PathLike, config: EditConfig | None = None)
     config: the job's config, on which each row's overrides are applied. A duplicate id is a problem of
     the later line (the first line with an id owns it; ids equal but for letter case count as equal).
     """
-    from ..inputs import check_instruction
+    from ..inputs import check_instruction, check_roi_words
 
     path = Path(manifest)
     if not path.is_file():
@@ -150,32 +150,44 @@ def read_manifest(manifest: str | os.PathLike, config: EditConfig | None = None)
                     bad, rid = rid, None  # the id belongs to the first row: this record must not clobber it
                     raise ValueError(f"duplicate id {bad!r}: already used on line {first_line}{same}")
                 seen[folded] = (n, rid)
-                unknown = sorted(set(d) - set(ROW_KEYS) - set(CONFIG_FIELDS))
-                if unknown:
-                    raise ValueError(f"unknown field(s) {', '.join(map(repr, unknown))}: a row has {', '.join(ROW_KEYS)} "
-                                     "and EditConfig fields")
                 if "instruction" not in d:
                     raise ValueError("no 'instruction'")
                 instruction = check_instruction(d["instruction"])
                 image = _path_field(d, "image", base)
                 mask = _path_field(d, "mask", base)
-                overrides = {k: v for k, v in d.items() if k in CONFIG_FIELDS}
-                try:
+                overrides = {k: v for k, v in d.items() if k not in ROW_KEYS}
+                try:  # EditConfig itself says which fields it has and which values it takes
                     cfg = base_cfg.replace(**_tuples(overrides)) if overrides else base_cfg
-                except (TypeError, ValueError) as e:
+                except TypeError as e:
+                    if "unknown EditConfig field" not in str(e):
+                        raise ValueError(f"bad config field: {e}") from None
+                    unknown = sorted(set(overrides) - set(CONFIG_FIELDS))
+                    raise ValueError(f"unknown field(s) {', '.join(map(repr, unknown))}: a row has "
+                                     f"{', '.join(ROW_KEYS)} and EditConfig fields") from None
+                except ValueError as e:
                     raise ValueError(f"bad config field: {e}") from None
+                if cfg.roi_words:
+                    check_roi_words(instruction, cfg.roi_words)
                 rows.append(Row(rid, n, image, instruction, mask, cfg, overrides))
             except (TypeError, ValueError) as e:
                 problems.append(Problem(n, rid, str(e)))
     return rows, problems
 
 
-def check_files(row: Row) -> None:
-    """Open the row's image (and mask) as the engine will; sets ``row.size``. Raises naming the file."""
-    from ..inputs import load_image, load_mask
+def check_files(row: Row, strict: bool = False) -> None:
+    """Open the row's image (and mask) as the engine will; sets ``row.size``. Raises naming the file;
+    with ``strict`` an input the engine would adjust with an ``InputWarning`` (a mask of another aspect
+    ratio) raises that warning as an error."""
+    import warnings
+
+    from ..errors import InputWarning
+    from ..inputs import check_mask_shape, load_image, load_mask
 
     img = load_image(row.image)
     row.size = img.size
     if row.mask is not None:
-        load_mask(row.mask)
-
+        mask = load_mask(row.mask)
+        with warnings.catch_warnings():
+            if strict:
+                warnings.simplefilter("error", InputWarning)
+            check_mask_shape(mask, img.size)

@@ -146,7 +146,7 @@ def _import_ray():
         import ray
         import ray.data
     except ImportError as e:
-        raise BatchError(f"--ray needs Ray Data, which is not installed ({e.name or e}): {RAY_EXTRA_HINT}") from None
+        raise BatchError(f"ray=True needs Ray Data, which is not installed ({e.name or e}): {RAY_EXTRA_HINT}") from None
     return ray
 
 

@@ -10,12 +10,12 @@ import contextlib
 import json
 import os
 import socket
-import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
 from ..config import EditConfig
 from ..errors import BatchError
+from ..io import atomic_save  # noqa: F401  (re-exported: the store's image writes)
 from .manifest import CONFIG_FIELDS, Problem, Row
 
 RESULTS = "results.jsonl"
@@ -67,33 +67,6 @@ def image_path(out_dir: Path, rid: str) -> Path:
 
 def roi_path(out_dir: Path, rid: str) -> Path:
     return out_dir / ROIS / f"{rid}.png"
-
-
-def _fsync_dir(path: Path) -> None:
-    # Makes a rename durable across power loss; not possible on every platform (Windows), harmless to skip.
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def atomic_save(image, path: Path) -> None:
-    """Save a PIL image as PNG at ``path`` through a temporary file in the same folder and a rename:
-    ``path`` is either absent, its previous content, or the complete new image, never a partial file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            image.save(f, format="PNG")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
 
 
 def _remove_temporaries(out_dir: Path) -> int:
