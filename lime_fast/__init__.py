@@ -4,6 +4,7 @@ for InstructPix2Pix-family diffusers checkpoints.
     import lime_fast
     result = lime_fast.edit("photo.jpg", "make her outfit black")
     result.image.save("edited.png"); result.overlay().save("roi.png")
+    turns = lime_fast.edit_turns("photo.jpg", ["add a hat", "make the hat red"])   # multi-turn
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from .config import DEFAULT_MODEL, EditConfig  # noqa: E402
 from .engine import EditResult, Encoded, LimeEngine  # noqa: E402
 from .errors import LimeWarning, ModelLoadError, NonFiniteLatentsError  # noqa: E402
 from .graphs import accelerate  # noqa: E402
+from .turns import edit_turns  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = [
@@ -51,6 +53,7 @@ __all__ = [
     "NonFiniteLatentsError",
     "accelerate",
     "edit",
+    "edit_turns",
     "get_engine",
 ]
 

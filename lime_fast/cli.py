@@ -3,6 +3,7 @@
     lime-fast edit photo.jpg "make her outfit black" -o edited.png --save-roi roi/
     lime-fast batch edits.jsonl --out results/ [--ray --workers 4]
     lime-fast demo --out lime_fast_demo
+    lime-fast eval MagicBrush/test --out eval/ --clip CLIP_DIR --dino DINO_DIR   (lime_fast.evaluate)
 
 Every input is checked, and existing outputs are refused without --force, before any model loads.
 """
@@ -33,7 +34,10 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("image", help="input image file")
     e.add_argument("instruction", help='the edit, e.g. "make her outfit black"')
     e.add_argument("-o", "--output", required=True, help="output image file (.png, .jpg, ...)")
-    e.add_argument("--mask", help="mask image of the region to edit (white = edit); skips localization")
+    e.add_argument("--then", action="append", metavar="INSTRUCTION",
+                   help="another turn, applied to the previous turn's output (repeatable); turn k's image is "
+                   "written next to the output as NAME.turnk.EXT, the last turn's to the output")
+    e.add_argument("--mask", help="mask image of the region to edit (white = edit); skips localization (first turn only)")
     e.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id or local diffusers folder (default {DEFAULT_MODEL})")
     e.add_argument("--steps", type=int, default=30)
     e.add_argument("--seed", type=int, default=42)
@@ -74,6 +78,10 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--num-gpus-per-worker", type=float, help="default 1 when the Ray cluster has GPUs, else 0")
     b.add_argument("--num-cpus-per-worker", type=float, default=1)
 
+    from .evaluate.cli import add_parser as add_eval_parser
+
+    add_eval_parser(sub)
+
     d = sub.add_parser("demo", help="a real edit, offline, with the small shapes model that ships with lime_fast")
     d.add_argument("--out", default="lime_fast_demo", help="folder for the pictures (default ./lime_fast_demo)")
     d.add_argument("--force", action="store_true", help="overwrite existing pictures")
@@ -113,22 +121,26 @@ def _edit(args) -> int:
 
     out = Path(args.output)
     _check_image_suffix(out)
-    planned = [out] + ([Path(args.save_roi) / f"{n}.png" for n in PICTURES] if args.save_roi else [])
-    _check_outputs(planned, args.force)
+    instructions = [check_instruction(args.instruction)] + [check_instruction(t) for t in args.then or []]
+    outs = [out.with_name(f"{out.stem}.turn{k}{out.suffix}") for k in range(1, len(instructions))] + [out]
+    roi_dirs = ([Path(args.save_roi)] if len(outs) == 1 else [Path(args.save_roi) / f"turn{k}" for k in range(1, len(outs) + 1)]
+                if args.save_roi else [])
+    _check_outputs(outs + [d / f"{n}.png" for d in roi_dirs for n in PICTURES], args.force)
     cfg = _config(args)
     image = load_image(args.image)
-    instruction = check_instruction(args.instruction)
     mask = load_mask(args.mask) if args.mask else None
     dtype = getattr(torch, args.dtype) if args.dtype else None
     engine = lime_fast.get_engine(args.model, device=args.device, torch_dtype=dtype)
-    result = engine.edit(image, instruction, mask=mask, progress=not args.quiet, config=cfg)
+    results = lime_fast.edit_turns(image, instructions, masks=[mask] + [None] * (len(instructions) - 1), model=engine,
+                                   progress=not args.quiet, config=cfg)
     out.parent.mkdir(parents=True, exist_ok=True)
-    result.image.save(out)
-    print(f"wrote {out}  (content words: {', '.join(result.tokens) or '-'}; RoI {result.roi_mask.mean():.1%} of the image; "
-          f"{result.unet_evals} UNet evaluations, {result.timings['total']:.1f} s)")
-    if args.save_roi:
-        paths = result.save_pictures(args.save_roi)
-        print("pictures: " + ", ".join(str(p) for p in paths.values()))
+    for k, (path, result) in enumerate(zip(outs, results)):
+        result.image.save(path)
+        print(f"wrote {path}  (content words: {', '.join(result.tokens) or '-'}; RoI {result.roi_mask.mean():.1%} of the image; "
+              f"{result.unet_evals} UNet evaluations, {result.timings['total']:.1f} s)")
+        if roi_dirs:
+            paths = result.save_pictures(roi_dirs[k])
+            print("pictures: " + ", ".join(str(p) for p in paths.values()))
     return 0
 
 
@@ -211,6 +223,10 @@ def main(argv: list[str] | None = None) -> int:
         warnings.simplefilter("always", LimeWarning)
         warnings.showwarning = one_line
         try:
+            if args.command == "eval":
+                from .evaluate.cli import run as run_eval
+
+                return run_eval(args)
             return {"edit": _edit, "batch": _batch, "demo": _demo}[args.command](args)
         except (UsageError, ModelLoadError, FileNotFoundError, ValueError, TypeError) as e:
             print(f"lime-fast: error: {e}", file=sys.stderr)
