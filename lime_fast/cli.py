@@ -123,8 +123,9 @@ def _edit(args) -> int:
     _check_image_suffix(out)
     instructions = [check_instruction(args.instruction)] + [check_instruction(t) for t in args.then or []]
     outs = [out.with_name(f"{out.stem}.turn{k}{out.suffix}") for k in range(1, len(instructions))] + [out]
-    roi_dirs = ([Path(args.save_roi)] if len(outs) == 1 else [Path(args.save_roi) / f"turn{k}" for k in range(1, len(outs) + 1)]
-                if args.save_roi else [])
+    roi_dirs = []
+    if args.save_roi:  # one turn: DIR/roi.png ...; several: DIR/turn1/roi.png, DIR/turn2/roi.png, ...
+        roi_dirs = [Path(args.save_roi)] if len(outs) == 1 else [Path(args.save_roi) / f"turn{k}" for k in range(1, len(outs) + 1)]
     _check_outputs(outs + [d / f"{n}.png" for d in roi_dirs for n in PICTURES], args.force)
     cfg = _config(args)
     image = load_image(args.image)
