@@ -3,7 +3,6 @@ rules (evaluation/image_eval.py of OSU-NLP-Group/MagicBrush), the three data lay
 (single- and multi-turn, the tiny random model and the shipped shapes model), and resume after a kill."""
 
 import csv
-import io
 import json
 import math
 import os

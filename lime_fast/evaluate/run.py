@@ -294,6 +294,8 @@ def _edit(data: Dataset, out: Path, methods: list[Method], settings, *, model, c
     from ..errors import LimeWarning
 
     masks = _Masks(out)
+    for tmp in masks.dir.glob(".*.tmp") if masks.dir.is_dir() else ():  # left by a killed run (we hold the lock)
+        tmp.unlink(missing_ok=True)
     waves = plan(data, methods, settings)
     state = {}
     for m in methods:
@@ -346,7 +348,6 @@ def _edit(data: Dataset, out: Path, methods: list[Method], settings, *, model, c
                         with PIL.Image.open(src) as im:
                             row.size = im.size
                         rows.append(row)
-                records = list(fail)
                 with warnings.catch_warnings():
                     if m.roi == "empty":  # by design: the empty RoI is plain InstructPix2Pix
                         warnings.filterwarnings("ignore", message="the mask is empty", category=LimeWarning)
