@@ -9,7 +9,7 @@ setup(
     long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8") if Path("README.md").exists() else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["lime_fast", "lime_fast.kernels", "lime_fast.batch", "lime_fast.testing"],
+    packages=["lime_fast", "lime_fast.kernels", "lime_fast.batch", "lime_fast.testing", "lime_fast.evaluate"],
     package_dir={"lime_fast": "lime_fast", "lime_fast.kernels": "kernels"},
     package_data={"lime_fast": ["data/*.txt", "data/*.json", "data/configs/*/*.json",
                                 "data/shapes-ip2p/*.json", "data/shapes-ip2p/*.md", "data/shapes-ip2p/*.png",
@@ -31,6 +31,7 @@ setup(
         "triton": ["triton"],
         "cuml": ["cuml-cu12"],
         "ray": ["ray[data]>=2.50"],
+        "eval": ["pyarrow>=14"],  # lime-fast eval: MagicBrush's Hugging Face parquet files
     },
     entry_points={"console_scripts": ["lime-fast=lime_fast.cli:main"]},
 )

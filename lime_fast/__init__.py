@@ -38,7 +38,7 @@ from .errors import InputWarning, LimeWarning, ModelLoadError, NonFiniteLatentsE
 
 _LAZY = {
     "LimeEngine": "engine", "Encoded": "engine", "EditResult": "results", "accelerate": "graphs",
-    "edit": "api", "get_engine": "api", "_ENGINES": "api",
+    "edit": "api", "get_engine": "api", "_ENGINES": "api", "edit_turns": "turns",
 }
 
 
@@ -65,5 +65,6 @@ __all__ = [
     "NonFiniteLatentsError",
     "accelerate",
     "edit",
+    "edit_turns",
     "get_engine",
 ]

@@ -3,6 +3,7 @@
     lime-fast edit photo.jpg "make her outfit black" -o edited.png --save-roi roi/
     lime-fast batch edits.jsonl --out results/ [--ray --workers 4]
     lime-fast demo --out lime_fast_demo
+    lime-fast eval MagicBrush/test --out eval/ --clip CLIP_DIR --dino DINO_DIR   (lime_fast.evaluate)
 
 Every ``EditConfig`` field is a flag (``--top-k 50``, ``--reg-steps 0 20``, ``--roi-words collar``),
 generated from the dataclass and its docstring; a flag not given keeps the model's own default.
@@ -83,7 +84,10 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("image", help="input image file")
     e.add_argument("instruction", help='the edit, e.g. "make her outfit black"')
     e.add_argument("-o", "--output", required=True, help="output image file (.png, .jpg, ...)")
-    e.add_argument("--mask", help="mask image of the region to edit (white = edit); skips localization")
+    e.add_argument("--then", action="append", metavar="INSTRUCTION",
+                   help="another turn, applied to the previous turn's output (repeatable); turn k's image is "
+                   "written next to the output as NAME.turnk.EXT, the last turn's to the output")
+    e.add_argument("--mask", help="mask image of the region to edit (white = edit); skips localization (first turn only)")
     e.add_argument("--model", default=DEFAULT_MODEL, help=model_help)
     e.add_argument("--device", help="cuda, cpu, cuda:1, ... (default: cuda when available)")
     e.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), help="default float16 on CUDA, float32 on CPU")
@@ -118,6 +122,10 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--num-cpus-per-worker", type=float, default=1)
     add_config_args(b)
 
+    from .evaluate.cli import add_parser as add_eval_parser
+
+    add_eval_parser(sub)
+
     d = sub.add_parser("demo", help="a real edit, offline, with the small shapes model that ships with lime_fast")
     d.add_argument("--out", default="lime_fast_demo", help="folder for the pictures (default ./lime_fast_demo)")
     d.add_argument("--force", action="store_true", help="overwrite existing pictures")
@@ -135,13 +143,19 @@ def _dtype(name):
 
 
 def _edit(args) -> int:
-    from .inputs import EditInputs
+    from .inputs import EditInputs, check_instruction
     from .io import check_outputs, save_all
     from .models import config_multiple, local_checkpoint, model_location, resolve_device, shipped
 
     # 1. arguments, output locations, inputs: no torch, no model, nothing written
     out = Path(args.output)
-    planned = {out: "image"} | ({Path(args.save_roi) / f"{n}.png": n for n in PICTURES} if args.save_roi else {})
+    instructions = [check_instruction(t) for t in [args.instruction, *(args.then or [])]]
+    outs = [out.with_name(f"{out.stem}.turn{k}{out.suffix}") for k in range(1, len(instructions))] + [out]
+    roi_dirs = []
+    if args.save_roi:  # one turn: DIR/roi.png ...; several: DIR/turn1/roi.png, DIR/turn2/roi.png, ...
+        roi_dirs = [Path(args.save_roi)] if len(outs) == 1 else [Path(args.save_roi) / f"turn{k}" for k in range(1, len(outs) + 1)]
+    planned = {path: (k, "image") for k, path in enumerate(outs)}
+    planned |= {d / f"{n}.png": (k, n) for k, d in enumerate(roi_dirs) for n in PICTURES}
     check_outputs(planned, args.force)
     cfg = model_config(args.model, config_overrides(args))
     info = shipped(args.model)
@@ -150,7 +164,8 @@ def _edit(args) -> int:
             from .errors import InputWarning
 
             warnings.simplefilter("error", InputWarning)
-        job = EditInputs.build([args.image], [args.instruction], [args.mask] if args.mask else None,
+        job = EditInputs.build([args.image] * len(instructions), instructions,
+                               [args.mask] + [None] * (len(instructions) - 1) if args.mask else None,
                                multiple=config_multiple(args.model) or 64, cfg=cfg,
                                trained_size=info.image_size if info else None)
     local_checkpoint(model_location(args.model))  # a mistyped folder fails here, before torch loads
@@ -162,16 +177,18 @@ def _edit(args) -> int:
     import lime_fast
 
     engine = lime_fast.get_engine(args.model, device=device, torch_dtype=_dtype(args.dtype))
-    # 3. the edit; the outputs are written together at the end (a failure or Ctrl-C leaves none)
-    result = engine.edit(job.images[0], job.instructions[0], mask=job.masks[0], progress=not args.quiet, config=cfg)
-    pictures = result.pictures() if args.save_roi else {}
+    # 3. the edit (turn by turn); the outputs are written together at the end (a failure or Ctrl-C leaves none)
+    results = lime_fast.edit_turns(job.images[0], job.instructions, masks=job.masks, model=engine,
+                                   progress=not args.quiet, config=cfg)
+    pictures = [r.pictures() if roi_dirs else {} for r in results]
     for path in planned:
         path.parent.mkdir(parents=True, exist_ok=True)
-    save_all({path: result.image if name == "image" else pictures[name] for path, name in planned.items()})
-    print(f"wrote {out}  (content words: {', '.join(result.tokens) or '-'}; RoI {result.roi_mask.mean():.1%} of the image; "
-          f"{result.unet_evals} UNet evaluations, {result.timings['total']:.1f} s)")
-    if args.save_roi:
-        print("pictures: " + ", ".join(str(p) for p, n in planned.items() if n != "image"))
+    save_all({path: results[k].image if name == "image" else pictures[k][name] for path, (k, name) in planned.items()})
+    for path, result in zip(outs, results):
+        print(f"wrote {path}  (content words: {', '.join(result.tokens) or '-'}; RoI {result.roi_mask.mean():.1%} of the "
+              f"image; {result.unet_evals} UNet evaluations, {result.timings['total']:.1f} s)")
+    if roi_dirs:
+        print("pictures: " + ", ".join(str(p) for p, (_, n) in planned.items() if n != "image"))
     return 0
 
 
@@ -258,6 +275,10 @@ def main(argv: list[str] | None = None) -> int:
         warnings.simplefilter("always", LimeWarning)
         warnings.showwarning = one_line
         try:
+            if args.command == "eval":
+                from .evaluate.cli import run as run_eval
+
+                return run_eval(args)
             return {"edit": _edit, "batch": _batch, "demo": _demo}[args.command](args)
         except KeyboardInterrupt:
             print("lime-fast: interrupted; nothing was written", file=sys.stderr)

@@ -8,5 +8,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PIP="python -m pip --disable-pip-version-check --no-input -q"
 python -c "import torch" 2>/dev/null || $PIP install torch==2.13.0
-$PIP install -e ".[dev,ray]"
+$PIP install -e ".[dev,ray,eval]"
 $PIP install --no-deps "open_clip_torch==3.3.0"

@@ -1,4 +1,5 @@
-"""Edit quality of the shipped shapes model on a small fixed held-out subset (benchmarks/quality.py).
+"""Edit quality of the shipped shapes model on a small fixed held-out subset (benchmarks/quality.py, which
+runs through `lime-fast eval`: the data in MagicBrush's layout, the edits and metrics by lime_fast.evaluate).
 
 Thresholds come from the measured 200-edit benchmark (README, benchmarks/RESULTS.md); see the
 constants' comments. The subset is fixed (seeds 5,000,000..), so a change that breaks localization
@@ -8,12 +9,11 @@ or the regularized edit shows up here, offline, in about a minute and a half on 
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from quality import FIRST_SEED, edit_metrics, evaluate, iou, summary  # noqa: E402
+import quality  # noqa: E402
 
 N = 16
 # Measured on these 16 samples (this CPU, 2026-11-27, shapes-ip2p fine-tuned with the grounding loss),
@@ -36,52 +36,56 @@ OUTSIDE_GAIN = 0.01
 IOU_MIN = 0.15
 
 
-def test_metrics_on_known_images():
-    tgt = np.zeros((4, 4, 3), np.uint8)
-    out = tgt.copy()
-    out[:2] = 255  # top half wrong by 1.0
-    mask = np.zeros((4, 4), bool)
-    mask[:2] = True
-    m = edit_metrics(out, tgt, mask)
-    assert m["l1"] == pytest.approx(0.5) and m["l2"] == pytest.approx(0.5)
-    assert m["l1_in"] == pytest.approx(1.0) and m["l1_out"] == pytest.approx(0.0)
-    assert iou(mask, mask) == 1.0 and iou(mask, ~mask) == 0.0 and iou(mask & False, mask & False) == 1.0
+# benchmarks/quality.py's methods, by the names these tests have always used
+NAMES = {"base": "ip2p", "default": "ip2p:text_guidance=7.5", "lime": "lime", "gt": "lime-mask"}
 
 
 @pytest.fixture(scope="module")
-def records():
+def ev(tmp_path_factory):
     from lime_fast import LimeEngine
     from lime_fast.demo import shapes_model
 
     engine = LimeEngine.from_pretrained(shapes_model(), device="cpu")
-    return evaluate(engine, range(FIRST_SEED, FIRST_SEED + N), progress=False)
+    return quality.run(tmp_path_factory.mktemp("quality"), n=N, model=engine, progress=False)
 
 
-def test_the_model_edits_inside_the_region(records):
-    s = summary(records)
-    unedited = np.mean([edit_metrics(np.asarray(r["_sample"].source), np.asarray(r["_sample"].target),
-                                     r["_sample"].mask)["l1_in"] for r in records])
+def summary(ev) -> dict:
+    """Means per method (base, default, lime, gt): l1, l2, l1_in, l1_out, and the automatic RoI's iou."""
+    s = {k: dict(ev.summary["single"][spec]) for k, spec in NAMES.items()}
+    s["lime"]["iou"] = s["lime"]["roi_iou"]
+    return s
+
+
+def test_the_benchmark_is_the_eval_code_path(ev):
+    assert [m.spec for m in ev.methods] == list(NAMES.values()) and ev.settings == ("single",)
+    assert ev.summary["single"]["lime"]["n"] == N and ev.failed == 0
+    assert [s.id for s in ev.dataset.sessions] == [str(quality.FIRST_SEED + i) for i in range(N)]
+
+
+def test_the_model_edits_inside_the_region(ev):
+    s = summary(ev)
+    unedited = quality.unedited_l1_inside(ev)
     for name in ("base", "default", "lime", "gt"):
         assert s[name]["l1_in"] <= EDIT_RATIO_MAX * unedited, (name, s, unedited)
 
 
-def test_lime_changes_less_outside_the_region_than_ip2p(records):
-    s = summary(records)
+def test_lime_changes_less_outside_the_region_than_ip2p(ev):
+    s = summary(ev)
     assert s["lime"]["l1_out"] <= s["default"]["l1_out"] - OUTSIDE_GAIN, s
 
 
-def test_lime_edits_inside_as_well_as_ip2p(records):
-    s = summary(records)
+def test_lime_edits_inside_as_well_as_ip2p(ev):
+    s = summary(ev)
     assert s["lime"]["l1_in"] <= s["default"]["l1_in"] + MARGIN, s
 
 
-def test_automatic_roi_finds_the_region(records):
-    s = summary(records)
+def test_automatic_roi_finds_the_region(ev):
+    s = summary(ev)
     assert s["lime"]["iou"] >= IOU_MIN, s
 
 
-def test_automatic_roi_costs_nothing_at_the_same_guidance(records):
-    s = summary(records)
+def test_automatic_roi_costs_nothing_at_the_same_guidance(ev):
+    s = summary(ev)
     for key in ("l1_in", "l1_out"):
         assert abs(s["lime"][key] - s["base"][key]) <= MARGIN, (key, s)
 
@@ -94,6 +98,6 @@ def test_automatic_roi_costs_nothing_at_the_same_guidance(records):
 # quality"). So the outside gain above comes from the lower guidance lime_fast runs at. strict: a
 # model where the regularization sharpens the edit flags this.
 @pytest.mark.xfail(strict=True, reason="shapes-ip2p: silencing unrelated tokens does not strengthen its edits")
-def test_regularization_strengthens_the_edit_at_the_same_guidance(records):
-    s = summary(records)
+def test_regularization_strengthens_the_edit_at_the_same_guidance(ev):
+    s = summary(ev)
     assert s["gt"]["l1_in"] <= s["base"]["l1_in"] - MARGIN, s

@@ -10,7 +10,8 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from lime_fast.testing.shapes import KINDS, PALETTE, PLURAL, SHAPES, ShapesDataset, make_batch, make_sample, write_magicbrush
+from lime_fast.testing.shapes import (KINDS, PALETTE, PLURAL, SHAPES, ShapesDataset, describe, make_batch, make_sample,
+                                      make_session, write_magicbrush)
 
 ROOT = Path(__file__).resolve().parents[1]
 SEEDS = range(100)
@@ -120,19 +121,47 @@ def test_instruction_content_words_include_target_colour(clip_tok, samples):
 
 
 def test_write_magicbrush(tmp_path):
+    """The layout of MagicBrush's test release: images/{id}/{id}-input.png, -output{t}.png, -mask{t}.png,
+    edit_sessions.json (turn t's input is the previous turn's output) and the caption files."""
     out = write_magicbrush(tmp_path / "mb", range(5, 11))
-    lines = [json.loads(x) for x in (out / "instructions.jsonl").read_text().splitlines()]
-    assert [r["id"] for r in lines] == list(range(5, 11))
-    for r in lines:
-        assert set(r) >= {"id", "source", "target", "mask", "instruction", "kind"}
-        s = make_sample(r["id"])
-        assert r["instruction"] == s.instruction and r["kind"] == s.kind
-        np.testing.assert_array_equal(np.asarray(PIL.Image.open(out / r["source"])), np.asarray(s.source))
-        np.testing.assert_array_equal(np.asarray(PIL.Image.open(out / r["target"])), np.asarray(s.target))
-        m = np.asarray(PIL.Image.open(out / r["mask"]))
+    sessions = json.loads((out / "edit_sessions.json").read_text())
+    assert list(sessions) == [str(i) for i in range(5, 11)]
+    for key, turns in sessions.items():
+        s = make_sample(int(key))
+        (t,) = turns
+        assert t["input"] == f"{key}-input.png" and t["output"] == f"{key}-output1.png" and t["mask"] == f"{key}-mask1.png"
+        assert t["instruction"] == s.instruction and t["kind"] == s.kind
+        folder = out / "images" / key
+        np.testing.assert_array_equal(np.asarray(PIL.Image.open(folder / t["input"])), np.asarray(s.source))
+        np.testing.assert_array_equal(np.asarray(PIL.Image.open(folder / t["output"])), np.asarray(s.target))
+        m = np.asarray(PIL.Image.open(folder / t["mask"]))
         assert m.dtype == np.uint8 and set(np.unique(m)) <= {0, 255}
         np.testing.assert_array_equal(m == 255, s.mask)
-    assert sorted(p.name for p in (out / "mask").iterdir()) == sorted(f"{i}.png" for i in range(5, 11))
+        assert sorted(p.name for p in folder.iterdir()) == sorted([t["input"], t["output"], t["mask"]])
+    assert json.loads((out / "edit_turns.json").read_text()) == [t for v in sessions.values() for t in v]
+    glob_desc = json.loads((out / "global_descriptions.json").read_text())
+    local = json.loads((out / "local_descriptions.json").read_text())
+    assert set(glob_desc["5"]) == {"5-input.png", "5-output1.png"} and set(local["5"]) == {"5-output1.png"}
+    assert make_sample(5).target_color in local["5"]["5-output1.png"]
+
+
+def test_sessions_chain_exact_edits(tmp_path):
+    """Multi-turn sessions: each turn edits the previous target; targets and masks stay exact."""
+    for seed in (0, 3, 5_000_001):
+        turns = make_session(seed, 3)
+        assert len(turns) == 3 and turns[0].instruction == make_sample(seed).instruction
+        for prev, cur in zip(turns, turns[1:]):
+            np.testing.assert_array_equal(np.asarray(cur.source), np.asarray(prev.target))
+        for s in turns:
+            src, tgt = np.asarray(s.source).astype(int), np.asarray(s.target).astype(int)
+            assert s.mask.any() and (src[~s.mask] == tgt[~s.mask]).all() and (src[s.mask] != tgt[s.mask]).any(-1).all()
+            assert s.target_color in s.instruction.lower()
+    out = write_magicbrush(tmp_path / "mb", [0], turns=3)
+    (t1, t2, t3) = json.loads((out / "edit_sessions.json").read_text())["0"]
+    assert (t2["input"], t3["input"]) == ("0-output1.png", "0-output2.png")
+    last = np.asarray(PIL.Image.open(out / "images" / "0" / "0-output3.png"))
+    np.testing.assert_array_equal(last, np.asarray(make_session(0, 3)[2].target))
+    assert "background" in describe(make_session(0, 3)[1])
 
 
 def test_tensors():

@@ -15,8 +15,10 @@ punctuation) so LIME's token rules matter. Everything is deterministic from the 
 (``numpy.random.default_rng(seed)``); shapes are drawn without anti-aliasing and the mask is the set of
 pixels that differ between source and target, so it is exact.
 
-API: ``make_sample(seed, size)`` -> ``Sample``; ``write_magicbrush(out_dir, seeds)`` writes the
-MagicBrush-style layout; ``ShapesDataset`` / ``make_batch`` give tensors for training.
+API: ``make_sample(seed, size)`` -> ``Sample``; ``make_session(seed, turns, size)`` -> one ``Sample`` per
+turn of a multi-turn session (each turn edits the previous target); ``write_magicbrush(out_dir, seeds)``
+writes sessions in the layout of MagicBrush's test release (what ``lime-fast eval`` reads);
+``ShapesDataset`` / ``make_batch`` give tensors for training.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ __all__ = [
     "KINDS",
     "Sample",
     "make_sample",
+    "make_session",
+    "describe",
     "write_magicbrush",
     "ShapesDataset",
     "make_batch",
@@ -211,8 +215,95 @@ def _other_color(rng: np.random.Generator, avoid: Iterable[str]) -> str:
     return choices[rng.integers(len(choices))]
 
 
-def make_sample(seed: int, size: int = 64) -> Sample:
-    """One deterministic edit example from ``seed`` (see the module docstring)."""
+def _choose_edit(rng: np.random.Generator, kind: str, size: int, objects: list[dict], bg: str) -> dict | None:
+    """Draw an edit of ``kind`` on a scene (objects with their current ``color``, background ``bg``):
+    {new_colors, new_bg, instruction, subject, col}, or None when no object can be named uniquely
+    (the caller redraws)."""
+    n = len(objects)
+    shapes = [o["shape"] for o in objects]
+    colors = [o["color"] for o in objects]
+    new_colors = list(colors)
+    new_bg = bg
+    if kind == "recolor_one":
+        # an object that its shape, its colour or both name uniquely
+        order = rng.permutation(n)
+        chosen = None
+        for i in order:
+            s, c = shapes[i], colors[i]
+            ways = []
+            if shapes.count(s) == 1:
+                ways.append("shape")
+            if colors.count(c) == 1:
+                ways.append("color")
+            if sum(1 for s2, c2 in zip(shapes, colors) if (s2, c2) == (s, c)) == 1:
+                ways.append("both")
+            if ways:
+                chosen = (int(i), ways)
+                break
+        if chosen is None:
+            return None
+        i, ways = chosen
+        way = ways[rng.integers(len(ways))]
+        col = _other_color(rng, [colors[i], bg])
+        new_colors[i] = col
+        s, c = shapes[i], colors[i]
+        adj = _size_word(objects[i], size) if rng.random() < 0.3 else None
+        noun = s if way != "color" else ("shape", "one", "object")[rng.integers(3)]
+        words = ([adj] if adj and way != "color" else []) + ([c] if way != "shape" else []) + [noun]
+        subject = " ".join(words)
+        instruction = _phrase(rng, _OBJECT_TEMPLATES, "the " + subject, col)
+    elif kind == "recolor_kind":
+        s = shapes[int(rng.integers(n))]
+        idx = [j for j in range(n) if shapes[j] == s]
+        col = _other_color(rng, [colors[j] for j in idx] + [bg])
+        for j in idx:
+            new_colors[j] = col
+        quant = ("all the {}", "all {}", "every {}", "each {}", "the {}", "all of the {}")[rng.integers(6)]
+        noun = PLURAL[s] if "every" not in quant and "each" not in quant else s
+        subject = noun
+        instruction = _phrase(rng, _KIND_TEMPLATES, quant.format(noun), col)
+    else:
+        col = _other_color(rng, colors + [bg])
+        new_bg = col
+        instruction = _phrase(rng, _BACKGROUND_TEMPLATES, "", col)
+        subject = "backdrop" if "backdrop" in instruction else "background"
+    return {"new_colors": new_colors, "new_bg": new_bg, "instruction": instruction, "subject": subject, "col": col}
+
+
+def _sample(seed: int, size: int, kind: str, texture: str, offset: np.ndarray, objects: list[dict], bg: str,
+            edit: dict) -> Sample | None:
+    """Render the scene before and after ``edit``; None when the edit changes no pixel."""
+    colors = [o["color"] for o in objects]
+    src = _render(bg, offset, objects, colors)
+    tgt = _render(edit["new_bg"], offset, objects, edit["new_colors"])
+    mask = (src != tgt).any(-1)
+    if not mask.any():
+        return None
+    meta = {
+        "seed": int(seed),
+        "size": size,
+        "background": bg,
+        "new_background": edit["new_bg"],
+        "texture": texture,
+        "objects": [
+            {"shape": o["shape"], "color": c0, "new_color": c1, "center": [round(o["cx"], 2), round(o["cy"], 2)], "radius": round(o["r"], 2), "angle": round(o["angle"], 1)}
+            for o, c0, c1 in zip(objects, colors, edit["new_colors"])
+        ],
+    }
+    return Sample(
+        source=PIL.Image.fromarray(src, "RGB"),
+        target=PIL.Image.fromarray(tgt, "RGB"),
+        mask=mask,
+        instruction=edit["instruction"],
+        kind=kind,
+        target_color=edit["col"],
+        subject=edit["subject"],
+        meta=meta,
+    )
+
+
+def _first_turn(seed: int, size: int) -> tuple[Sample, dict]:
+    """make_sample's sample and the scene it edits (texture offset, objects, background)."""
     if size < 32:
         raise ValueError(f"size must be at least 32 pixels, got {size}")
     rng = np.random.default_rng([int(seed), 0x5A17E5])
@@ -231,108 +322,111 @@ def make_sample(seed: int, size: int = 64) -> Sample:
         objects = _place_objects(rng, size, shapes, colors)
         if objects is None:
             continue
-
-        new_colors = list(colors)
-        new_bg = bg
-        if kind == "recolor_one":
-            # an object that its shape, its colour or both name uniquely
-            order = rng.permutation(n)
-            chosen = None
-            for i in order:
-                s, c = shapes[i], colors[i]
-                ways = []
-                if shapes.count(s) == 1:
-                    ways.append("shape")
-                if colors.count(c) == 1:
-                    ways.append("color")
-                if sum(1 for s2, c2 in zip(shapes, colors) if (s2, c2) == (s, c)) == 1:
-                    ways.append("both")
-                if ways:
-                    chosen = (int(i), ways)
-                    break
-            if chosen is None:
-                continue
-            i, ways = chosen
-            way = ways[rng.integers(len(ways))]
-            col = _other_color(rng, [colors[i], bg])
-            new_colors[i] = col
-            s, c = shapes[i], colors[i]
-            adj = _size_word(objects[i], size) if rng.random() < 0.3 else None
-            noun = s if way != "color" else ("shape", "one", "object")[rng.integers(3)]
-            words = ([adj] if adj and way != "color" else []) + ([c] if way != "shape" else []) + [noun]
-            subject = " ".join(words)
-            instruction = _phrase(rng, _OBJECT_TEMPLATES, "the " + subject, col)
-        elif kind == "recolor_kind":
-            s = shapes[int(rng.integers(n))]
-            idx = [j for j in range(n) if shapes[j] == s]
-            col = _other_color(rng, [colors[j] for j in idx] + [bg])
-            for j in idx:
-                new_colors[j] = col
-            quant = ("all the {}", "all {}", "every {}", "each {}", "the {}", "all of the {}")[rng.integers(6)]
-            noun = PLURAL[s] if "every" not in quant and "each" not in quant else s
-            subject = noun
-            instruction = _phrase(rng, _KIND_TEMPLATES, quant.format(noun), col)
-        else:
-            col = _other_color(rng, colors + [bg])
-            new_bg = col
-            instruction = _phrase(rng, _BACKGROUND_TEMPLATES, "", col)
-            subject = "backdrop" if "backdrop" in instruction else "background"
-
-        src = _render(bg, offset, objects, colors)
-        tgt = _render(new_bg, offset, objects, new_colors)
-        mask = (src != tgt).any(-1)
-        if not mask.any():
+        edit = _choose_edit(rng, kind, size, objects, bg)
+        if edit is None:
             continue
-        meta = {
-            "seed": int(seed),
-            "size": size,
-            "background": bg,
-            "new_background": new_bg,
-            "texture": texture,
-            "objects": [
-                {"shape": o["shape"], "color": c0, "new_color": c1, "center": [round(o["cx"], 2), round(o["cy"], 2)], "radius": round(o["r"], 2), "angle": round(o["angle"], 1)}
-                for o, c0, c1 in zip(objects, colors, new_colors)
-            ],
-        }
-        return Sample(
-            source=PIL.Image.fromarray(src, "RGB"),
-            target=PIL.Image.fromarray(tgt, "RGB"),
-            mask=mask,
-            instruction=instruction,
-            kind=kind,
-            target_color=col,
-            subject=subject,
-            meta=meta,
-        )
+        sample = _sample(seed, size, kind, texture, offset, objects, bg, edit)
+        if sample is None:
+            continue
+        return sample, {"texture": texture, "offset": offset, "objects": objects, "bg": bg, "edit": edit}
     raise RuntimeError(f"could not build a sample for seed {seed}")  # pragma: no cover (never seen)
 
 
-def write_magicbrush(out_dir: str | Path, seeds: Iterable[int], size: int = 64) -> Path:
-    """Write samples in the MagicBrush-style layout: ``source/{i}.png``, ``target/{i}.png``,
-    ``mask/{i}.png`` (white = edited) and ``instructions.jsonl`` with one
-    ``{"id", "source", "target", "mask", "instruction", "kind", ...}`` per line (paths relative to
-    ``out_dir``; ``i`` is the seed). Returns ``out_dir``."""
+def make_sample(seed: int, size: int = 64) -> Sample:
+    """One deterministic edit example from ``seed`` (see the module docstring)."""
+    return _first_turn(seed, size)[0]
+
+
+def make_session(seed: int, turns: int = 2, size: int = 64) -> list[Sample]:
+    """A multi-turn editing session: ``turns`` edits applied one after the other to one picture.
+
+    Turn 1 is ``make_sample(seed, size)``; turn t > 1 draws a new edit (any kind, named by the scene's
+    colours after turn t - 1, from ``default_rng([seed, 0x5A17E5, t])``) on the previous turn's target
+    and renders it with the same texture and shapes, so every turn's source is exactly the previous
+    target and every target and mask is exact. Deterministic from (seed, turns, size).
+    """
+    if turns < 1:
+        raise ValueError(f"turns must be >= 1, got {turns}")
+    first, scene = _first_turn(seed, size)
+    samples = [first]
+    objects = [dict(o, color=c) for o, c in zip(scene["objects"], scene["edit"]["new_colors"])]
+    bg = scene["edit"]["new_bg"]
+    for t in range(2, turns + 1):
+        rng = np.random.default_rng([int(seed), 0x5A17E5, t])
+        for _ in range(200):
+            kind = KINDS[rng.choice(3, p=[0.5, 0.25, 0.25])]
+            edit = _choose_edit(rng, kind, size, objects, bg)
+            sample = None if edit is None else _sample(seed, size, kind, scene["texture"], scene["offset"], objects, bg, edit)
+            if sample is not None:
+                break
+        else:  # pragma: no cover (never seen)
+            raise RuntimeError(f"could not build turn {t} for seed {seed}")
+        sample.meta["turn"] = t
+        samples.append(sample)
+        objects = [dict(o, color=c) for o, c in zip(objects, edit["new_colors"])]
+        bg = edit["new_bg"]
+    return samples
+
+
+def describe(sample: Sample, which: str = "target") -> str:
+    """A caption of the source or target picture ("a red circle and two blue squares on a striped
+    pink background"), from ``sample.meta``: the global description MagicBrush keeps for each image."""
+    key, bg_key = ("color", "background") if which == "source" else ("new_color", "new_background")
+    counts: dict[tuple[str, str], int] = {}
+    for o in sample.meta["objects"]:
+        counts[(o[key], o["shape"])] = counts.get((o[key], o["shape"]), 0) + 1
+    words = {1: "a", 2: "two", 3: "three", 4: "four"}
+    parts = [f"{words[n]} {c} {PLURAL[s] if n > 1 else s}" for (c, s), n in counts.items()]
+    things = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    texture = sample.meta["texture"]
+    texture = "" if texture == "plain" else {"stripes": "striped ", "noise": "noisy ", "gradient": "shaded ", "checker": "checkered "}[texture]
+    return f"{things} on a {texture}{sample.meta[bg_key]} background"
+
+
+def write_magicbrush(out_dir: str | Path, seeds: Iterable[int], size: int = 64, turns: int = 1) -> Path:
+    """Write shapes sessions in the layout of MagicBrush's test release, which ``lime-fast eval`` reads.
+
+    ``out_dir/images/{i}/{i}-input.png``, ``{i}-output{t}.png`` and ``{i}-mask{t}.png`` (white = the
+    pixels turn t changes) for each seed ``i`` and turn t = 1..``turns`` (``make_session``);
+    ``edit_sessions.json`` ({"i": [{"input", "mask", "instruction", "output"}, ...]}: turn t's input is
+    ``{i}-input.png`` for t = 1, else ``{i}-output{t-1}.png``), ``edit_turns.json`` (the same turns as
+    one list), ``global_descriptions.json`` ({"i": {file: caption}} for the input and every output) and
+    ``local_descriptions.json`` ({"i": {output file: what the edit made, e.g. "red circle"}}). The
+    turns also carry the shapes fields ``kind``, ``target_color`` and ``subject``, which MagicBrush's
+    own tools ignore. Returns ``out_dir``.
+    """
     out = Path(out_dir)
-    for sub in ("source", "target", "mask"):
-        (out / sub).mkdir(parents=True, exist_ok=True)
-    with open(out / "instructions.jsonl", "w") as f:
-        for seed in seeds:
-            s = make_sample(int(seed), size)
-            i = int(seed)
-            s.source.save(out / "source" / f"{i}.png")
-            s.target.save(out / "target" / f"{i}.png")
-            PIL.Image.fromarray((s.mask * 255).astype(np.uint8), "L").save(out / "mask" / f"{i}.png")
-            rec = {
-                "id": i,
-                "source": f"source/{i}.png",
-                "target": f"target/{i}.png",
-                "mask": f"mask/{i}.png",
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    sessions: dict[str, list[dict]] = {}
+    global_desc: dict[str, dict[str, str]] = {}
+    local_desc: dict[str, dict[str, str]] = {}
+    for seed in seeds:
+        i = str(int(seed))
+        folder = out / "images" / i
+        folder.mkdir(exist_ok=True)
+        samples = make_session(int(seed), turns, size)
+        samples[0].source.save(folder / f"{i}-input.png")
+        global_desc[i] = {f"{i}-input.png": describe(samples[0], "source")}
+        local_desc[i] = {}
+        sessions[i] = []
+        for t, s in enumerate(samples, start=1):
+            output, mask = f"{i}-output{t}.png", f"{i}-mask{t}.png"
+            s.target.save(folder / output)
+            PIL.Image.fromarray((s.mask * 255).astype(np.uint8), "L").save(folder / mask)
+            global_desc[i][output] = describe(s, "target")
+            local_desc[i][output] = f"{s.target_color} {s.subject}"
+            sessions[i].append({
+                "input": f"{i}-input.png" if t == 1 else f"{i}-output{t - 1}.png",
+                "mask": mask,
                 "instruction": s.instruction,
+                "output": output,
                 "kind": s.kind,
                 "target_color": s.target_color,
                 "subject": s.subject,
-            }
-            f.write(json.dumps(rec) + "\n")
+            })
+    for name, data in (("edit_sessions.json", sessions), ("edit_turns.json", [t for v in sessions.values() for t in v]),
+                       ("global_descriptions.json", global_desc), ("local_descriptions.json", local_desc)):
+        (out / name).write_text(json.dumps(data, indent=1))
     return out
 
 

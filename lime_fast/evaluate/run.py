@@ -1,0 +1,568 @@
+"""The evaluation runner: edit every turn of a dataset with each method, then score the outputs.
+
+Methods (``parse_method``; each may carry ``EditConfig`` overrides, ``"ip2p:text_guidance=7.5"``):
+
+* ``ip2p``: the base model, plain InstructPix2Pix: a lime_fast edit with an empty RoI, which is
+  exactly diffusers' InstructPix2Pix pipeline (tests/test_engine.py,
+  ``test_parity_with_diffusers_when_mask_is_empty``);
+* ``lime``: lime_fast with its automatic RoI;
+* ``lime-mask``: lime_fast with the dataset's mask of each turn as the RoI.
+
+Settings (MagicBrush's, see ``lime_fast.evaluate.metrics``): ``single``: every turn edited from its
+ground-truth input, all turns scored; ``multi``: each turn edited from the previous turn's *output*
+(``lime_fast.edit_turns``'s chain, through saved PNGs), the final turn scored against the final
+target. Turn 1 is the same edit in both and is done once. Outputs are named as MagicBrush's
+evaluation expects them: ``{id}_1``, ``{id}_inde_{t}`` (single), ``{id}_iter_{t}`` (multi).
+
+**Store and resume.** Each method's outputs go to ``DIR/{method}/`` in the batch runner's store
+(``lime_fast.batch.store``): ``images/{out_id}.png`` and ``roi/{out_id}.png`` written by
+``edit_group`` (temporary file + rename), one whole-line record per edit appended to
+``results.jsonl``, the whole evaluation under ``DIR/.lock``. Turns run in waves (all turns 1, then
+all turns 2, ...) so a multi-turn edit finds its input on disk. A killed evaluation, re-run with the
+same command, skips every edit already recorded (failed ones too, unless ``retry_failed``) and
+redoes only the rest; an edit killed before its record is simply done again. ``DIR/{method}/
+method.json`` pins the model and config a method's outputs were made with: re-running into the same
+folder with other settings is refused rather than mixing outputs. Metrics are recomputed on every
+run (they take seconds next to the edits).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import re
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+
+from ..config import DEFAULT_MODEL, EditConfig
+from ..errors import BatchError
+from .datasets import Dataset, Session, Turn, read_mask
+
+SETTINGS = ("single", "multi")
+METHODS = {
+    # name: (label in reports, where its RoI comes from)
+    "ip2p": ("InstructPix2Pix", "empty"),
+    "lime": ("lime_fast, automatic RoI", "auto"),
+    "lime-mask": ("lime_fast, dataset masks as RoI", "dataset"),
+}
+METRICS = ("l1", "l2", "clip_i", "dino", "clip_t", "clip_t_oracle", "l1_in", "l1_out", "roi_iou")
+_EMPTY_MASK = "empty.png"
+
+
+class EvalError(BatchError):
+    """The evaluation cannot start (bad method, settings that clash with DIR's earlier outputs, ...)."""
+
+
+@dataclass(frozen=True)
+class Method:
+    """One way of editing. name: a key of ``METHODS``; overrides: ``EditConfig`` fields for this method
+    alone (applied last); spec: as written (``"ip2p:text_guidance=7.5"``)."""
+
+    name: str
+    overrides: tuple = ()
+    spec: str = ""
+
+    @property
+    def roi(self) -> str:
+        return METHODS[self.name][1]
+
+    @property
+    def label(self) -> str:
+        extra = ", ".join(f"{k}={v}" for k, v in self.overrides)
+        return METHODS[self.name][0] + (f" ({extra})" if extra else "")
+
+    @property
+    def folder(self) -> str:
+        """The method's folder under DIR: the spec with ':' -> '@' and ',' -> '+'."""
+        return (self.spec or self.name).replace(":", "@").replace(",", "+").replace(" ", "")
+
+
+def _value(text: str):
+    try:
+        v = json.loads(text)
+    except ValueError:
+        return text
+    return tuple(v) if isinstance(v, list) else v
+
+
+def parse_method(spec: str) -> Method:
+    """``NAME[:field=value,field=value]`` -> Method (values are JSON: 7.5, 50, [0,1], "native")."""
+    from ..batch.manifest import check_id
+
+    name, _, rest = spec.strip().partition(":")
+    if name not in METHODS:
+        raise EvalError(f"unknown method {name!r}: one of {', '.join(METHODS)} (optionally NAME:field=value,...)")
+    overrides = {}
+    for item in filter(None, (s.strip() for s in re.split(r",(?=\s*[A-Za-z_]\w*\s*=)", rest))):
+        key, eq, val = item.partition("=")
+        if not eq:
+            raise EvalError(f"method {spec!r}: '{item}' is not field=value")
+        overrides[key.strip()] = _value(val.strip())
+    try:
+        EditConfig().replace(**overrides)
+    except (TypeError, ValueError) as e:
+        raise EvalError(f"method {spec!r}: {e}") from None
+    m = Method(name, tuple(sorted(overrides.items())), spec.strip())
+    try:
+        check_id(m.folder)
+    except (TypeError, ValueError) as e:
+        raise EvalError(f"method {spec!r} cannot name a folder: {e}") from None
+    return m
+
+
+def out_id(session: str, turn: int, setting: str) -> str:
+    """MagicBrush's output names: {id}_1 for turn 1, {id}_inde_{t} (single), {id}_iter_{t} (multi)."""
+    return f"{session}_1" if turn == 1 else f"{session}_{'inde' if setting == 'single' else 'iter'}_{turn}"
+
+
+def chained(session: Session) -> bool:
+    """Whether the session's turns form a chain the multi-turn setting can follow."""
+    return not any(t.meta.get("broken_chain") for t in session.turns)
+
+
+@dataclass
+class Job:
+    """One edit to make: method, output id, the turn, and where its input comes from (a dataset file,
+    or ``after``: the output id of the same method's previous turn, multi-turn)."""
+
+    method: Method
+    id: str
+    session: Session
+    turn: Turn
+    input: Path | None = None
+    after: str | None = None
+
+
+@dataclass
+class Evaluation:
+    """What ``evaluate`` did and found.
+
+    samples: one dict per (method, setting, scored pair): ids, instruction, status, error and every
+    metric (None where not computed). summary: {setting: {method spec: {metric: mean, "n": scored
+    pairs, "failed": pairs without an output, "n_clip_t": pairs with a caption}}}. done / skipped /
+    failed: edits made, found already recorded, failed in this run. models: the CLIP and DINO folders
+    used (None: that metric not computed).
+    """
+
+    out_dir: Path
+    dataset: Dataset
+    methods: list[Method]
+    settings: tuple[str, ...]
+    model: str
+    config: dict
+    samples: list[dict] = field(default_factory=list)
+    summary: dict = field(default_factory=dict)
+    done: int = 0
+    skipped: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+    models: dict = field(default_factory=dict)
+
+    def method(self, spec: str) -> Method:
+        return next(m for m in self.methods if m.spec == spec)
+
+
+# ---------------------------------------------------------------------------------------------------
+# planning
+# ---------------------------------------------------------------------------------------------------
+
+
+def plan(data: Dataset, methods: list[Method], settings) -> list[list[Job]]:
+    """The edits, in waves by turn index (wave t holds every method's turn-t edits)."""
+    waves: dict[int, list[Job]] = {}
+    for m in methods:
+        for s in data.sessions:
+            seen = set()
+            for t in s.turns:
+                jobs = []
+                if "single" in settings or t.index == 1:
+                    jobs.append(Job(m, out_id(s.id, t.index, "single"), s, t, input=t.input))
+                if "multi" in settings and t.index > 1 and chained(s):
+                    jobs.append(Job(m, out_id(s.id, t.index, "multi"), s, t, after=out_id(s.id, t.index - 1, "multi")))
+                for j in jobs:
+                    if j.id not in seen:
+                        seen.add(j.id)
+                        waves.setdefault(t.index, []).append(j)
+    return [waves[k] for k in sorted(waves)]
+
+
+def base_config(model, config) -> EditConfig:
+    """The evaluation's config: ``config`` (EditConfig or dict) on top of the model's own defaults."""
+    from ..models import shipped
+
+    if hasattr(model, "default_config"):
+        base = model.default_config
+    else:
+        info = shipped(model)
+        base = EditConfig(**(info.config if info else {}))
+    if isinstance(config, EditConfig):
+        return config
+    return base.replace(**(config or {}))
+
+
+def _identity(model) -> str:
+    from ..models import model_location
+
+    if isinstance(model, (str, os.PathLike)):
+        loc = model_location(model)
+        return str(Path(loc).resolve()) if Path(loc).exists() else loc
+    return f"<{type(model).__name__}>"
+
+
+def _pin(method_dir: Path, model, cfg: EditConfig, method: Method) -> None:
+    """Write or check DIR/{method}/method.json (the model and config its outputs were made with)."""
+    want = {"method": method.spec, "model": _identity(model),
+            "config": json.loads(json.dumps(dataclasses.asdict(cfg.replace(**dict(method.overrides)))))}
+    path = method_dir / "method.json"
+    if path.is_file():
+        have = json.loads(path.read_text())
+        same_model = have.get("model") == want["model"] or "<" in have.get("model", "") + want["model"]
+        if not same_model or have.get("config") != want["config"]:
+            diff = [k for k in want["config"] if have.get("config", {}).get(k) != want["config"][k]]
+            what = "model" if not same_model else "config (" + ", ".join(diff) + ")"
+            raise EvalError(f"{method_dir} holds outputs made with another {what}: use another --out, or delete "
+                            f"{method_dir} to redo this method")
+        return
+    method_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(want, indent=1))
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------------
+# masks
+# ---------------------------------------------------------------------------------------------------
+
+
+class _Masks:
+    """Dataset masks normalized once to lime_fast's convention (L, white = edit) in DIR/masks/."""
+
+    def __init__(self, out: Path):
+        self.dir = out / "masks"
+        self.cache: dict[Path, np.ndarray] = {}
+
+    def empty(self) -> Path:
+        from ..batch.store import atomic_save
+
+        p = self.dir / _EMPTY_MASK
+        if not p.is_file():
+            self.dir.mkdir(parents=True, exist_ok=True)
+            atomic_save(PIL.Image.new("L", (8, 8), 0), p)
+        return p
+
+    def array(self, turn: Turn) -> np.ndarray | None:
+        if turn.mask is None:
+            return None
+        if turn.mask not in self.cache:
+            self.cache[turn.mask] = read_mask(turn.mask)
+        return self.cache[turn.mask]
+
+    def file(self, session: Session, turn: Turn) -> Path | None:
+        from ..batch.store import atomic_save
+        from ..viz import mask_image
+
+        if turn.mask is None:
+            return None
+        p = self.dir / f"{session.id}-mask{turn.index}.png"
+        if not p.is_file():
+            self.dir.mkdir(parents=True, exist_ok=True)
+            atomic_save(mask_image(self.array(turn)), p)
+        return p
+
+
+# ---------------------------------------------------------------------------------------------------
+# editing
+# ---------------------------------------------------------------------------------------------------
+
+
+def _edit(data: Dataset, out: Path, methods: list[Method], settings, *, model, cfg: EditConfig, batch_size: int,
+          retry_failed: bool, device, torch_dtype, threads, progress: bool, ev: Evaluation) -> None:
+    import torch
+    from tqdm.auto import tqdm
+
+    from ..batch.manifest import Row
+    from ..batch.runners import edit_group, plan_batches
+    from ..batch.store import (RESULTS, ResultsWriter, _failed, _read_results, _remove_temporaries, image_path)
+    from ..errors import LimeWarning
+
+    masks = _Masks(out)
+    for tmp in masks.dir.glob(".*.tmp") if masks.dir.is_dir() else ():  # left by a killed run (we hold the lock)
+        tmp.unlink(missing_ok=True)
+    waves = plan(data, methods, settings)
+    state = {}
+    for m in methods:
+        d = out / m.folder
+        _pin(d, model, cfg, m)
+        for sub in ("images", "roi"):
+            (d / sub).mkdir(parents=True, exist_ok=True)
+        _remove_temporaries(d)
+        state[m.spec] = _read_results(d / RESULTS)[0]
+
+    def recorded(j: Job) -> bool:
+        prev = state[j.method.spec].get(j.id)
+        if prev is None:
+            return False
+        if prev["status"] == "done":
+            return image_path(out / j.method.folder, j.id).is_file()
+        return not retry_failed
+
+    todo_total = sum(1 for w in waves for j in w if not recorded(j))
+    ev.skipped = sum(len(w) for w in waves) - todo_total
+    if todo_total == 0:
+        return
+    from .. import get_engine
+
+    engine = get_engine(model, device=device, torch_dtype=torch_dtype)
+    writers = {m.spec: ResultsWriter(out / m.folder / RESULTS) for m in methods}
+    bar = tqdm(total=todo_total, desc="eval edits", unit="edit", disable=not progress, dynamic_ncols=True)
+    old_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(int(threads))
+    try:
+        for wave in waves:
+            for m in methods:
+                d = out / m.folder
+                rows, fail = [], []
+                for j in wave:
+                    if j.method != m or recorded(j):
+                        continue
+                    mcfg = cfg.replace(**{**j.turn.overrides, **dict(m.overrides)})
+                    src = j.input if j.after is None else image_path(d, j.after)
+                    mask = {"empty": masks.empty, "auto": lambda: None,
+                            "dataset": lambda: masks.file(j.session, j.turn)}[m.roi]()
+                    row = Row(j.id, j.turn.index, Path(src), j.turn.instruction, mask, mcfg)
+                    if j.after is not None and not src.is_file():
+                        fail.append(_failed(row, f"turn {j.turn.index - 1} has no output ({j.after} failed), so its "
+                                                 "multi-turn chain stops here"))
+                    elif m.roi == "dataset" and mask is None:
+                        fail.append(_failed(row, f"the dataset has no mask for turn {j.turn.index}: {m.spec} needs one"))
+                    else:
+                        with PIL.Image.open(src) as im:
+                            row.size = im.size
+                        rows.append(row)
+                with warnings.catch_warnings():
+                    if m.roi == "empty":  # by design: the empty RoI is plain InstructPix2Pix
+                        warnings.filterwarnings("ignore", message="the mask is empty", category=LimeWarning)
+                    for group in plan_batches(rows, batch_size, engine.multiple):
+                        bar.set_postfix_str(f"{m.spec}, turn {group[0].line}", refresh=False)
+                        for rec in edit_group(engine, group, d, save_roi=True):
+                            _account(rec, writers[m.spec], state[m.spec], ev, bar)
+                for rec in fail:
+                    _account(rec, writers[m.spec], state[m.spec], ev, bar)
+    finally:
+        torch.set_num_threads(old_threads)
+        bar.close()
+        for w in writers.values():
+            w.close()
+
+
+def _account(rec: dict, writer, state: dict, ev: Evaluation, bar) -> None:
+    writer.append(rec)
+    state[rec["id"]] = rec
+    if rec["status"] == "done":
+        ev.done += 1
+    else:
+        ev.failed += 1
+        bar.write(f"failed: {rec['id']}: {rec['error']}")
+    bar.update(1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# scoring
+# ---------------------------------------------------------------------------------------------------
+
+
+def _pairs(data: Dataset, settings) -> list[tuple[str, Session, list[Turn], str]]:
+    """(setting, session, the turns the pair covers, output id) for every scored pair."""
+    out = []
+    for setting in settings:
+        for s in data.sessions:
+            if setting == "single":
+                out += [(setting, s, [t], out_id(s.id, t.index, "single")) for t in s.turns]
+            elif chained(s):
+                out.append((setting, s, s.turns, out_id(s.id, len(s.turns), "multi")))
+    return out
+
+
+def _score(ev: Evaluation, clip, dino, progress: bool, chunk: int = 16) -> None:
+    from tqdm.auto import tqdm
+
+    from ..batch.store import RESULTS, _read_results, image_path
+    from . import metrics as M
+
+    out, masks = ev.out_dir, _Masks(ev.out_dir)
+    results = {m.spec: _read_results(out / m.folder / RESULTS)[0] for m in ev.methods}
+    pairs = _pairs(ev.dataset, ev.settings)
+    samples = []
+    for m in ev.methods:
+        for setting, s, turns, oid in pairs:
+            last = turns[-1]
+            rec = results[m.spec].get(oid)
+            img = image_path(out / m.folder, oid)
+            ok = rec is not None and rec["status"] == "done" and img.is_file()
+            samples.append({
+                "method": m.spec, "setting": setting, "session": s.id, "turn": last.index, "id": oid,
+                "instruction": last.instruction, "kind": last.meta.get("kind"),
+                "status": "done" if ok else "failed",
+                "error": None if ok else (rec or {}).get("error") or "not edited",
+                "image": img.relative_to(out).as_posix() if ok else None,
+                "target": str(last.target), "input": str(turns[0].input),
+                **dict.fromkeys(METRICS), "mask_area": None, "roi_area": None,
+                "_turns": turns, "_session": s,
+            })
+    known: dict[tuple, np.ndarray] = {}  # embeddings of targets and captions, shared by every method
+
+    def key(x):
+        return x["method"] + "|" + x["id"]
+
+    done = [x for x in samples if x["status"] == "done"]
+    bar = tqdm(total=len(done), desc="eval metrics", unit="pair", disable=not progress or not done, dynamic_ncols=True)
+    for i in range(0, len(done), chunk):
+        part = done[i : i + chunk]
+        gens = {key(x): M.load_rgb(out / x["image"]) for x in part}
+        tgts = {x["target"]: M.load_rgb(x["target"]) for x in part}
+        for x in part:
+            gen, tgt, turns = gens[key(x)], tgts[x["target"]], x["_turns"]
+            arrs = [masks.array(t) for t in turns]
+            region = None
+            if all(a is not None for a in arrs):  # multi-turn: every pixel some turn was meant to change
+                region = np.logical_or.reduce([M.resize_mask(a, tgt.size) for a in arrs])
+                x["mask_area"] = float(region.mean())
+            x.update(M.pixel_metrics(gen, tgt, region))
+            roi_file = out / ev.method(x["method"]).folder / "roi" / f"{x['id']}.png"
+            if roi_file.is_file():
+                roi = read_mask(roi_file)
+                x["roi_area"] = float(roi.mean())
+                if arrs[-1] is not None and ev.method(x["method"]).roi == "auto":
+                    x["roi_iou"] = M.iou(M.resize_mask(roi, tgt.size), M.resize_mask(arrs[-1], tgt.size))
+        for kind, model in (("clip", clip), ("dino", dino)):
+            if model is None:
+                continue
+            new = [p for p in tgts if (kind, p) not in known]
+            if new:
+                known.update(zip([(kind, p) for p in new], model.images([tgts[p] for p in new])))
+            gen_emb = dict(zip([key(x) for x in part], model.images([gens[key(x)] for x in part])))
+            for x in part:
+                x["clip_i" if kind == "clip" else "dino"] = M.cosine(gen_emb[key(x)], known[(kind, x["target"])])
+            if kind == "clip":
+                caps = sorted({x["_turns"][-1].caption for x in part} - {None} - {c for k, c in known if k == "text"})
+                if caps:
+                    known.update(zip([("text", c) for c in caps], model.texts(caps)))
+                for x in part:
+                    cap = x["_turns"][-1].caption
+                    if cap is not None:
+                        x["clip_t"] = M.cosine(gen_emb[key(x)], known[("text", cap)])
+                        x["clip_t_oracle"] = M.cosine(known[("clip", x["target"])], known[("text", cap)])
+        bar.update(len(part))
+    bar.close()
+    for x in samples:
+        x.pop("_turns"), x.pop("_session")
+    ev.samples = samples
+    ev.summary = summarize(samples, ev.methods, ev.settings)
+
+
+def summarize(samples: list[dict], methods: list[Method], settings) -> dict:
+    """{setting: {method spec: {metric: mean over the pairs that have it, n, failed, n_clip_t}}}."""
+    out: dict = {}
+    for setting in settings:
+        out[setting] = {}
+        for m in methods:
+            xs = [x for x in samples if x["setting"] == setting and x["method"] == m.spec]
+            ok = [x for x in xs if x["status"] == "done"]
+            row = {"n": len(ok), "failed": len(xs) - len(ok),
+                   "n_clip_t": sum(x["clip_t"] is not None for x in ok)}
+            for k in METRICS:
+                vals = [x[k] for x in ok if x[k] is not None and not (isinstance(x[k], float) and math.isnan(x[k]))]
+                row[k] = float(np.mean(vals)) if vals else None
+            out[setting][m.spec] = row
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+def evaluate(
+    data: Dataset,
+    out_dir,
+    *,
+    model=DEFAULT_MODEL,
+    methods=("ip2p", "lime", "lime-mask"),
+    settings=SETTINGS,
+    config: EditConfig | dict | None = None,
+    batch_size: int = 1,
+    retry_failed: bool = False,
+    clip=None,
+    dino=None,
+    device=None,
+    torch_dtype=None,
+    threads: int | None = None,
+    progress: bool = True,
+) -> Evaluation:
+    """Edit ``data`` with every method into ``out_dir`` (resumable, see the module docstring) and score it.
+
+    Args:
+        data: a ``Dataset`` (``lime_fast.evaluate.load``).
+        model: hub id, local folder, shipped model name, or a ``LimeEngine``.
+        methods: specs (``"ip2p"``, ``"lime"``, ``"lime-mask"``, each optionally ``:field=value,...``).
+        settings: ``"single"`` and/or ``"multi"``.
+        config: ``EditConfig`` (or dict of fields over the model's defaults) for every edit; a manifest
+            row's own fields and then a method's overrides apply on top.
+        batch_size: edits per UNet batch (same turn, method, working size and config). 1 makes every
+            output independent of the others; larger batches are for throughput (the last bit of a
+            pixel may change, as in ``lime_fast.batch``).
+        clip, dino: ``metrics.Clip`` / ``metrics.Dino`` (or local folder paths) for CLIP-I/CLIP-T and
+            DINO; None: those metrics are not computed.
+        device, torch_dtype, threads: as ``lime_fast.batch.run``.
+
+    Returns an ``Evaluation``. Raises ``EvalError`` before anything is written when it cannot start.
+    """
+    from ..batch.store import _locked
+    from . import metrics as M
+
+    t0 = time.perf_counter()
+    specs = [parse_method(m) if isinstance(m, str) else m for m in methods]
+    if len({m.folder for m in specs}) != len(specs):
+        raise EvalError(f"methods repeat: {', '.join(m.spec for m in specs)}")
+    settings = tuple(settings)
+    if not settings or set(settings) - set(SETTINGS):
+        raise EvalError(f"settings must be some of {', '.join(SETTINGS)}, got {', '.join(settings) or 'none'}")
+    if batch_size < 1:
+        raise EvalError(f"batch_size must be >= 1, got {batch_size}")
+    if not data.sessions:
+        raise EvalError("the data holds no usable session" + (": " + "; ".join(data.problems[:5]) if data.problems else ""))
+    cfg = base_config(model, config)
+    if isinstance(model, (str, os.PathLike)):
+        from ..models import local_checkpoint, model_location
+
+        local_checkpoint(model_location(model))  # a mistyped folder fails here, before anything is written
+    dev = device or ("cuda" if __import__("torch").cuda.is_available() else "cpu")
+    clip = M.Clip(clip, dev) if isinstance(clip, (str, os.PathLike)) else clip
+    dino = M.Dino(dino, dev) if isinstance(dino, (str, os.PathLike)) else dino
+    out = Path(out_dir).expanduser().absolute()
+    if out.exists() and not out.is_dir():
+        raise EvalError(f"--out {out} exists and is not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    ev = Evaluation(out, data, specs, settings, _identity(model), json.loads(json.dumps(dataclasses.asdict(cfg))),
+                    models={"clip": getattr(clip, "folder", None), "dino": getattr(dino, "folder", None)})
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(_locked(out))
+        except BatchError as e:
+            raise EvalError(str(e).replace("batch job", "job")) from None
+        _edit(data, out, specs, settings, model=model, cfg=cfg, batch_size=batch_size, retry_failed=retry_failed,
+              device=device, torch_dtype=torch_dtype, threads=threads, progress=progress, ev=ev)
+        _score(ev, clip, dino, progress)
+    ev.seconds = time.perf_counter() - t0
+    return ev
+
+
+__all__ = ["Evaluation", "EvalError", "METHODS", "METRICS", "Method", "SETTINGS", "evaluate", "out_id",
+           "parse_method", "plan", "summarize"]
