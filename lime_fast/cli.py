@@ -17,6 +17,7 @@ from pathlib import Path
 import PIL.Image
 
 from .config import DEFAULT_MODEL, EditConfig
+from .serve import cli as serve_cli
 
 PICTURES = ("roi", "overlay", "segments", "heatmap", "panel")
 
@@ -78,6 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="lime_fast_demo", help="folder for the pictures (default ./lime_fast_demo)")
     d.add_argument("--force", action="store_true", help="overwrite existing pictures")
     d.add_argument("--quiet", action="store_true")
+    serve_cli.add_parser(sub)
     return p
 
 
@@ -211,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         warnings.simplefilter("always", LimeWarning)
         warnings.showwarning = one_line
         try:
-            return {"edit": _edit, "batch": _batch, "demo": _demo}[args.command](args)
+            return {"edit": _edit, "batch": _batch, "demo": _demo, "serve": serve_cli.run}[args.command](args)
         except (UsageError, ModelLoadError, FileNotFoundError, ValueError, TypeError) as e:
             print(f"lime-fast: error: {e}", file=sys.stderr)
             return 2
