@@ -92,8 +92,9 @@ class BodyTooLarge(Exception):
 class Guard:
     """ASGI middleware, outermost: refuses request bodies over ``max_bytes`` (by Content-Length
     before reading, and by counting while the route reads a chunked body) and marks every response
-    ``nosniff``. What an over-large client already sent is read and dropped, up to 4 x the limit, so
-    it sees the 413 instead of a reset connection."""
+    ``nosniff``. What an over-large client sends anyway is read and dropped, up to 4 x the limit, so
+    it sees the 413 instead of a reset connection (a client that sent ``Expect: 100-continue``, as
+    curl does for large bodies, gets the 413 before it sends anything)."""
 
     def __init__(self, app, max_bytes: int, metrics: Metrics):
         self.app, self.max_bytes, self.metrics = app, max_bytes, metrics
@@ -121,9 +122,11 @@ class Guard:
                 msg["headers"] = list(msg.get("headers", [])) + [(b"x-content-type-options", b"nosniff")]
             await send(msg)
 
-        declared = dict(scope["headers"]).get(b"content-length")
+        headers = dict(scope["headers"])
+        declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._drain(receive)
+            if headers.get(b"expect", b"").lower() != b"100-continue":  # curl waits for "100 Continue": nothing to drain
+                await self._drain(receive)
             if scope["path"] == "/v1/edit":
                 self.metrics.observe_request(413, 0.0)
             body = self._message(f"{int(declared):,} bytes")
