@@ -598,6 +598,11 @@ def test_cli_serve_refuses_bad_options_and_serves(tmp_path, sample_png, capsys):
 
     assert main(["serve", "--max-batch", "0"]) == 2
     assert "max_batch must be >= 1" in capsys.readouterr().err
+    with socket.socket() as busy:  # a port in use is refused before the model loads
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        assert main(["serve", "--model", "/no/such/model", "--port", str(busy.getsockname()[1])]) == 2
+    assert "cannot listen on 127.0.0.1" in capsys.readouterr().err
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import socket
 import sys
 
 from ..config import DEFAULT_MODEL
@@ -55,10 +56,11 @@ def run(args) -> int:
                       max_pixels=args.max_pixels, max_steps=args.max_steps, token=token, model_name=args.model)
     try:
         import fastapi  # noqa: F401
-        import multipart  # noqa: F401  (python-multipart)
+        import python_multipart  # noqa: F401
         import uvicorn
     except ImportError as e:
         raise ValueError(f"lime-fast serve needs {e.name}, which is not installed: {EXTRA_HINT}") from None
+    _check_bindable(args.host, args.port)  # before the model loads, which takes a while
     if not _loopback(args.host) and token is None:
         print(f"warning: serving on {args.host} without a token: anyone who can reach this port can run edits "
               f"(set {TOKEN_ENV} or --token)", file=sys.stderr)
@@ -82,6 +84,16 @@ def run(args) -> int:
         pass
     print("lime-fast serve: stopped", file=sys.stderr)
     return 0
+
+
+def _check_bindable(host: str, port: int) -> None:
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            s.bind(addr)
+    except OSError as e:
+        raise ValueError(f"cannot listen on {host}:{port} ({e.strerror or e}): choose another --port or --host") from None
 
 
 def _loopback(host: str) -> bool:
