@@ -9,11 +9,13 @@ setup(
     long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8") if Path("README.md").exists() else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["lime_fast", "lime_fast.kernels", "lime_fast.batch", "lime_fast.testing", "lime_fast.evaluate"],
+    packages=["lime_fast", "lime_fast.kernels", "lime_fast.batch", "lime_fast.testing", "lime_fast.evaluate",
+              "lime_fast.serve"],
     package_dir={"lime_fast": "lime_fast", "lime_fast.kernels": "kernels"},
     package_data={"lime_fast": ["data/*.txt", "data/*.json", "data/configs/*/*.json",
                                 "data/shapes-ip2p/*.json", "data/shapes-ip2p/*.md", "data/shapes-ip2p/*.png",
-                                "data/shapes-ip2p/*/*.json", "data/shapes-ip2p/*/*.safetensors"]},
+                                "data/shapes-ip2p/*/*.json", "data/shapes-ip2p/*/*.safetensors"],
+                  "lime_fast.serve": ["static/*"]},
     # torch is deliberately unpinned here; scripts/install.sh (what .ci/run calls) installs the CPU build
     # (torch==2.13.0) first when no torch is present, so CI never pulls a CUDA build.
     install_requires=[
@@ -27,11 +29,13 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "dev": ["pytest", "pytest-benchmark", "scikit-learn", "triton"],
+        "dev": ["pytest", "pytest-benchmark", "scikit-learn", "triton", "httpx>=0.27", "selenium>=4.11"],
         "triton": ["triton"],
         "cuml": ["cuml-cu12"],
         "ray": ["ray[data]>=2.50"],
         "eval": ["pyarrow>=14"],  # lime-fast eval: MagicBrush's Hugging Face parquet files
+        # lime-fast serve; starlette 0.44 added Request.form(max_part_size=...), multipart 0.0.18 fixed a DoS
+        "serve": ["fastapi>=0.115.7", "starlette>=0.44", "uvicorn>=0.30", "python-multipart>=0.0.18"],
     },
     entry_points={"console_scripts": ["lime-fast=lime_fast.cli:main"]},
 )

@@ -130,6 +130,9 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="lime_fast_demo", help="folder for the pictures (default ./lime_fast_demo)")
     d.add_argument("--force", action="store_true", help="overwrite existing pictures")
     d.add_argument("--quiet", action="store_true")
+    from .serve import cli as serve_cli
+
+    serve_cli.add_parser(sub)
     return p
 
 
@@ -279,6 +282,10 @@ def main(argv: list[str] | None = None) -> int:
                 from .evaluate.cli import run as run_eval
 
                 return run_eval(args)
+            if args.command == "serve":
+                from .serve.cli import run as run_serve
+
+                return run_serve(args)
             return {"edit": _edit, "batch": _batch, "demo": _demo}[args.command](args)
         except KeyboardInterrupt:
             print("lime-fast: interrupted; nothing was written", file=sys.stderr)

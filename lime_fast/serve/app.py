@@ -1,0 +1,471 @@
+"""The HTTP service: ``create_app(engine_or_model, ServeConfig(...))`` returns a FastAPI app.
+
+Routes (``/docs`` and ``/openapi.json`` describe them; FastAPI writes both):
+
+    POST /v1/edit     multipart: image (file), instruction, optional mask (file, white = edit here, the
+                      image's size), optional EditConfig fields as form fields (steps=4, roi_words=collar,
+                      reg_steps=0,3, ...). Answers the edited PNG, or JSON (``Accept: application/json``
+                      or ``?format=json``) with the image, RoI mask, overlay and heatmap as base64 PNGs,
+                      the content words, timings and the batch it ran in.
+    GET  /healthz     liveness and queue depth (never needs the token)
+    GET  /v1/models   the model, its default EditConfig, the server's limits
+    GET  /metrics     Prometheus text (``lime_fast.serve.metrics``)
+    GET  /            the page (``static/index.html``, ``static/app.js``)
+
+Every refused request gets a 4xx JSON body ``{"error": "..."}`` naming the problem; an unexpected
+failure gets a 500 JSON body without a traceback (the server log has it). Edits run in the batcher's
+worker threads (``lime_fast.serve.batcher``), never on the event loop; decoding and PNG encoding run
+in the thread pool.
+"""
+
+# No ``from __future__ import annotations`` here: FastAPI reads the route functions' annotations
+# (Request, the bearer credentials), which are imported inside create_app, at definition time.
+import asyncio
+import base64
+import dataclasses
+import hmac
+import importlib.util
+import io
+import logging
+import re
+import time
+import uuid
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from .batcher import Batcher, QueueFull, ShuttingDown
+from .metrics import Metrics
+from .uploads import CONFIG_FIELDS, FIELD_TYPES, BadRequest, check_text, decode_image, decode_mask, parse_config
+
+log = logging.getLogger("lime_fast.serve")
+STATIC = Path(__file__).with_name("static")
+TOKEN_ENV = "LIME_FAST_TOKEN"
+RESERVED = ("image", "mask", "instruction")
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+
+
+@dataclass
+class ServeConfig:
+    """Settings of the service (``lime-fast serve`` has an option for each).
+
+    max_batch: most edits per UNet batch. On this 2-core CPU with shapes-ip2p (64 x 64, 20 steps,
+        2026-12-01) one ``edit_batch`` of 8 ran 2.2 edits/s against 1.2 alone; 16 gave 2.4, 64 only
+        1.7 (memory-bound). A GPU gains more from large batches.
+    batch_window_ms: how long a batch waits for more requests after its first one arrived. Under
+        load batches fill while the previous batch runs, so the window only matters when idle: it
+        is the latency a lone request pays for the chance to share.
+    max_queue: most edits waiting; more get 503 with a Retry-After estimate.
+    timeout_s: a request not answered within this many seconds gets 504 (and its edit is dropped
+        if it has not started).
+    max_upload_bytes: largest request body (the picture, the mask and the fields together): 413.
+    max_pixels: largest picture (width x height, read from the file's header before decoding): 413.
+    max_steps: largest ``steps`` a request may ask for (the cost of an edit grows with it).
+    token: when set, /v1/* and /metrics need ``Authorization: Bearer <token>``.
+    model_name: the name /v1/models and /healthz report.
+    """
+
+    max_batch: int = 8
+    batch_window_ms: float = 10.0
+    max_queue: int = 256
+    timeout_s: float = 300.0
+    max_upload_bytes: int = 20 * 2**20
+    max_pixels: int = 4096 * 4096
+    max_steps: int = 100
+    token: str | None = None
+    model_name: str | None = None
+
+    def __post_init__(self):
+        for name in ("max_batch", "max_queue", "max_upload_bytes", "max_pixels", "max_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.batch_window_ms < 0 or not self.timeout_s > 0:
+            raise ValueError(f"batch_window_ms must be >= 0 and timeout_s > 0, got {self.batch_window_ms}, {self.timeout_s}")
+        if self.token is not None and not self.token.strip():
+            raise ValueError("the token is empty: give a secret string, or none for no authentication")
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class Guard:
+    """ASGI middleware, outermost: refuses request bodies over ``max_bytes`` (by Content-Length
+    before reading, and by counting while the route reads a chunked body) and marks every response
+    ``nosniff``. What an over-large client sends anyway is read and dropped, up to 4 x the limit, so
+    it sees the 413 instead of a reset connection (a client that sent ``Expect: 100-continue``, as
+    curl does for large bodies, gets the 413 before it sends anything)."""
+
+    def __init__(self, app, max_bytes: int, metrics: Metrics):
+        self.app, self.max_bytes, self.metrics = app, max_bytes, metrics
+
+    def _message(self, size: str) -> bytes:
+        mib = self.max_bytes / 2**20
+        return (f'{{"error": "the request body is {size}; this server accepts at most {self.max_bytes:,} bytes '
+                f'({mib:.3g} MiB, --max-upload-mb): send a smaller picture"}}').encode()
+
+    async def _drain(self, receive) -> None:
+        seen, more = 0, True
+        while more and seen <= 4 * self.max_bytes:
+            msg = await receive()
+            if msg["type"] != "http.request":
+                return
+            seen += len(msg.get("body", b""))
+            more = msg.get("more_body", False)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_nosniff(msg):
+            if msg["type"] == "http.response.start":
+                msg["headers"] = list(msg.get("headers", [])) + [(b"x-content-type-options", b"nosniff")]
+            await send(msg)
+
+        headers = dict(scope["headers"])
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            if headers.get(b"expect", b"").lower() != b"100-continue":  # curl waits for "100 Continue": nothing to drain
+                await self._drain(receive)
+            if scope["path"] == "/v1/edit":
+                self.metrics.observe_request(413, 0.0)
+            body = self._message(f"{int(declared):,} bytes")
+            await send_nosniff({"type": "http.response.start", "status": 413,
+                                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                            (b"connection", b"close")]})
+            await send({"type": "http.response.body", "body": body})
+            return
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > self.max_bytes:
+                    if msg.get("more_body", False):
+                        await self._drain(receive)
+                    raise BodyTooLarge(self._message(f"over {self.max_bytes:,} bytes").decode())
+            return msg
+
+        await self.app(scope, limited, send_nosniff)
+
+
+def _load_engines(engine_or_model, device, torch_dtype) -> list:
+    """A LimeEngine, a list of them (one per device), or a model name/folder (loaded once per device:
+    ``device`` may be a list, e.g. ["cuda:0", "cuda:1"])."""
+    if isinstance(engine_or_model, (list, tuple)):
+        return list(engine_or_model)
+    if hasattr(engine_or_model, "edit_batch"):
+        return [engine_or_model]
+    import lime_fast
+
+    devices = device if isinstance(device, (list, tuple)) else [device]
+    return [lime_fast.get_engine(engine_or_model, device=d, torch_dtype=torch_dtype) for d in dict.fromkeys(devices)]
+
+
+def _limits(engine, config: ServeConfig) -> dict[str, int]:
+    """Largest value a request may set per EditConfig field: a request must not be able to make the
+    server do unbounded work (steps, k-means iterations, the grid) or ask for levels the UNet lacks."""
+    limits = {"steps": config.max_steps, "grid_size": 512, "clusters": 64, "kmeans_n_init": 16,
+              "kmeans_max_iter": 1000, "max_side": engine.default_config.max_side}
+    unet = getattr(engine, "unet", None)
+    if unet is not None:
+        limits["feature_levels"] = limits["reg_levels"] = len(unet.config.block_out_channels) - 1
+    return limits
+
+
+def _openapi_body(base) -> dict:
+    kinds = {int: "integer", float: "number", str: "string"}
+    props = {
+        "image": {"type": "string", "format": "binary", "description": "the picture (PNG, JPEG, WebP, GIF or BMP)"},
+        "instruction": {"type": "string", "description": 'the edit, e.g. "make the circle red"'},
+        "mask": {"type": "string", "format": "binary",
+                 "description": "optional region to edit (white = edit), the image's size; skips localization"},
+    }
+    for name in CONFIG_FIELDS:
+        kind = kinds.get(FIELD_TYPES[name], "string")
+        props[name] = {"type": kind, "description": f"EditConfig.{name} ({FIELD_TYPES[name]}); default "
+                       f"{getattr(base, name)!r}. Tuples: comma-separated (0,1) or a JSON list."}
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {
+        "schema": {"type": "object", "required": ["image", "instruction"], "properties": props}}}}}
+
+
+def _png(img) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _result_json(result, job, request_id: str) -> dict:
+    from .. import viz
+
+    b64 = lambda img: base64.b64encode(_png(img)).decode("ascii")  # noqa: E731
+    size = result.input_image.size
+    return {
+        "id": request_id,
+        "width": size[0],
+        "height": size[1],
+        "image_png": b64(result.image),
+        "roi_mask_png": b64(viz.mask_image(result.roi_mask)),
+        "overlay_png": b64(result.overlay()),
+        "heatmap_png": None if result.heatmap is None else b64(viz.heatmap_image(result.heatmap, size)),
+        "tokens": list(result.tokens),
+        "silenced": list(result.silenced),
+        "fallback": result.fallback,
+        "roi_area": round(float(result.roi_mask.mean()), 6),
+        "unet_evals": result.unet_evals,
+        "batch_size": job.batch_size,
+        "queue_seconds": round(job.started - job.submitted, 4),
+        "timings": {k: round(v, 4) for k, v in result.timings.items()},
+    }
+
+
+def create_app(engine_or_model, config: ServeConfig | None = None, *, device=None, torch_dtype=None):
+    """The service as a FastAPI app. ``engine_or_model``: a ``LimeEngine`` (or a list, one per device)
+    or a model (hub id, folder, ``shapes-ip2p``; loaded now, once per ``device``). The batcher's
+    workers start and stop with the app's lifespan (uvicorn runs it; with Starlette's TestClient use
+    ``with TestClient(app)``)."""
+    from fastapi import Depends, FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+    from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+    from starlette.concurrency import run_in_threadpool
+    from starlette.datastructures import UploadFile
+    from starlette.exceptions import HTTPException
+    from starlette.requests import ClientDisconnect
+
+    from .. import __version__
+
+    cfg = config or ServeConfig()
+    engines = _load_engines(engine_or_model, device, torch_dtype)
+    engine = engines[0]
+    name = cfg.model_name or (str(engine_or_model) if isinstance(engine_or_model, (str, Path)) else type(engine).__name__)
+    base = engine.default_config
+    limits = _limits(engine, cfg)
+    has_cuml = importlib.util.find_spec("cuml") is not None
+    metrics = Metrics()
+    batcher = Batcher(engines, max_batch=cfg.max_batch, window_s=cfg.batch_window_ms / 1000, max_queue=cfg.max_queue, metrics=metrics)
+    page = (STATIC / "index.html").read_text(encoding="utf-8")
+    script = (STATIC / "app.js").read_text(encoding="utf-8")
+
+    @asynccontextmanager
+    async def lifespan(app):
+        batcher.start()
+        try:
+            yield
+        finally:
+            await run_in_threadpool(batcher.stop)
+
+    app = FastAPI(title="lime-fast", version=__version__, lifespan=lifespan,
+                  description="LIME localized image editing as a service, with dynamic batching. "
+                              "POST /v1/edit with multipart form data; see the README's Service section.")
+    app.state.batcher, app.state.metrics, app.state.config = batcher, metrics, cfg
+    bearer = HTTPBearer(auto_error=False, description="only when the server was started with --token")
+
+    def error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+        return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, exc: HTTPException):  # 404, 405, malformed multipart (400), ...
+        return error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request, exc: RequestValidationError):
+        parts = [f"{'.'.join(str(x) for x in e.get('loc', ()))}: {e.get('msg', '')}" for e in exc.errors()]
+        return error(422, "; ".join(parts) or "invalid request")
+
+    @app.exception_handler(BodyTooLarge)
+    async def too_large(request, exc: BodyTooLarge):
+        return Response(str(exc), status_code=413, media_type="application/json", headers={"Connection": "close"})
+
+    @app.exception_handler(Exception)
+    async def internal_error(request, exc: Exception):  # the traceback goes to the log, not the client
+        log.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
+        return error(500, f"internal error ({type(exc).__name__}); the server log has the details")
+
+    def authorize(credentials: HTTPAuthorizationCredentials | None) -> None:
+        if cfg.token is None:
+            return
+        given = credentials.credentials.encode() if credentials is not None else b""
+        if not hmac.compare_digest(given, cfg.token.encode()):
+            raise BadRequest(401, "missing or wrong token: send the header 'Authorization: Bearer <token>' with the "
+                                  "token the server was started with (--token or LIME_FAST_TOKEN)",
+                             {"WWW-Authenticate": "Bearer"})
+
+    async def wait_disconnect(request: Request) -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    async def read_form(request: Request):
+        ctype = request.headers.get("content-type", "")
+        if not ctype.lower().startswith("multipart/form-data"):
+            raise BadRequest(415, f"send multipart/form-data (got {ctype or 'no content type'!r}): e.g. "
+                                  "curl -F image=@photo.png -F instruction='make the circle red' URL")
+        try:
+            return await request.form(max_files=2, max_fields=len(CONFIG_FIELDS) + 8, max_part_size=64 * 1024)
+        except (BodyTooLarge, ClientDisconnect, HTTPException):
+            raise
+        except Exception as e:  # python-multipart's parse errors
+            raise BadRequest(400, f"cannot parse the multipart body ({type(e).__name__}: {e})") from None
+
+    def split_form(form) -> tuple:
+        items = form.multi_items()
+        unknown = sorted({k for k, _ in items} - set(RESERVED) - set(CONFIG_FIELDS))
+        if unknown:
+            raise BadRequest(400, f"unknown field(s): {', '.join(unknown)}. Send image, instruction, optionally mask, "
+                                  f"and EditConfig fields: {', '.join(CONFIG_FIELDS)}")
+        values: dict[str, list] = {}
+        for k, v in items:
+            values.setdefault(k, []).append(v)
+        for k in RESERVED:
+            if len(values.get(k, [])) > 1:
+                raise BadRequest(400, f"{k} was given {len(values[k])} times; give it once")
+        image, mask = values.get("image", [None])[0], values.get("mask", [None])[0]
+        instruction = values.get("instruction", [None])[0]
+        if image is None:
+            raise BadRequest(400, "image is missing: send the picture as a file field, e.g. curl -F image=@photo.png")
+        if not isinstance(image, UploadFile):
+            raise BadRequest(400, "image must be a file upload (curl -F image=@photo.png), not a text field")
+        if mask is not None and not isinstance(mask, UploadFile):
+            raise BadRequest(400, "mask must be a file upload (curl -F mask=@mask.png), not a text field")
+        if instruction is None:
+            raise BadRequest(400, "instruction is missing: say what to change, e.g. -F instruction='make the circle red'")
+        if not isinstance(instruction, str):
+            raise BadRequest(400, "instruction must be a text field, not a file")
+        fields = {k: v for k, v in values.items() if k not in RESERVED}
+        for k, vs in fields.items():
+            if any(not isinstance(v, str) for v in vs):
+                raise BadRequest(400, f"{k} must be a text field, not a file")
+        return image, mask, instruction, fields
+
+    async def run_edit(request: Request, fmt: str | None, credentials) -> Response:
+        authorize(credentials)
+        rid = request.headers.get("x-request-id", "")
+        rid = rid if _REQUEST_ID.fullmatch(rid) else uuid.uuid4().hex
+        if fmt not in (None, "png", "json"):
+            raise BadRequest(400, f"format must be png or json, got {fmt!r}")
+        want_json = fmt == "json" or (fmt is None and "application/json" in request.headers.get("accept", ""))
+        form = await read_form(request)
+        try:
+            upload, mask_upload, instruction, fields = split_form(form)
+            edit_cfg = parse_config(base, fields, limits)
+            if edit_cfg.segment_backend == "cuml" and not has_cuml:
+                raise BadRequest(400, "segment_backend=cuml needs cuML, which this server does not have")
+            text = check_text(instruction)
+            image = await run_in_threadpool(decode_image, await upload.read(), "image", cfg.max_pixels)
+            mask = None
+            if mask_upload is not None:
+                mask = await run_in_threadpool(decode_mask, await mask_upload.read(), image.size, cfg.max_pixels)
+        finally:
+            await form.close()
+        try:
+            job = batcher.submit(image, text, mask, edit_cfg)
+        except QueueFull as e:
+            raise BadRequest(503, f"{e}: try again in {e.retry_after} s", {"Retry-After": str(e.retry_after)}) from None
+        except ShuttingDown as e:
+            raise BadRequest(503, str(e), {"Retry-After": "5"}) from None
+        done_fut = asyncio.wrap_future(job.future)
+        gone = asyncio.ensure_future(wait_disconnect(request))
+        try:
+            done, _ = await asyncio.wait({done_fut, gone}, timeout=cfg.timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if done_fut not in done:
+            batcher.cancel(job)
+            done_fut.cancel()
+            if gone in done:
+                return Response(status_code=499)  # nobody reads it; counted as 'disconnected'
+            raise BadRequest(504, f"the edit did not finish within {cfg.timeout_s:g} s (--timeout); "
+                                  f"{batcher.depth} edits are waiting: try again later")
+        try:
+            result = done_fut.result()
+        except ShuttingDown as e:
+            raise BadRequest(503, str(e), {"Retry-After": "5"}) from None
+        except (TypeError, ValueError) as e:  # settings this model cannot run (checked ones never get here)
+            raise BadRequest(400, f"the edit failed with these settings: {e}") from None
+        headers = {"X-Request-Id": rid, "X-Lime-Batch-Size": str(job.batch_size),
+                   "X-Lime-Queue-Seconds": f"{job.started - job.submitted:.4f}",
+                   "X-Lime-Edit-Seconds": f"{result.timings.get('total', 0.0):.4f}"}
+        if want_json:
+            return JSONResponse(await run_in_threadpool(_result_json, result, job, rid), headers=headers)
+        return Response(await run_in_threadpool(_png, result.image), media_type="image/png", headers=headers)
+
+    @app.post("/v1/edit", openapi_extra=_openapi_body(base), summary="Edit a picture as an instruction says",
+              responses={200: {"content": {"image/png": {}, "application/json": {}},
+                               "description": "the edited picture (PNG), or JSON with format=json / Accept: application/json"},
+                         400: {"description": "a bad field, value or picture; the JSON error names it"},
+                         401: {"description": "missing or wrong bearer token"},
+                         413: {"description": "upload or picture too large"}, 415: {"description": "not a picture"},
+                         503: {"description": "queue full (Retry-After)"}, 504: {"description": "timed out"}})
+    async def edit(request: Request, format: str | None = None,
+                   credentials: HTTPAuthorizationCredentials | None = Depends(bearer)):
+        t0 = time.monotonic()
+        status = 500
+        try:
+            response = await run_edit(request, format, credentials)
+            status = response.status_code
+            return response
+        except BadRequest as e:
+            status = e.status
+            return error(e.status, e.message, e.headers)
+        except ClientDisconnect:
+            status = 499
+            return Response(status_code=499)
+        except BodyTooLarge:
+            status = 413
+            raise
+        except HTTPException as e:  # a malformed multipart body (400)
+            status = e.status_code
+            raise
+        finally:
+            metrics.observe_request(status, time.monotonic() - t0)
+
+    @app.get("/healthz", summary="Liveness, queue depth, whether a token is needed")
+    async def healthz():
+        body = {"status": "ok" if batcher.alive else "unavailable", "model": name, "workers": len(engines),
+                "queue_depth": batcher.depth, "running": batcher.running, "auth": cfg.token is not None,
+                "seconds_per_edit": batcher.seconds_per_edit, "seconds_per_batch": batcher.seconds_per_batch}
+        return JSONResponse(body, status_code=200 if batcher.alive else 503)
+
+    @app.get("/v1/models", summary="The model served, its default EditConfig and the server's limits")
+    async def models(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)):
+        try:
+            authorize(credentials)
+        except BadRequest as e:
+            return error(e.status, e.message, e.headers)
+        return {
+            "data": [{"id": name, "devices": [str(getattr(e, "device", "?")) for e in engines],
+                      "dtype": str(getattr(engine, "dtype", "?")).removeprefix("torch."),
+                      "size_multiple": engine.multiple, "trained_size": getattr(engine, "trained_size", None),
+                      "default_config": dataclasses.asdict(base)}],
+            "batching": {"max_batch": cfg.max_batch, "batch_window_ms": cfg.batch_window_ms, "max_queue": cfg.max_queue},
+            "limits": {"max_upload_bytes": cfg.max_upload_bytes, "max_pixels": cfg.max_pixels, "timeout_s": cfg.timeout_s,
+                       **limits},
+        }
+
+    @app.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
+    async def prometheus(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)):
+        try:
+            authorize(credentials)
+        except BadRequest as e:
+            return error(e.status, e.message, e.headers)
+        return PlainTextResponse(metrics.render(batcher.depth, batcher.running), media_type="text/plain; version=0.0.4")
+
+    csp = ("default-src 'self'; img-src 'self' data: blob:; style-src 'self' 'unsafe-inline'; script-src 'self'; "
+           "connect-src 'self'; frame-ancestors 'none'")
+
+    @app.get("/", include_in_schema=False)
+    async def index():
+        return HTMLResponse(page, headers={"Content-Security-Policy": csp})
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon():  # browsers ask for it; no content beats a 404 in their console
+        return Response(status_code=204)
+
+    @app.get("/static/app.js", include_in_schema=False)
+    async def app_js():
+        return Response(script, media_type="text/javascript")
+
+    app.add_middleware(Guard, max_bytes=cfg.max_upload_bytes, metrics=metrics)
+    return app

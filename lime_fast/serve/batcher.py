@@ -1,0 +1,259 @@
+"""Dynamic batching: edits that arrive close together and can share a UNet batch run as one ``edit_batch``.
+
+A request becomes a ``Job`` (an image already decoded and checked, its instruction, mask and resolved
+``EditConfig``) with a ``concurrent.futures.Future`` for its result. One worker thread per engine
+(one engine per device) loops:
+
+1. wait for the oldest queued job;
+2. keep its batch open until ``window_s`` after that job arrived, or until ``max_batch`` queued jobs
+   share its key (working size + every EditConfig field: ``edit_batch`` runs all its edits at the
+   first image's working size with one config), whichever comes first;
+3. take up to ``max_batch`` jobs of that key, oldest first (jobs of other keys keep their place), and
+   run them as one ``engine.edit_batch``.
+
+While a worker is busy, new jobs queue; when it comes back, the oldest job has already waited longer
+than the window, so whatever queued meanwhile with its key goes at once (no extra wait under load).
+
+Edits never run concurrently on one engine: each engine has exactly one worker. The queue is
+bounded (``QueueFull`` when full; the app answers 503 with Retry-After). A job whose client gave up
+(timeout, disconnect) is cancelled: still queued, it is dropped before it runs; already running, its
+batch finishes for the others and its result is discarded. A batch that raises is retried one job
+at a time, so one failing edit fails alone.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import itertools
+import logging
+import threading
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import PIL.Image
+
+from ..config import EditConfig
+from ..inputs import working_size
+
+log = logging.getLogger("lime_fast.serve")
+
+
+class QueueFull(Exception):
+    """The queue holds ``max_queue`` jobs; ``retry_after`` is the estimated wait in seconds."""
+
+    def __init__(self, message: str, retry_after: int):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class ShuttingDown(Exception):
+    """The batcher is stopping and takes no new jobs."""
+
+
+_IDS = itertools.count(1)
+
+
+@dataclass(eq=False)
+class Job:
+    """One queued edit.
+
+    image: RGB PIL image (decoded and checked). mask: bool [H, W] or None (automatic RoI).
+    config: the resolved EditConfig. key: (working (w, h), EditConfig values): jobs batch together
+    only with equal keys. future: resolves to the ``EditResult``.
+    submitted / started: ``time.monotonic()`` seconds; batch_size: edits in the batch it ran in.
+    """
+
+    image: PIL.Image.Image
+    instruction: str
+    mask: np.ndarray | None
+    config: EditConfig
+    key: tuple
+    id: int = field(default_factory=lambda: next(_IDS))
+    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+    submitted: float = field(default_factory=time.monotonic)
+    started: float | None = None
+    batch_size: int = 0
+
+
+def batch_key(image: PIL.Image.Image, config: EditConfig, multiple: int) -> tuple:
+    """What must match for two edits to share an ``edit_batch``: the working size the engine brings
+    the image to (``lime_fast.inputs.working_size``) and the whole config (one config per batch)."""
+    with warnings.catch_warnings():  # the edit itself warns about shrinking large images
+        warnings.simplefilter("ignore")
+        size = working_size(*image.size, multiple, config.max_side)
+    return (size, dataclasses.astuple(config))
+
+
+class Batcher:
+    """Queue + one worker thread per engine, forming batches as the module docstring says.
+
+    engines: the engines to run on (one per device; each gets one worker). They must share
+        ``multiple`` (the same model). A fake with ``multiple`` and ``edit_batch`` works too (tests).
+    max_batch: most edits per ``edit_batch`` (1 = no batching: each request alone, in arrival order).
+    window_s: how long a batch stays open for more jobs after its oldest job arrived (seconds).
+    max_queue: most jobs waiting (not yet running); ``submit`` raises ``QueueFull`` beyond it.
+    metrics: optional ``Metrics``; batches are recorded there.
+    """
+
+    def __init__(self, engines: Sequence, *, max_batch: int = 8, window_s: float = 0.01, max_queue: int = 256, metrics=None):
+        if not engines:
+            raise ValueError("Batcher needs at least one engine")
+        if max_batch < 1 or max_queue < 1 or window_s < 0:
+            raise ValueError(f"need max_batch >= 1, max_queue >= 1 and window_s >= 0, got {max_batch}, {max_queue}, {window_s}")
+        multiples = {e.multiple for e in engines}
+        if len(multiples) != 1:
+            raise ValueError(f"all engines must serve the same model (size multiples {sorted(multiples)})")
+        self.engines = list(engines)
+        self.multiple = multiples.pop()
+        self.max_batch, self.window_s, self.max_queue = max_batch, window_s, max_queue
+        self.metrics = metrics
+        self._pending: list[Job] = []
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._running = 0  # edits in batches now running
+        self._threads: list[threading.Thread] = []
+        # Exponential moving averages (weight 0.2 on the newest batch) of seconds per edit (a batch's time
+        # / its size: Retry-After) and per batch (what one request waits once it runs: the page's
+        # progress estimate). None until the first batch.
+        self.seconds_per_edit: float | None = None
+        self.seconds_per_batch: float | None = None
+
+    # --- lifecycle ------------------------------------------------------------------------------
+    def start(self) -> "Batcher":
+        for i, engine in enumerate(self.engines):
+            t = threading.Thread(target=self._worker, args=(engine,), name=f"lime-fast-worker-{i}", daemon=True)
+            t.start()
+            self._threads.append(t)
+        return self
+
+    def stop(self, timeout: float | None = 30.0) -> None:
+        """Take no new jobs, fail the queued ones with ``ShuttingDown``, let running batches finish."""
+        with self._cond:
+            self._stopping = True
+            dropped, self._pending = self._pending, []
+            self._cond.notify_all()
+        for job in dropped:
+            if job.future.set_running_or_notify_cancel():
+                job.future.set_exception(ShuttingDown("the server is shutting down"))
+        for t in self._threads:
+            t.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return bool(self._threads) and all(t.is_alive() for t in self._threads) and not self._stopping
+
+    @property
+    def depth(self) -> int:
+        """Jobs waiting (not yet running)."""
+        return len(self._pending)
+
+    @property
+    def running(self) -> int:
+        """Edits in batches now running."""
+        return self._running
+
+    # --- the client side ------------------------------------------------------------------------
+    def submit(self, image: PIL.Image.Image, instruction: str, mask: np.ndarray | None, config: EditConfig) -> Job:
+        """Queue one edit; returns its ``Job`` (``job.future`` resolves to the ``EditResult``)."""
+        job = Job(image, instruction, mask, config, batch_key(image, config, self.multiple))
+        with self._cond:
+            if self._stopping:
+                raise ShuttingDown("the server is shutting down")
+            if len(self._pending) >= self.max_queue:
+                raise QueueFull(f"the queue is full ({self.max_queue} edits waiting)", self.retry_after())
+            self._pending.append(job)
+            self._cond.notify_all()
+        return job
+
+    def cancel(self, job: Job) -> bool:
+        """The client is gone (timeout, disconnect): drop the job if it has not started. True when
+        it was dropped; False when it is running or done (its result is then simply not used)."""
+        with self._cond:
+            if job in self._pending:
+                self._pending.remove(job)
+        return job.future.cancel()
+
+    def retry_after(self) -> int:
+        """Seconds until the queue has likely drained (whole seconds, at least 1): Retry-After."""
+        per_edit = self.seconds_per_edit or 1.0
+        return max(1, round((len(self._pending) + self._running) * per_edit / len(self.engines)))
+
+    # --- the worker side ------------------------------------------------------------------------
+    def _next_batch(self) -> list[Job] | None:
+        """Block until a batch is ready (see the module docstring); None when stopping."""
+        with self._cond:
+            while True:
+                while not self._pending and not self._stopping:
+                    self._cond.wait()
+                if self._stopping:
+                    return None
+                first = self._pending[0]
+                close_at = first.submitted + self.window_s
+                while True:
+                    same = [j for j in self._pending if j.key == first.key]
+                    left = close_at - time.monotonic()
+                    if len(same) >= self.max_batch or left <= 0 or self._stopping or not same or same[0] is not first:
+                        break
+                    self._cond.wait(left)
+                if self._stopping:
+                    return None
+                if not self._pending or self._pending[0] is not first:
+                    continue  # the oldest job was cancelled (or taken by another worker): start over
+                group = same[: self.max_batch]
+                taken = set(map(id, group))
+                self._pending = [j for j in self._pending if id(j) not in taken]
+                # a job cancelled after we looked is dropped here, never run
+                group = [j for j in group if j.future.set_running_or_notify_cancel()]
+                if group:
+                    self._running += len(group)
+                    return group
+
+    def _worker(self, engine) -> None:
+        while True:
+            group = self._next_batch()
+            if group is None:
+                return
+            try:
+                self._run(engine, group)
+            finally:
+                with self._cond:
+                    self._running -= len(group)
+
+    def _run(self, engine, group: list[Job]) -> None:
+        t0 = time.monotonic()
+        for job in group:
+            job.started, job.batch_size = t0, len(group)
+        masks = [j.mask for j in group]
+        try:
+            results = engine.edit_batch(
+                [j.image for j in group],
+                [j.instruction for j in group],
+                masks=masks if any(m is not None for m in masks) else None,
+                progress=False,
+                config=group[0].config,
+            )
+        except Exception as e:
+            if len(group) > 1:  # find the edit that fails; the others still get their images
+                log.warning("a batch of %d failed (%s: %s); retrying its edits one by one", len(group), type(e).__name__, e)
+                for job in group:
+                    self._run(engine, [job])
+                return
+            log.error("edit failed: %s: %s", type(e).__name__, e, exc_info=e)
+            group[0].future.set_exception(e)
+            return
+        seconds = time.monotonic() - t0
+        self.seconds_per_edit = _ema(self.seconds_per_edit, seconds / len(group))
+        self.seconds_per_batch = _ema(self.seconds_per_batch, seconds)
+        if self.metrics is not None:
+            self.metrics.observe_batch(len(group), seconds, getattr(results[0], "unet_evals", 0))
+        log.debug("batch of %d at %s in %.2f s", len(group), group[0].key[0], seconds)
+        for job, result in zip(group, results):
+            job.future.set_result(result)
+
+
+def _ema(old: float | None, new: float) -> float:
+    return new if old is None else 0.8 * old + 0.2 * new

@@ -1,0 +1,685 @@
+"""lime-fast serve: the batcher (with a fake engine), the HTTP service on loopback (real uvicorn, real
+HTTP client) with the shipped shapes model, its refusals, the command line, and the page in headless
+Chromium (skipped when Debian's chromium and chromium-driver are not installed)."""
+
+import asyncio
+import base64
+import io
+import os
+import re
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+
+pytest.importorskip("fastapi", reason="the serve extra is not installed: pip install 'lime-fast[serve]'")
+httpx = pytest.importorskip("httpx", reason="the tests' HTTP client is not installed: pip install httpx")
+uvicorn = pytest.importorskip("uvicorn")
+
+from lime_fast.config import EditConfig  # noqa: E402
+from lime_fast.engine import EditResult  # noqa: E402
+from lime_fast.serve.app import ServeConfig, create_app  # noqa: E402
+from lime_fast.serve.batcher import Batcher, QueueFull  # noqa: E402
+from lime_fast.serve.uploads import BadRequest, parse_field  # noqa: E402
+from lime_fast.testing.shapes import make_sample  # noqa: E402
+
+TOKEN = "s3cret-test-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+# Few steps: these tests check routing, batching and refusals, not edit quality (2 steps: 3 UNet evaluations).
+FAST = {"steps": "2", "capture_step": "0"}
+
+
+def png_bytes(img: PIL.Image.Image, fmt="PNG") -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def decode(data: bytes) -> np.ndarray:
+    return np.asarray(PIL.Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.int16)
+
+
+class LiveServer:
+    """uvicorn serving ``app`` in a thread, on a free loopback port bound before it starts."""
+
+    def __init__(self, app):
+        self.app = app
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline and self.thread.is_alive(), "uvicorn did not start"
+            time.sleep(0.02)
+
+    def client(self, **kw) -> "httpx.Client":
+        return httpx.Client(base_url=self.url, timeout=kw.pop("timeout", 120), **kw)
+
+    def close(self):
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+def metric(text: str, name: str) -> float:
+    m = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+    assert m, f"{name} not in /metrics"
+    return float(m.group(1))
+
+
+# --- a fake engine for the batcher and the fault tests ------------------------------------------
+class FakeEngine:
+    """``edit_batch`` that returns each input as its 'edit' and records the batches it was given.
+
+    gate: edits block until it is set (to hold a batch 'running'). delay: seconds per call.
+    fail_on: an instruction that makes the whole batch raise ValueError.
+    """
+
+    multiple = 32
+
+    def __init__(self, delay=0.0, fail_on=None):
+        self.default_config = EditConfig(steps=4)
+        self.delay, self.fail_on = delay, fail_on
+        self.calls: list[list[str]] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.active = self.max_active = 0
+        self._lock = threading.Lock()
+
+    def edit_batch(self, images, instructions, masks=None, progress=False, config=None):
+        with self._lock:
+            self.active += 1
+            self.max_active = max(self.max_active, self.active)
+            self.calls.append(list(instructions))
+        try:
+            assert self.gate.wait(30), "test gate never opened"
+            time.sleep(self.delay)
+            if self.fail_on in instructions:
+                raise ValueError(f"cannot edit {self.fail_on!r}")
+            return [EditResult(image=im, roi_mask=np.zeros((im.height, im.width), bool), roi_grid=np.zeros((4, 4), bool),
+                               segments=None, heatmap=None, tokens=[s], silenced=[], instruction=s, input_image=im,
+                               timings={"total": self.delay}, unet_evals=1) for im, s in zip(images, instructions)]
+        finally:
+            with self._lock:
+                self.active -= 1
+
+
+def picture(size=(64, 64), value=0):
+    return PIL.Image.new("RGB", size, (value, 0, 0))
+
+
+def wait_until(cond, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.005)
+
+
+async def async_wait_until(cond, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.005)
+
+
+@pytest.fixture
+def fake():
+    return FakeEngine()
+
+
+def hold(batcher, engine, name="blocker"):
+    """Occupy the worker with one batch that waits on the engine's gate; returns its job."""
+    engine.gate.clear()
+    job = batcher.submit(picture(), name, None, engine.default_config)
+    wait_until(lambda: engine.active == 1)
+    return job
+
+
+# --- the batcher ----------------------------------------------------------------------------------
+def test_batcher_groups_by_working_size_and_config(fake):
+    b = Batcher([fake], max_batch=8, window_s=0.0).start()
+    try:
+        hold(b, fake)
+        cfg, other = fake.default_config, fake.default_config.replace(seed=7)
+        jobs = [b.submit(picture((64, 64)), "a1", None, cfg),
+                b.submit(picture((96, 96)), "b1", None, cfg),           # another working size (96 -> 96)
+                b.submit(picture((65, 63)), "a2", None, cfg),           # rounds to 64 x 64: same batch as a1
+                b.submit(picture((64, 64)), "c1", None, other),         # another config
+                b.submit(picture((64, 64)), "a3", None, cfg)]
+        fake.gate.set()
+        results = [j.future.result(10) for j in jobs]
+    finally:
+        b.stop()
+    assert fake.calls == [["blocker"], ["a1", "a2", "a3"], ["b1"], ["c1"]]  # oldest key first, each key together
+    assert [r.instruction for r in results] == ["a1", "b1", "a2", "c1", "a3"]
+    assert [j.batch_size for j in jobs] == [3, 1, 3, 1, 3]
+
+
+def test_batcher_window_collects_close_arrivals_only(fake):
+    b = Batcher([fake], max_batch=8, window_s=0.5).start()
+    try:
+        first = b.submit(picture(), "w1", None, fake.default_config)
+        time.sleep(0.05)
+        second = b.submit(picture(), "w2", None, fake.default_config)
+        first.future.result(10), second.future.result(10)
+        assert first.started - first.submitted >= 0.45  # a batch short of max_batch waits out the window
+        late = b.submit(picture(), "w3", None, fake.default_config)
+        late.future.result(10)
+    finally:
+        b.stop()
+    assert fake.calls == [["w1", "w2"], ["w3"]]
+
+
+def test_batcher_max_batch_and_no_batching(fake):
+    b = Batcher([fake], max_batch=4, window_s=0.0).start()
+    try:
+        hold(b, fake)
+        jobs = [b.submit(picture(), f"j{i}", None, fake.default_config) for i in range(10)]
+        fake.gate.set()
+        [j.future.result(10) for j in jobs]
+    finally:
+        b.stop()
+    assert [len(c) for c in fake.calls] == [1, 4, 4, 2]
+    assert sum(fake.calls[1:], []) == [f"j{i}" for i in range(10)]  # each once, in order
+
+    single = FakeEngine()
+    b = Batcher([single], max_batch=1, window_s=0.05).start()
+    try:
+        jobs = [b.submit(picture(), f"s{i}", None, single.default_config) for i in range(3)]
+        [j.future.result(10) for j in jobs]
+    finally:
+        b.stop()
+    assert single.calls == [["s0"], ["s1"], ["s2"]]
+
+
+def test_batcher_queue_full(fake):
+    b = Batcher([fake], max_batch=2, window_s=0.0, max_queue=3).start()
+    try:
+        hold(b, fake)  # running: not counted in the queue
+        queued = [b.submit(picture(), f"q{i}", None, fake.default_config) for i in range(3)]
+        with pytest.raises(QueueFull) as e:
+            b.submit(picture(), "one too many", None, fake.default_config)
+        assert e.value.retry_after >= 1 and b.depth == 3
+        fake.gate.set()
+        [j.future.result(10) for j in queued]
+        b.submit(picture(), "room again", None, fake.default_config).future.result(10)
+    finally:
+        b.stop()
+
+
+def test_batcher_cancel_queued_job_never_runs_running_batch_unbroken(fake):
+    b = Batcher([fake], max_batch=8, window_s=0.05).start()
+    try:
+        hold(b, fake)
+        keep, drop = (b.submit(picture(), n, None, fake.default_config) for n in ("keep", "drop"))
+        assert b.cancel(drop) and drop.future.cancelled() and b.depth == 1
+        fake.gate.set()
+        assert keep.future.result(10).instruction == "keep"
+        # now cancel one edit of a batch that is already running: the other still gets its result
+        fake.gate.clear()
+        x1, x2 = (b.submit(picture(), n, None, fake.default_config) for n in ("x1", "x2"))
+        wait_until(lambda: fake.active == 1)
+        assert not b.cancel(x1)  # too late to drop: it runs, its result is not used
+        fake.gate.set()
+        assert x2.future.result(10).instruction == "x2"
+    finally:
+        b.stop()
+    assert fake.calls == [["blocker"], ["keep"], ["x1", "x2"]]
+
+
+def test_batcher_failing_edit_fails_alone():
+    engine = FakeEngine(fail_on="bad")
+    b = Batcher([engine], max_batch=8, window_s=0.0).start()
+    try:
+        hold(b, engine)
+        jobs = [b.submit(picture(), n, None, engine.default_config) for n in ("good1", "bad", "good2")]
+        engine.gate.set()
+        assert jobs[0].future.result(10).instruction == "good1"
+        assert jobs[2].future.result(10).instruction == "good2"
+        with pytest.raises(ValueError, match="bad"):
+            jobs[1].future.result(10)
+    finally:
+        b.stop()
+    assert engine.calls[1:] == [["good1", "bad", "good2"], ["good1"], ["bad"], ["good2"]]
+
+
+def test_batcher_one_worker_per_engine_never_concurrent_on_one():
+    engines = [FakeEngine(delay=0.05), FakeEngine(delay=0.05)]
+    b = Batcher(engines, max_batch=2, window_s=0.0).start()
+    try:
+        jobs = [b.submit(picture(), f"e{i}", None, engines[0].default_config) for i in range(12)]
+        assert sorted(j.future.result(10).instruction for j in jobs) == sorted(f"e{i}" for i in range(12))
+    finally:
+        b.stop()
+    assert all(e.max_active == 1 for e in engines) and all(e.calls for e in engines)
+    assert sorted(sum(engines[0].calls + engines[1].calls, [])) == sorted(f"e{i}" for i in range(12))
+
+
+def test_batcher_stop_fails_queued_jobs(fake):
+    b = Batcher([fake], max_batch=1, window_s=0.0).start()
+    hold(b, fake)
+    queued = b.submit(picture(), "q", None, fake.default_config)
+    threading.Timer(0.2, fake.gate.set).start()
+    b.stop()
+    with pytest.raises(Exception, match="shutting down"):
+        queued.future.result(1)
+
+
+# --- form fields ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name, values, expected", [
+    ("steps", ["12"], 12),
+    ("text_guidance", ["2.5"], 2.5),
+    ("capture_step", ["none"], None),
+    ("capture_step", ["3"], 3),
+    ("reg_steps", ["0,3"], (0, 3)),
+    ("reg_steps", ["[0, 3]"], (0, 3)),
+    ("feature_levels", ["0 1 2"], (0, 1, 2)),
+    ("feature_levels", ["0", "1"], (0, 1)),
+    ("roi_words", ["collar, dog"], ("collar", "dog")),
+    ("roi_words", ["collar"], ("collar",)),
+    ("segment_backend", ["native"], "native"),
+])
+def test_parse_field_by_dataclass_type(name, values, expected):
+    assert parse_field(name, values) == expected
+
+
+@pytest.mark.parametrize("name, values, message", [
+    ("steps", ["2.5"], "integer"), ("steps", ["1", "2"], "given 2 times"), ("text_guidance", ["inf"], "finite"),
+    ("reg_steps", ["1"], "takes 2 values"), ("feature_levels", ["[[1]]"], "flat list"), ("feature_levels", ["a"], "integer"),
+])
+def test_parse_field_refuses(name, values, message):
+    with pytest.raises(BadRequest, match=message):
+        parse_field(name, values)
+
+
+# --- HTTP with the fake engine: timeout, disconnect, queue full ---------------------------------
+def test_http_timeout_queue_full_and_disconnect():
+    engine = FakeEngine()
+    app = create_app(engine, ServeConfig(max_batch=4, batch_window_ms=100, max_queue=2, timeout_s=0.5))
+    srv = LiveServer(app)
+    batcher = app.state.batcher
+    files = lambda: {"image": ("a.png", png_bytes(picture()), "image/png")}  # noqa: E731
+    try:
+        with srv.client() as c:
+            # the worker is held: a request times out with 504 and its queued edit is dropped
+            hold(batcher, engine)
+            r = c.post("/v1/edit", files=files(), data={"instruction": "slow"})
+            assert r.status_code == 504 and "did not finish within 0.5 s" in r.json()["error"]
+            wait_until(lambda: batcher.depth == 0)
+            assert batcher.depth == 0
+            # queue full: two wait, the third gets 503 with Retry-After
+            with httpx.Client(base_url=srv.url, timeout=0.3) as quick:
+                for name in ("q1", "q2"):
+                    with pytest.raises(httpx.TimeoutException):
+                        quick.post("/v1/edit", files=files(), data={"instruction": name})  # disconnects after 0.3 s
+            # their clients are gone: both were dropped from the queue without running
+            wait_until(lambda: batcher.depth == 0)
+
+            async def burst():
+                async with httpx.AsyncClient(base_url=srv.url, timeout=30) as ac:
+                    async def one(name):
+                        return await ac.post("/v1/edit", files=files(), data={"instruction": name})
+                    tasks = [asyncio.ensure_future(one(f"b{i}")) for i in range(2)]
+                    await async_wait_until(lambda: batcher.depth == 2)  # both queued (the worker is held)
+                    third = await one("b2")
+                    engine.gate.set()
+                    return third, await asyncio.gather(*tasks)
+
+            third, first_two = asyncio.run(burst())
+            assert third.status_code == 503 and int(third.headers["retry-after"]) >= 1
+            assert "queue is full" in third.json()["error"]
+            assert [r.status_code for r in first_two] == [200, 200]
+            metrics = c.get("/metrics").text
+    finally:
+        srv.close()
+    assert metric(metrics, 'lime_fast_requests_total{outcome="timeout"}') == 1
+    assert metric(metrics, 'lime_fast_requests_total{outcome="disconnected"}') == 2
+    assert metric(metrics, 'lime_fast_requests_total{outcome="queue_full"}') == 1
+    assert metric(metrics, 'lime_fast_requests_total{outcome="ok"}') == 2
+    ran = sum(engine.calls, [])
+    assert "slow" not in ran and "q1" not in ran and "q2" not in ran and sorted(ran) == ["b0", "b1", "blocker"]
+
+
+def test_http_disconnect_does_not_break_the_running_batch():
+    engine = FakeEngine()
+    # a batch closes when 2 requests are in (max_batch) or 1 s after the first: the two below share one
+    app = create_app(engine, ServeConfig(max_batch=2, batch_window_ms=1000))
+    srv = LiveServer(app)
+    try:
+        async def run():
+            engine.gate.clear()
+            async with httpx.AsyncClient(base_url=srv.url, timeout=30) as ac, \
+                    httpx.AsyncClient(base_url=srv.url, timeout=30) as impatient:
+                async def one(client, name):
+                    return await client.post("/v1/edit", data={"instruction": name},
+                                             files={"image": ("a.png", png_bytes(picture(value=len(name))), "image/png")})
+                stays = asyncio.ensure_future(one(ac, "stays"))
+                leaves = asyncio.ensure_future(one(impatient, "leaves"))
+                await async_wait_until(lambda: engine.active == 1)  # their batch is running, held at the gate
+                assert [sorted(c) for c in engine.calls] == [["leaves", "stays"]]
+                leaves.cancel()  # the client hangs up: httpx closes its connection
+                with pytest.raises(asyncio.CancelledError):
+                    await leaves
+                await async_wait_until(lambda: app.state.metrics.requests["disconnected"] == 1)  # the server saw it
+                engine.gate.set()
+                return await stays
+
+        r = asyncio.run(run())
+        assert r.status_code == 200 and decode(r.content)[0, 0, 0] == len("stays")
+        with srv.client() as c:  # and the server goes on serving
+            again = c.post("/v1/edit", data={"instruction": "again"}, files={"image": ("a.png", png_bytes(picture()), "image/png")})
+            assert again.status_code == 200
+            metrics = c.get("/metrics").text
+    finally:
+        srv.close()
+    assert metric(metrics, 'lime_fast_requests_total{outcome="disconnected"}') == 1
+    assert metric(metrics, 'lime_fast_edits_total') == 3
+
+
+# --- the real service with the shipped model ---------------------------------------------------------
+@pytest.fixture(scope="module")
+def shapes_engine():
+    import lime_fast
+
+    return lime_fast.get_engine("shapes-ip2p", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def live(shapes_engine):
+    cfg = ServeConfig(max_batch=16, batch_window_ms=50, token=TOKEN, max_upload_bytes=2**20, max_pixels=512 * 512,
+                      max_steps=50, model_name="shapes-ip2p")
+    srv = LiveServer(create_app(shapes_engine, cfg))
+    yield srv
+    srv.close()
+
+
+@pytest.fixture(scope="module")
+def sample_png(tmp_path_factory):
+    path = tmp_path_factory.mktemp("serve") / "sample.png"
+    make_sample(5_000_001, 64).source.save(path)
+    return path
+
+
+def test_64_concurrent_requests_each_get_their_own_edit(live, shapes_engine):
+    samples = [make_sample(7_000_000 + i, 64) for i in range(64)]
+    bodies = [png_bytes(s.source) for s in samples]
+    with live.client(headers=AUTH) as c:
+        before = c.get("/metrics").text
+
+    async def send_all():
+        limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+        async with httpx.AsyncClient(base_url=live.url, timeout=300, limits=limits, headers=AUTH) as ac:
+            async def one(i):
+                return await ac.post("/v1/edit", data={"instruction": samples[i].instruction, **FAST},
+                                     files={"image": (f"{i}.png", bodies[i], "image/png")}, headers={"X-Request-Id": f"req-{i}"})
+            return await asyncio.gather(*(one(i) for i in range(64)))
+
+    responses = asyncio.run(send_all())
+    assert [r.status_code for r in responses] == [200] * 64, [r.text[:200] for r in responses if r.status_code != 200]
+    assert [r.headers["x-request-id"] for r in responses] == [f"req-{i}" for i in range(64)]
+    with live.client(headers=AUTH) as c:
+        after = c.get("/metrics").text
+    delta = lambda name: metric(after, name) - metric(before, name)  # noqa: E731
+    assert delta('lime_fast_requests_total{outcome="ok"}') == 64
+    assert delta("lime_fast_edits_total") == 64  # none run twice, none lost
+    batches = delta("lime_fast_batch_size_count")
+    assert 4 <= batches < 64, f"{batches} batches for 64 concurrent requests: no batching happened"
+    sizes = [int(r.headers["x-lime-batch-size"]) for r in responses]
+    assert max(sizes) > 1 and max(sizes) <= 16
+
+    # each client got its own picture's edit: the same edit run alone is nearest to it and within a few
+    # 1/255 of it, and every other request's edit is far from it. Batched and single runs differ in the
+    # last bits (the UNet's batched matmuls round differently): at 2 steps, at most 3/255 and 0.05/255 on
+    # average per pixel over 64 edits (this CPU, 2026-12-01); two different requests' edits, >= 10/255.
+    got = np.stack([decode(r.content) for r in responses])
+    cfg = {k: int(v) for k, v in FAST.items()}
+    alone = np.stack([np.asarray(shapes_engine.edit(s.source, s.instruction, progress=False, **cfg).image, np.int16)
+                      for s in samples])
+    dist = np.abs(got[:, None] - alone[None]).reshape(64, 64, -1).mean(-1)  # [response, single]
+    assert (dist.argmin(1) == np.arange(64)).all()
+    diff = np.abs(got - alone)
+    assert diff.max() <= 6 and diff.mean() < 0.25, (diff.max(), diff.mean())
+    others = dist + np.eye(64) * 1e9
+    assert others.min() > 2, "two different requests got the same picture"
+
+
+def test_json_answer_with_mask(live, sample_png):
+    mask = np.zeros((64, 64), np.uint8)
+    mask[8:40, 16:48] = 255
+    with live.client(headers=AUTH) as c:
+        r = c.post("/v1/edit?format=json", data={"instruction": "make the circle red", **FAST},
+                   files={"image": ("s.png", sample_png.read_bytes(), "image/png"),
+                          "mask": ("m.png", png_bytes(PIL.Image.fromarray(mask)), "image/png")})
+        auto = c.post("/v1/edit", headers={"Accept": "application/json"}, data={"instruction": "make the circle red", **FAST},
+                      files={"image": ("s.png", sample_png.read_bytes(), "image/png")})
+    assert r.status_code == 200 and r.headers["content-type"] == "application/json"
+    body = r.json()
+    assert (body["width"], body["height"]) == (64, 64) and body["batch_size"] >= 1
+    assert decode(base64.b64decode(body["image_png"])).shape == (64, 64, 3)
+    roi = np.asarray(PIL.Image.open(io.BytesIO(base64.b64decode(body["roi_mask_png"])))) > 127
+    assert (roi == (mask > 127)).all() and body["roi_area"] == pytest.approx(roi.mean(), abs=1e-6)
+    assert body["heatmap_png"] is None  # a given mask skips localization
+    assert set(body["timings"]) >= {"encode", "edit", "decode", "total"} and body["unet_evals"] >= 2
+    a = auto.json()
+    assert auto.status_code == 200 and a["heatmap_png"] is not None and a["tokens"] == ["circle", "red"]
+    assert PIL.Image.open(io.BytesIO(base64.b64decode(a["overlay_png"]))).size == (64, 64)
+
+
+def _bomb_png(width=30000, height=30000) -> bytes:
+    """A valid-looking 67-byte PNG whose header declares width x height RGB pixels."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b""))
+
+
+def _cases():
+    img = png_bytes(make_sample(5_000_002, 64).source)
+    tiff = png_bytes(make_sample(5_000_002, 64).source, "TIFF")
+    big = png_bytes(PIL.Image.new("RGB", (1024, 1024)))  # a few KB, but 1 M pixels (the server takes 512 x 512)
+    small_mask = png_bytes(PIL.Image.new("L", (32, 32), 255))
+    ok = {"instruction": "make the circle red", **FAST}
+    image = {"image": ("a.png", img, "image/png")}
+
+    def post(data=ok, files=image, headers=AUTH, url="/v1/edit", **kw):
+        return dict(method="POST", url=url, data=data, files=files, headers=headers, **kw)
+
+    def cfg(**fields):
+        return post(data={**ok, **fields})
+
+    return {
+        "no image": (post(files={"mask": ("m.png", small_mask, "image/png")}), 400, "image is missing"),
+        "no instruction": (post(data=FAST), 400, "instruction is missing"),
+        "empty instruction": (post(data={"instruction": ""}), 400, "instruction is empty"),
+        "blank instruction": (post(data={"instruction": "   "}), 400, "instruction is empty"),
+        "instruction too long": (post(data={"instruction": "red " * 400}), 400, "too long"),
+        "unknown file field": (post(files={**image, "x": ("x.png", img, "image/png")}), 400, "unknown field(s): x"),
+        "image given as text": (post(data={**ok, "image": "/etc/passwd"}, files={"mask": ("m.png", small_mask, "image/png")}), 400, "file upload"),
+        "instruction as file": (post(data=FAST, files={**image, "instruction": ("i.txt", b"make it red", "text/plain")}), 400, "text field"),
+        "not an image": (post(files={"image": ("a.png", b"hello, this is text" * 10, "image/png")}), 415, "not a picture"),
+        "svg named png": (post(files={"image": ("a.png", b'<svg xmlns="http://www.w3.org/2000/svg"/>', "image/png")}), 415, "not a picture"),
+        "tiff not accepted": (post(files={"image": ("a.png", tiff, "image/png")}), 415, "not a picture"),
+        "truncated png": (post(files={"image": ("a.png", img[: len(img) // 2], "image/png")}), 400, "damaged"),
+        "empty file": (post(files={"image": ("a.png", b"", "image/png")}), 400, "empty"),
+        "bomb header": (post(files={"image": ("bomb.png", _bomb_png(5000, 5000), "image/png")}), 413, "25,000,000 pixels"),
+        "bomb past PIL's own limit": (post(files={"image": ("bomb.png", _bomb_png(30000, 30000), "image/png")}), 413, "too large"),
+        "too many pixels": (post(files={"image": ("big.png", big, "image/png")}), 413, "at most 262,144"),
+        "huge upload": (post(files={"image": ("a.png", os.urandom(2 * 2**20), "image/png")}), 413, "at most 1,048,576 bytes"),
+        "huge chunked upload": (dict(method="POST", url="/v1/edit", headers={**AUTH, "Content-Type": "multipart/form-data; boundary=x"},
+                                     content=iter([b'--x\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n'
+                                                   b"Content-Type: image/png\r\n\r\n"] + [b"\x89" * 256 * 1024] * 6)),
+                                413, "at most 1,048,576 bytes"),
+        "mask wrong size": (post(files={**image, "mask": ("m.png", small_mask, "image/png")}), 400, "mask is 32 x 32"),
+        "mask not an image": (post(files={**image, "mask": ("m.png", b"not a mask", "image/png")}), 415, "mask"),
+        "mask as text": (post(data={**ok, "mask": "m.png"}), 400, "mask must be a file"),
+        "steps not a number": (cfg(steps="many"), 400, "steps must be an integer"),
+        "steps fractional": (cfg(steps="2.5"), 400, "steps must be an integer"),
+        "steps zero": (cfg(steps="0"), 400, "steps must be >= 1"),
+        "steps over the limit": (cfg(steps="1000"), 400, "limit of 50"),
+        "capture beyond steps": (cfg(steps="4", capture_step="9"), 400, "capture_step"),
+        "guidance nan": (cfg(text_guidance="nan"), 400, "finite"),
+        "guidance negative": (cfg(image_guidance="-1"), 400, "cannot be negative"),
+        "reg_steps one value": (cfg(reg_steps="1"), 400, "reg_steps takes 2 values"),
+        "levels not ints": (cfg(feature_levels="a,b"), 400, "feature_levels must be an integer"),
+        "level beyond the UNet": (cfg(feature_levels="0,9"), 400, "over this server's limit"),
+        "grid too fine": (cfg(grid_size="100000"), 400, "grid_size"),
+        "bad segment backend": (cfg(segment_backend="magic"), 400, "segment_backend"),
+        "unknown field": (cfg(foo="1"), 400, "unknown field(s): foo"),
+        "field twice": (post(data={**ok, "steps": ["2", "3"]}), 400, "given 2 times"),
+        "image twice": (post(files=[("image", ("a.png", img, "image/png")), ("image", ("b.png", img, "image/png"))]), 400, "given 2 times"),
+        "too many files": (post(files=[("image", ("a.png", img, "image/png"))] + [("mask", ("m.png", img, "image/png"))] * 2), 400, "Too many files"),
+        "not multipart": (dict(method="POST", url="/v1/edit", headers=AUTH, json={"image": "a.png", "instruction": "x"}), 415, "multipart/form-data"),
+        "malformed multipart": (dict(method="POST", url="/v1/edit", headers={**AUTH, "Content-Type": "multipart/form-data; boundary=zz"},
+                                     content=b"--zz\r\nContent-Disposition: form-data\r\n\r\nno name\r\n--zz--\r\n"), 400, ""),
+        "bad format": (post(url="/v1/edit?format=xml"), 400, "format must be png or json"),
+        "no token": (post(headers={}), 401, "token"),
+        "wrong token": (post(headers={"Authorization": "Bearer nope"}), 401, "token"),
+        "basic auth instead of bearer": (post(headers={"Authorization": "Basic dXNlcjpwYXNz"}), 401, "token"),
+        "metrics without token": (dict(method="GET", url="/metrics"), 401, "token"),
+        "models without token": (dict(method="GET", url="/v1/models"), 401, "token"),
+        "GET the edit route": (dict(method="GET", url="/v1/edit", headers=AUTH), 405, "Method Not Allowed"),
+        "unknown path": (dict(method="GET", url="/v2/edit"), 404, "Not Found"),
+    }
+
+
+@pytest.mark.parametrize("name", list(_cases()))
+def test_bad_request_answered_4xx_json_and_server_keeps_serving(live, name):
+    request, status, message = _cases()[name]  # fresh: the chunked body is a one-shot iterator
+    with live.client() as c:
+        r = c.request(**request)
+        assert r.status_code == status, r.text[:300]
+        assert r.headers["content-type"].startswith("application/json")
+        error = r.json()["error"]
+        assert message in error and "Traceback" not in r.text
+        if status == 401:
+            assert r.headers["www-authenticate"] == "Bearer"
+        assert c.get("/healthz").json()["status"] == "ok"
+
+
+def test_serves_after_bad_requests_and_counts_them(live, sample_png):
+    files = {"image": ("s.png", sample_png.read_bytes(), "image/png")}
+    with live.client(headers=AUTH) as c:
+        before = c.get("/metrics").text
+        assert c.post("/v1/edit", data={"instruction": "x", "steps": "zero"}, files=files).status_code == 400
+        assert c.post("/v1/edit", data={"instruction": "x"}, files=files, headers={"Authorization": "Bearer no"}).status_code == 401
+        assert c.post("/v1/edit", data={"instruction": "x"}, files={"image": ("b.png", _bomb_png(), "image/png")}).status_code == 413
+        r = c.post("/v1/edit", data={"instruction": "make the circle red", **FAST},
+                   files={"image": ("s.png", sample_png.read_bytes(), "image/png")})
+        assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+        text = c.get("/metrics").text
+        health = c.get("/healthz").json()
+        models = c.get("/v1/models").json()
+        spec = c.get("/openapi.json").json()
+    for outcome in ("bad_request", "unauthorized", "too_large", "ok"):
+        name = f'lime_fast_requests_total{{outcome="{outcome}"}}'
+        assert metric(text, name) - metric(before, name) == 1, outcome
+    assert metric(text, 'lime_fast_requests_total{outcome="error"}') == 0
+    assert metric(text, "lime_fast_queue_depth") == 0 and metric(text, "lime_fast_unet_evaluations_total") > 0
+    assert health["auth"] is True and health["model"] == "shapes-ip2p"
+    assert models["data"][0]["default_config"]["steps"] == 20 and models["limits"]["steps"] == 50
+    fields = spec["paths"]["/v1/edit"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"]
+    assert {"image", "instruction", "mask", "steps", "roi_words", "reg_steps"} <= set(fields)
+
+
+def test_cli_serve_refuses_bad_options_and_serves(tmp_path, sample_png, capsys):
+    from lime_fast.cli import main
+
+    assert main(["serve", "--max-batch", "0"]) == 2
+    assert "max_batch must be >= 1" in capsys.readouterr().err
+    with socket.socket() as busy:  # a port in use is refused before the model loads
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        assert main(["serve", "--model", "/no/such/model", "--port", str(busy.getsockname()[1])]) == 2
+    assert "cannot listen on 127.0.0.1" in capsys.readouterr().err
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "LIME_FAST_TOKEN": TOKEN, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "lime_fast.cli", "serve", "--model", "shapes-ip2p", "--device", "cpu",
+                             "--port", str(port), "--max-batch", "4", "--log-level", "warning"],
+                            cwd=Path(__file__).resolve().parents[1], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read().decode()
+            try:
+                if httpx.get(url + "/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "lime-fast serve did not come up"
+            time.sleep(0.25)
+        files = {"image": ("s.png", sample_png.read_bytes(), "image/png")}
+        assert httpx.post(url + "/v1/edit", data={"instruction": "make it red", **FAST}, files=files).status_code == 401
+        r = httpx.post(url + "/v1/edit", data={"instruction": "make it red", **FAST}, files=files, headers=AUTH, timeout=120)
+        assert r.status_code == 200 and decode(r.content).shape == (64, 64, 3)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out.decode()[-2000:]
+    assert "max batch 4" in out.decode() and "token required" in out.decode()
+
+
+# --- the page in a real browser ---------------------------------------------------------------------
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+
+
+@pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
+                    reason="Debian's chromium and chromium-driver are not installed (scripts/install.sh installs them: "
+                           "apt-get install -y chromium chromium-driver)")
+def test_page_in_headless_chromium(live, sample_png, tmp_path):
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    # the closed network here refuses Chromium's background connections: turn them off
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
+                 "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 f"--user-data-dir={tmp_path / 'chromium'}", "--window-size=1280,900"):
+        opts.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=opts)  # explicit: no driver download
+    try:
+        driver.get(live.url + "/")
+        wait = WebDriverWait(driver, 60)
+        wait.until(lambda d: d.find_element(By.ID, "model").text == "shapes-ip2p")
+        assert driver.find_element(By.ID, "token").is_displayed()  # the server wants a token
+        driver.find_element(By.ID, "token").send_keys(TOKEN)
+        driver.find_element(By.ID, "image").send_keys(str(sample_png))
+        driver.find_element(By.ID, "instruction").send_keys(make_sample(5_000_001, 64).instruction)
+        driver.find_element(By.ID, "submit").click()  # the model's own settings (20 steps)
+        wait.until(lambda d: d.find_element(By.ID, "status").text.startswith(("done", "failed")))
+        assert driver.find_element(By.ID, "status").text.startswith("done"), driver.find_element(By.ID, "error").text
+        for pic in ("input", "overlay", "heatmap", "result"):
+            size = driver.execute_script(f"const i = document.getElementById('{pic}'); return [i.complete, i.naturalWidth, i.naturalHeight]")
+            assert size == [True, 64, 64], (pic, size)
+        src = driver.find_element(By.ID, "result").get_attribute("src")
+        assert src.startswith("data:image/png;base64,")
+        assert decode(base64.b64decode(src.split(",", 1)[1])).shape == (64, 64, 3)
+        assert "content words" in driver.find_element(By.ID, "info").text
+        driver.save_screenshot(str(tmp_path / "page.png"))
+        severe = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+        assert not severe, severe  # no script error, no failed load
+        # a wrong token is shown as the server's error, not a silent failure
+        driver.find_element(By.ID, "token").clear()
+        driver.find_element(By.ID, "token").send_keys("wrong")
+        driver.find_element(By.ID, "submit").click()
+        wait.until(lambda d: d.find_element(By.ID, "status").text == "failed")
+        assert "401" in driver.find_element(By.ID, "error").text
+    finally:
+        driver.quit()
