@@ -13,6 +13,13 @@ Cross-attention goes through one function, ``AttentionController.attend``, which
 eager reference (``lime_fast.kernels.reference``) or to a fused kernel: the seam later kernels plug into.
 Self-attention always uses PyTorch's SDPA.
 
+Within a pass the text embeddings do not change, so the controller computes every cross-attention
+module's key and value projections once, in ``begin_pass`` (``cache_kv``; inside a whole-pass CUDA
+graph they are recorded once at its start), and the processors reuse them at every step: the same
+projections, not an approximation. Modules whose projections diffusers fused
+(``Attention.fuse_projections``: ``to_qkv`` for self-attention, ``to_kv`` for cross-attention) are run
+through the fused layer.
+
 Levels: level l runs at the latent grid halved l times (ceil), read from the query count of each call,
 so layers are chosen by resolution for any image shape; head counts come from each module.
 
@@ -85,18 +92,42 @@ class AttentionController:
         self.capture: Capture | None = None
         self.roi: dict[int, torch.Tensor] = {}  # level -> [3B, N_l] bool, for the pass's regularized levels
         self.keep: torch.Tensor | None = None  # [3B, T] bool
+        # Cross-attention K/V once per pass (begin_pass's context); False: every step projects them again.
+        self.cache_kv = True
+        self.cross_modules: dict[str, object] = {}  # name -> cross-attention module (install fills it)
+        self.pass_cache: dict[str, object] = {}  # per-pass tensors reused across steps; emptied per pass
+
+    @property
+    def step(self) -> int:
+        return self._step
+
+    @step.setter
+    def step(self, i: int) -> None:
+        """Set before each UNet evaluation; derives the two flags the processors read. Under torch.compile
+        the processors then guard on two bools (a handful of graphs per shape) instead of the step
+        number (one graph per step, and eager fallback past dynamo's recompile limit of 8)."""
+        self._step = i
+        plan = self.plan
+        self.capturing = plan is not None and plan.capturing(i)
+        self.penalizing = plan is not None and plan.regularized(i)
 
     # --- per pass ----------------------------------------------------------------------
-    def begin_pass(self, plan, roi_grid: torch.Tensor | None = None, keep: torch.Tensor | None = None) -> Capture:
+    def begin_pass(self, plan, roi_grid: torch.Tensor | None = None, keep: torch.Tensor | None = None,
+                   context: torch.Tensor | None = None) -> Capture:
         """Start a pass: roi_grid [B, gh, gw] bool on the output grid and keep [B, T] bool (both or neither,
-        regularizing plans only). Returns the ``Capture`` the capture step fills.
+        regularizing plans only). Returns the ``Capture`` the capture step fills. context: the pass's
+        encoder hidden states [3B, T, C]; with ``cache_kv`` every cross-attention module's K/V is
+        projected from it here, once, and reused at every step of the pass.
 
         The RoI is resized (nearest) to each regularized level's grid and repeated over the three
         guidance branches here, with device ops only (inside a whole-pass CUDA graph they read the
         graph's input buffers). An element whose RoI is empty gets no penalty (an all-False row is plain
         attention), and one whose keep row is all False neither (see ``silenced_mask``)."""
         self.plan, self.step, self.capture = plan, -1, Capture()
-        self.roi, self.keep = {}, None
+        self.roi, self.keep, self.pass_cache = {}, None, {}
+        if context is not None and self.cache_kv:
+            for name, attn in self.cross_modules.items():
+                self.pass_cache[name] = _heads(attn, *_project_kv(attn, context), context.shape[0])
         if plan.regularizes and roi_grid is not None and keep is not None:
             self.keep = keep.bool().repeat(3, 1)
             for level in plan.reg_levels:
@@ -107,6 +138,7 @@ class AttentionController:
 
     def end_pass(self) -> None:
         self.plan, self.step, self.capture, self.roi, self.keep = None, -1, None, {}, None
+        self.pass_cache = {}
 
     # --- the cross-attention seam ------------------------------------------------------
     def attend(self, q, k, v, roi, keep, scale, capture):
@@ -125,11 +157,34 @@ class AttentionController:
         return regularized_attention_ref(q, k, v, roi=roi, keep=keep, scale=scale, capture=capture)
 
 
-class LimeAttnProcessor:
-    """diffusers attention processor: SDPA self-attention, controller-steered cross-attention."""
+def _project_kv(attn, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A cross-attention module's key and value projections of the encoder states [B, T, C]."""
+    if attn.norm_cross:
+        states = attn.norm_encoder_hidden_states(states)
+    if getattr(attn, "fused_projections", False) and getattr(attn, "to_kv", None) is not None:
+        return attn.to_kv(states).chunk(2, dim=-1)
+    return attn.to_k(states), attn.to_v(states)
 
-    def __init__(self, controller: AttentionController):
+
+def _heads(attn, key: torch.Tensor, value: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, T, H * D] key and value -> [B, H, T, D] (and the module's key norm, if any)."""
+    head_dim = key.shape[-1] // attn.heads
+    key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+    value = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    return key, value
+
+
+class LimeAttnProcessor:
+    """diffusers attention processor: SDPA self-attention, controller-steered cross-attention.
+
+    name: the module's name in the UNet (``install`` gives each module its own processor), the key of its
+    per-pass cached K/V in ``controller.pass_cache``; None: never cached."""
+
+    def __init__(self, controller: AttentionController, name: str | None = None):
         self.ctl = controller
+        self.name = name
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
         ctl = self.ctl
@@ -149,27 +204,28 @@ class LimeAttnProcessor:
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
-        query = attn.to_q(hidden_states)
-        if not is_cross:
-            encoder_hidden_states = hidden_states
-        elif attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
-        head_dim = key.shape[-1] // attn.heads
+        cached = ctl.pass_cache.get(self.name) if is_cross and self.name is not None else None
+        if not is_cross and getattr(attn, "fused_projections", False) and getattr(attn, "to_qkv", None) is not None:
+            query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+            key, value = _heads(attn, key, value, batch)
+        else:
+            query = attn.to_q(hidden_states)
+            if cached is not None:  # this pass's K/V, projected once in begin_pass
+                key, value = cached
+            elif is_cross:
+                key, value = _heads(attn, *_project_kv(attn, encoder_hidden_states), batch)
+            else:
+                key, value = _heads(attn, attn.to_k(hidden_states), attn.to_v(hidden_states), batch)
+        head_dim = key.shape[-1]
         query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-        key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
         if attn.norm_q is not None:
             query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
 
-        plan, step = ctl.plan, ctl.step
+        plan = ctl.plan
         level = plan.level_of(n_queries) if plan is not None else -1
-        capturing = plan is not None and plan.capturing(step) and level in plan.feature_levels
+        capturing = ctl.capturing and level in plan.feature_levels
         if is_cross and attention_mask is None:
-            penalize = plan is not None and plan.regularized(step) and level in ctl.roi
+            penalize = ctl.penalizing and level in ctl.roi
             n_edits = batch // 3
             out, probs = ctl.attend(
                 query,
@@ -223,5 +279,13 @@ def pick_backend(attention, device: torch.device):
 
 
 def install(unet, controller: AttentionController) -> None:
-    """Give every attention module of ``unet`` a processor steered by ``controller``."""
-    unet.set_attn_processor(LimeAttnProcessor(controller))
+    """Give every attention module of ``unet`` its own processor steered by ``controller``, and tell the
+    controller which modules are cross-attention (their K/V can be projected once per pass: only when
+    the UNet feeds the encoder states to them unchanged, i.e. has no ``encoder_hid_proj``)."""
+    from diffusers.models.attention_processor import Attention
+
+    unet.set_attn_processor({key: LimeAttnProcessor(controller, key.removesuffix(".processor"))
+                             for key in unet.attn_processors})
+    direct = getattr(unet, "encoder_hid_proj", None) is None
+    controller.cross_modules = {name: m for name, m in unet.named_modules()
+                                if direct and isinstance(m, Attention) and m.is_cross_attention}

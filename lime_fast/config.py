@@ -50,6 +50,11 @@ class EditConfig:
         roi_words: words of the instruction to localize instead of the automatic content words.
         max_side: images whose long side exceeds this many pixels are processed at this long side
             (with a warning) and the result is resized back to the input's size.
+        cache_interval: step caching of the edit pass (opt-in, DeepCache-style; ``lime_fast.stepcache``).
+            1 (default): off, every step runs the whole UNet. N >= 2: the UNet's deep blocks (the levels
+            below the deepest of reg_levels: 16 and 8 cells a side at 512 x 512) run on steps 0, N, 2N, ...
+            and the steps between reuse their output, while the regularized levels run at every step.
+            The localization pass never caches. Fewer UNet FLOPs, an approximation: README, "Faster modes".
     """
 
     steps: int = 30
@@ -72,6 +77,7 @@ class EditConfig:
     top_k: int = 100
     roi_words: tuple[str, ...] | None = None
     max_side: int = 1024
+    cache_interval: int = 1
 
     def __post_init__(self):
         if isinstance(self.roi_words, str):
@@ -144,6 +150,7 @@ class EditConfig:
             _int(name, 1)
         _int("max_side", 64)
         _int("kmeans_check_every", 0)
+        _int("cache_interval", 1)
         if not (isinstance(self.kmeans_tol, (int, float)) and self.kmeans_tol >= 0):
             raise ValueError(f"kmeans_tol must be >= 0, got {self.kmeans_tol!r}")
         if self.segment_backend not in SEGMENT_BACKENDS:

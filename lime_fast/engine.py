@@ -41,6 +41,8 @@ from .models import local_checkpoint, model_location, pixel_multiple, resolve_de
 from .results import EditResult
 from .sampling import PassPlan, draw_noise, is_ancestral, make_scheduler, run_pass
 from .segment import _segment
+from .speedups import apply as apply_speedups
+from .stepcache import StepCache
 from .tokens import TokenRoles, keep_mask, token_roles
 
 
@@ -143,16 +145,27 @@ class LimeEngine:
     use_cuda_graphs: run each denoising pass as one CUDA graph, recorded once per ``PassPlan`` (batch,
         latent size, dtype, steps, guidance, capture and regularization settings) and replayed after
         (``lime_fast.graphs``); default True on CUDA. Ignored on the CPU (eager there).
-    compile: ``torch.compile`` the UNet's forward (True: inductor, default mode; a string names another
-        backend; the fused kernel is a registered custom op, so it stays one opaque node). The first edit per shape then pays the
-        compilation (minutes for SD 1.5); combined with CUDA graphs, the compiled code is captured.
+    compile: ``torch.compile`` the UNet's forward (True: inductor, default mode; an inductor mode name such as
+        "max-autotune-no-cudagraphs" selects inductor with that mode; another string names a dynamo
+        backend, e.g. "aot_eager"; ``lime_fast.graphs.compile_options``). The fused kernel is a registered
+        custom op, so it stays one opaque node. The first edit per shape then pays the compilation (three
+        graphs: plain, regularized, capture step); combined with CUDA graphs, the compiled code is captured.
+    channels_last, fuse_qkv, precision: opt-in faster modes (``lime_fast.speedups``): NHWC weights for the
+        UNet and VAE; fused QKV / KV projections; precision="fp8" for float8 linear layers on Hopper/Ada
+        with torchao (refused with ``UnsupportedModeError`` elsewhere). Each one's measured fidelity:
+        README, "Faster modes".
+    cache_kv: project every cross-attention module's keys and values once per pass instead of at every
+        step (the text embeddings do not change within a pass): the same computation, on by default.
+    Step caching of the edit pass is an ``EditConfig`` field (``cache_interval``), per edit.
 
     One engine may be shared by several threads: edits are serialized by a lock, which also guards
     the CUDA-graph cache.
     """
 
     def __init__(self, pipe, attention="auto", *, use_cuda_graphs: bool | None = None, compile: bool | str = False,
-                 default_config: EditConfig | None = None, trained_size: int | None = None):
+                 default_config: EditConfig | None = None, trained_size: int | None = None,
+                 channels_last: bool = False, fuse_qkv: bool = False, precision: str | None = None,
+                 cache_kv: bool = True):
         unet, vae = pipe.unet, pipe.vae
         latent_channels = vae.config.latent_channels
         if unet.config.in_channels != 2 * latent_channels:
@@ -168,7 +181,9 @@ class LimeEngine:
         self.scheduler = pipe.scheduler
         self.vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
         self.multiple = pixel_multiple(vae.config, unet.config)
+        self.speedups = apply_speedups(unet, vae, channels_last=channels_last, fuse_qkv=fuse_qkv, precision=precision)
         self.controller = AttentionController(pick_backend(attention, unet.device))
+        self.controller.cache_kv = cache_kv
         install(unet, self.controller)
         self.unet_evals = 0
         self._lock = threading.Lock()  # the controller is per-engine state: one edit at a time
@@ -176,8 +191,12 @@ class LimeEngine:
         # a CUDA graph they run once, at capture). After lime_fast.accelerate(pipe) its forward is a
         # per-call graph runner: the engine graphs whole passes itself and takes the plain forward.
         accelerated = graphed_forward(unet)
-        self._unet = compiled(accelerated.forward if accelerated is not None else unet, compile)
         self.use_cuda_graphs = (self.device.type == "cuda") if use_cuda_graphs is None else bool(use_cuda_graphs)
+        self._unet = compiled(accelerated.forward if accelerated is not None else unet, compile,
+                              graphs=self.use_cuda_graphs)
+        # What each evaluation of a pass calls: self._unet, except on the steps a caching edit plan
+        # runs with the deep blocks reused (lime_fast.stepcache).
+        self.stepcache = StepCache(unet, self.controller, self._unet, compile)
         self.graphs = PassGraphs(enabled=self.use_cuda_graphs)
 
     # --- loading --------------------------------------------------------------------------
@@ -193,17 +212,25 @@ class LimeEngine:
         attention: str = "auto",
         use_cuda_graphs: bool | None = None,
         compile: bool | str = False,
+        channels_last: bool = False,
+        fuse_qkv: bool = False,
+        precision: str | None = None,
+        cache_kv: bool = True,
         **kwargs,
     ) -> "LimeEngine":
         """Load an InstructPix2Pix-layout diffusers checkpoint (local folder or hub id).
 
-        torch_dtype: default fp16 on CUDA, fp32 on CPU. device: default CUDA when available.
+        torch_dtype: default fp16 on CUDA, fp32 on CPU. device: default CUDA when available. attention,
+        use_cuda_graphs, compile, channels_last, fuse_qkv, precision, cache_kv: as for ``LimeEngine``.
         Safetensors weights are required unless ``use_safetensors=False``. The safety checker is not
         loaded. Missing weights raise one ``ModelLoadError`` saying what to do.
         """
         from diffusers import StableDiffusionInstructPix2PixPipeline
 
         device = resolve_device(device)
+        from .speedups import check_precision
+
+        check_precision(precision, device)  # before loading anything
         if torch_dtype is None:
             torch_dtype = torch.float16 if device.type == "cuda" else torch.float32
         info = shipped(model)
@@ -239,12 +266,15 @@ class LimeEngine:
         pipe.set_progress_bar_config(disable=True)
         return cls(pipe.to(device), attention=attention, use_cuda_graphs=use_cuda_graphs, compile=compile,
                    default_config=EditConfig(**info.config) if info else None,
-                   trained_size=info.image_size if info else None)
+                   trained_size=info.image_size if info else None, channels_last=channels_last,
+                   fuse_qkv=fuse_qkv, precision=precision, cache_kv=cache_kv)
 
     @classmethod
-    def from_pipe(cls, pipe, attention: str = "auto", *, use_cuda_graphs: bool | None = None, compile: bool | str = False) -> "LimeEngine":
-        """Wrap an existing ``StableDiffusionInstructPix2PixPipeline`` (modules shared, not copied)."""
-        return cls(pipe, attention=attention, use_cuda_graphs=use_cuda_graphs, compile=compile)
+    def from_pipe(cls, pipe, attention: str = "auto", *, use_cuda_graphs: bool | None = None, compile: bool | str = False,
+                  **speedups) -> "LimeEngine":
+        """Wrap an existing ``StableDiffusionInstructPix2PixPipeline`` (modules shared, not copied; the
+        speedups ``channels_last``, ``fuse_qkv``, ``precision`` change them in place), ``cache_kv``."""
+        return cls(pipe, attention=attention, use_cuda_graphs=use_cuda_graphs, compile=compile, **speedups)
 
     @property
     def device(self) -> torch.device:
@@ -290,9 +320,11 @@ class LimeEngine:
         if kind == "localize":
             return PassPlan("localize", guidance=(cfg.loc_text_guidance, cfg.loc_image_guidance),
                             capture_step=cfg.capture, feature_levels=tuple(cfg.feature_levels), **common)
+        caching = {"cache_interval": cfg.cache_interval, "cache_level": max(cfg.reg_levels, default=0) + 1} \
+            if cfg.cache_interval > 1 else {}  # lime_fast.stepcache: the regularized levels always run
         return PassPlan("edit", guidance=(cfg.text_guidance, cfg.image_guidance),
                         reg_levels=tuple(cfg.reg_levels) if regularized else (),
-                        reg_range=cfg.reg_range if regularized else (0, -1), **common)
+                        reg_range=cfg.reg_range if regularized else (0, -1), **caching, **common)
 
     def draw_noise(self, enc: Encoded, cfg: EditConfig, seeds: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(initial latents [B, c, h, w], ancestral noise [steps, B, c, h, w]) on the device, from CPU
@@ -327,7 +359,7 @@ class LimeEngine:
         bar = tqdm(total=plan.n_evals, desc=plan.kind, disable=not progress, leave=False)
         try:
             def fn(inputs, sched):
-                return run_pass(self._unet, self.controller, plan, sched, inputs, generators=generators,
+                return run_pass(self.stepcache, self.controller, plan, sched, inputs, generators=generators,
                                 on_step=None if graphed else (lambda i: bar.update(1)))
 
             out = self.graphs.run(plan, fn, x, lambda: make_scheduler(self.scheduler, plan.steps, self.device), self.device)

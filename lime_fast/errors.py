@@ -21,3 +21,8 @@ class NonFiniteLatentsError(FloatingPointError):
 
 class BatchError(Exception):
     """A batch job cannot start: a bad manifest under ``strict``, Ray missing, its folder in use, ..."""
+
+
+class UnsupportedModeError(RuntimeError):
+    """A requested fast mode cannot run here (FP8 on a CPU, on a GPU without FP8 tensor cores, or without
+    torchao); raised before the model is changed, saying what to use instead."""

@@ -251,11 +251,50 @@ class GraphedUNet:
             return None
 
 
-def compiled(forward, compile: bool | str):
-    """``forward`` through ``torch.compile`` when asked: True = inductor, a string names the backend."""
-    if not compile:
+INDUCTOR_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# Modes whose inductor code records CUDA graphs itself ("cudagraph trees"): they cannot be captured inside
+# lime_fast's own whole-pass or per-call graphs.
+GRAPHING_MODES = ("reduce-overhead", "max-autotune")
+RECOMPILE_LIMIT = 64
+
+
+def compile_options(compile: bool | str) -> dict | None:
+    """``torch.compile`` keyword arguments for the engine's ``compile`` option (None: not compiled).
+
+    True: inductor, its default mode. An inductor mode name ("max-autotune-no-cudagraphs": autotuned
+    GEMM/conv templates, minutes more compile time; "default") selects inductor with that mode. Any other
+    string names a dynamo backend ("eager", "aot_eager": tracing without code generation, what the CPU
+    tests run; "inductor"). ``dynamic=False``: one specialized graph per batch and latent size, as the
+    CUDA graphs are."""
+    if compile is False or compile is None:
+        return None
+    if compile is True:
+        return {"backend": "inductor", "dynamic": False}
+    if not isinstance(compile, str):
+        raise TypeError(f"compile must be a bool or a string (an inductor mode or a dynamo backend), got {compile!r}")
+    if compile in INDUCTOR_MODES:
+        return {"backend": "inductor", "mode": compile, "dynamic": False}
+    return {"backend": compile, "dynamic": False}
+
+
+def compiled(forward, compile: bool | str, *, graphs: bool = False):
+    """``forward`` through ``torch.compile`` when asked (``compile_options``); else ``forward`` itself.
+
+    graphs: lime_fast will capture the compiled code in its own CUDA graphs, so the inductor modes that
+    record their own (``GRAPHING_MODES``) are refused with what to use instead. Raises dynamo's recompile
+    limit to ``RECOMPILE_LIMIT``: a LIME edit needs three graphs per batch and latent size (plain,
+    regularized, capture step), and a service sees several batch sizes."""
+    opts = compile_options(compile)
+    if opts is None:
         return forward
-    return torch.compile(forward, backend="inductor" if compile is True else compile)
+    if graphs and opts.get("mode") in GRAPHING_MODES:
+        raise ValueError(f"compile={compile!r} records its own CUDA graphs, which cannot run inside lime_fast's: use "
+                         f"compile='max-autotune-no-cudagraphs' (or True), or use_cuda_graphs=False")
+    import torch._dynamo
+
+    cfg = torch._dynamo.config
+    cfg.recompile_limit = max(cfg.recompile_limit, RECOMPILE_LIMIT)
+    return torch.compile(forward, **opts)
 
 
 def graphed_forward(unet) -> GraphedUNet | None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from functools import cached_property
 
 import torch
 
@@ -42,6 +41,10 @@ class PassPlan:
     reg_range: inclusive (first, last) regularized steps.
     dtype: the latents' dtype. ancestral: the per-step noise is pre-drawn (Euler-ancestral); False:
         ``scheduler.step`` runs as is (other schedulers; such passes are not graphed).
+    cache_interval: edit: step caching (``lime_fast.stepcache``): 1 = off, every step runs the whole UNet;
+        N >= 2 = the deep blocks (levels >= cache_level) run on steps 0, N, 2N, ... and are reused on the
+        others. A localize plan never caches (1).
+    cache_level: the first level the step cache reuses (the deepest regularized level + 1).
     """
 
     kind: str
@@ -56,12 +59,21 @@ class PassPlan:
     reg_range: tuple[int, int] = (0, -1)
     dtype: torch.dtype = torch.float32
     ancestral: bool = True
+    cache_interval: int = 1
+    cache_level: int = 0
 
     def __post_init__(self):
         if self.kind not in ("localize", "edit"):
             raise ValueError(f"kind must be 'localize' or 'edit', got {self.kind!r}")
         if (self.kind == "localize") != (self.capture_step is not None):
             raise ValueError("a localize plan needs a capture_step; an edit plan has none")
+        if self.cache_interval < 1 or (self.kind == "localize" and self.cache_interval != 1):
+            raise ValueError(f"cache_interval must be >= 1, and 1 for a localize plan, got {self.cache_interval}")
+        # Plain attributes, not functools.cached_property: on Python 3.11 its lock is a graph break for
+        # torch.compile (the attention processors read these inside the compiled UNet).
+        grids = level_grids(self.latent_hw)
+        object.__setattr__(self, "_grids", grids)
+        object.__setattr__(self, "_levels", {h * w: lvl for lvl, (h, w) in reversed(list(enumerate(grids)))})
 
     @property
     def n_evals(self) -> int:
@@ -84,14 +96,19 @@ class PassPlan:
     def capturing(self, step: int) -> bool:
         return step == self.capture_step
 
-    @cached_property
+    @property
+    def caches(self) -> bool:
+        """Whether some steps of this pass reuse the deep blocks' output (step caching)."""
+        return self.cache_interval > 1
+
+    def full_step(self, step: int) -> bool:
+        """Whether ``step`` runs the whole UNet (always, unless the plan caches and step % interval != 0)."""
+        return step % self.cache_interval == 0
+
+    @property
     def grids(self) -> list[tuple[int, int]]:
         """(h_l, w_l) of every level l (ceil halving, as a stride-2 convolution)."""
-        return level_grids(self.latent_hw)
-
-    @cached_property
-    def _levels(self) -> dict[int, int]:
-        return {h * w: lvl for lvl, (h, w) in reversed(list(enumerate(self.grids)))}
+        return self._grids
 
     def level_of(self, n_queries: int) -> int:
         level = self._levels.get(n_queries)
@@ -178,7 +195,7 @@ def run_pass(unet, controller, plan: PassPlan, sched, x: dict, *, generators=Non
     step_kwargs = {}
     if not plan.ancestral and generators is not None and "generator" in inspect.signature(sched.step).parameters:
         step_kwargs["generator"] = generators
-    capture = controller.begin_pass(plan, roi_grid=x.get("roi_grid"), keep=x.get("keep"))
+    capture = controller.begin_pass(plan, roi_grid=x.get("roi_grid"), keep=x.get("keep"), context=x["embeds"])
     try:
         latents = x["latents"] * sched.init_noise_sigma
         embeds, image_latents = x["embeds"], x["image_latents"]
