@@ -15,6 +15,11 @@ others):
   4. bench_edit.py: diffusers vs lime_fast on the full-size random-weight replica, 512 x 512 fp16;
   5. bench_segment.py: native vs materialized at 512 x 512, sync-free vs early-exit k-means;
   6. bench_batch.py: the batch runner.
+  7. the faster modes of issue 14 (``--only modes`` runs just these): their device tests (FP8, compile,
+     channels-last, step caching through real CUDA graphs), ``bench_edit.py::test_mode`` for the modes
+     without compilation (speed and fidelity against the faithful path, see benchmarks/modes.py), the
+     cold and warm compile cost (compile_cost.py), then the compiled modes, which find the compile-cost
+     step's artifacts in the same inductor cache folder (TORCHINDUCTOR_CACHE_DIR, fresh per run).
 The report holds each step's status and time and the ratio lines the benchmarks print.
 
 On a machine without CUDA it runs the same steps (the GPU benchmarks skip themselves), which is how
@@ -44,6 +49,11 @@ STEPS = [
     ("bench_edit", ["benchmarks/bench_edit.py", "--benchmark-only", "-q"], 180),
     ("bench_segment", ["benchmarks/bench_segment.py", "--benchmark-only", "-q"], 90),
     ("bench_batch", ["benchmarks/bench_batch.py", "--benchmark-only", "-q"], 90),
+    # issue 14, most valuable first: a mode step reports each mode that finished, even if cut short
+    ("modes: device tests (fp8, compile, channels-last, step caching)", ["tests/test_speedups.py", "tests/test_stepcache.py", "-q", "-k", "device"], 150),
+    ("modes: eager (faithful, kv_cache, fused_qkv, channels_last, stepcache2/3, fp8)", ["benchmarks/bench_edit.py", "-k", "test_mode", "--benchmark-only", "-q"], 330, {"LIME_BENCH_MODES": "GPU_EAGER"}),
+    ("modes: compile cost (cold and warm process)", ["benchmarks/compile_cost.py", "--cache-dir", "{cache}"], 420),
+    ("modes: compiled (compile, fast, fastest, compile_fp8, compile_max, fp8_conv)", ["benchmarks/bench_edit.py", "-k", "test_mode", "--benchmark-only", "-q"], 480, {"LIME_BENCH_MODES": "GPU_COMPILED"}),
 ]
 
 
@@ -78,7 +88,7 @@ def ratio_lines(output: str) -> list[str]:
     return lines
 
 
-def run_step(args: list[str], limit: int) -> tuple[str, float, str]:
+def run_step(args: list[str], limit: int, env: dict | None = None) -> tuple[str, float, str]:
     """Run a pytest step, or a script step (a benchmarks/*.py that is not a bench_ suite)."""
     t0 = time.perf_counter()
     script = not Path(args[0]).name.startswith(("bench_", "test_"))
@@ -86,7 +96,8 @@ def run_step(args: list[str], limit: int) -> tuple[str, float, str]:
     try:
         done = subprocess.run(
             cmd,
-            cwd=ROOT, capture_output=True, text=True, timeout=limit, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            cwd=ROOT, capture_output=True, text=True, timeout=limit,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )
         out = done.stdout + done.stderr
         status = "ok" if done.returncode == 0 else f"FAILED (exit {done.returncode})"
@@ -107,13 +118,28 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     start = time.perf_counter()
 
+    import tempfile
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import modes as fast_modes
+
+    # one fresh inductor cache folder per run: the compile-cost step starts cold, the compiled modes reuse it
+    cache = tempfile.mkdtemp(prefix="lime-inductor-")
+    import torch
+
+    cuda = torch.cuda.is_available()
     report = ["# lime_fast device check", "", *[f"- {line}" for line in environment()], ""]
     report += ["| step | status | seconds |", "|---|---|---|"]
     details, failed = [], 0
     record = {"environment": environment(), "steps": []}
-    for name, step_args, limit in STEPS:
+    for name, step_args, limit, *step_env in STEPS:
         if args.only and not any(w in name for w in args.only):
             continue
+        env = {"TORCHINDUCTOR_CACHE_DIR": cache}
+        for k, v in (step_env[0] if step_env else {}).items():
+            # a modes.py list name (GPU_EAGER; its CPU_ twin on a smoke run without CUDA), or a value
+            env[k] = getattr(fast_modes, v if cuda else v.replace("GPU_", "CPU_"), v)
+        step_args = [a.replace("{cache}", cache) for a in step_args]
         left = args.budget - (time.perf_counter() - start)
         if left < 20:
             report.append(f"| {name} | skipped: budget spent | 0 |")
@@ -124,7 +150,7 @@ def main(argv=None) -> int:
         if name == "profile_edit":
             profile_json = Path(args.log_dir or ROOT) / "profile_edit.json"
             step_args = [*step_args, "--json", str(profile_json)]
-        status, secs, out = run_step(step_args, int(min(limit, left)))
+        status, secs, out = run_step(step_args, int(min(limit, left)), env)
         if profile_json is not None and profile_json.is_file():
             record["profile_edit"] = json.loads(profile_json.read_text())
             details += ["### per-stage profile", "", *[line for line in out.splitlines() if line.startswith(("|", "  "))], ""]
