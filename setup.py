@@ -34,6 +34,8 @@ setup(
         "cuml": ["cuml-cu12"],
         "ray": ["ray[data]>=2.50"],
         "eval": ["pyarrow>=14"],  # lime-fast eval: MagicBrush's Hugging Face parquet files
+        # precision="fp8" (Ada/Hopper GPUs only; not installed by scripts/install.sh: it refuses on a CPU)
+        "fp8": ["torchao>=0.14"],
         # lime-fast serve; starlette 0.44 added Request.form(max_part_size=...), multipart 0.0.18 fixed a DoS
         "serve": ["fastapi>=0.115.7", "starlette>=0.44", "uvicorn>=0.30", "python-multipart>=0.0.18"],
     },

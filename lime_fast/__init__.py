@@ -34,7 +34,7 @@ _map_source_kernels()
 # Light names import at once; torch, diffusers and the engine load on first use of a name that needs
 # them, so `lime-fast` answers a typo or a missing file in well under a second.
 from .config import DEFAULT_MODEL, EditConfig  # noqa: E402
-from .errors import InputWarning, LimeWarning, ModelLoadError, NonFiniteLatentsError  # noqa: E402
+from .errors import InputWarning, LimeWarning, ModelLoadError, NonFiniteLatentsError, UnsupportedModeError  # noqa: E402
 
 _LAZY = {
     "LimeEngine": "engine", "Encoded": "engine", "EditResult": "results", "accelerate": "graphs",
@@ -63,6 +63,7 @@ __all__ = [
     "LimeWarning",
     "ModelLoadError",
     "NonFiniteLatentsError",
+    "UnsupportedModeError",
     "accelerate",
     "edit",
     "edit_turns",

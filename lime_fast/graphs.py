@@ -303,7 +303,8 @@ def graphed_forward(unet) -> GraphedUNet | None:
     return fwd if isinstance(fwd, GraphedUNet) else None
 
 
-def accelerate(pipe, *, use_cuda_graphs: bool = True, compile: bool = False, attention: str = "auto"):
+def accelerate(pipe, *, use_cuda_graphs: bool = True, compile: bool | str = False, attention: str = "auto",
+               channels_last: bool = False, fuse_qkv: bool = False, precision: str | None = None):
     """Make an existing diffusers ``StableDiffusionInstructPix2PixPipeline`` faster, in place; returns it.
 
     The caller changes nothing else: ``pipe(prompt, image=..., ...)`` keeps its signature and returns
@@ -312,7 +313,8 @@ def accelerate(pipe, *, use_cuda_graphs: bool = True, compile: bool = False, att
     replays a CUDA graph per input signature (``GraphedUNet`` installed as ``pipe.unet.forward``).
     On the CPU both fall back to eager PyTorch (SDPA), so the pipeline still runs.
 
-    use_cuda_graphs / compile / attention: as for ``LimeEngine``. Calling it twice is a no-op. To undo:
+    use_cuda_graphs / compile / attention / channels_last / fuse_qkv / precision: as for ``LimeEngine``
+    (the last three change the pipe's modules in place; ``lime_fast.speedups``). Calling it twice is a no-op. To undo:
     ``del pipe.unet.forward; pipe.unet.set_attn_processor(AttnProcessor2_0())`` (from
     ``diffusers.models.attention_processor``).
     """
@@ -321,8 +323,11 @@ def accelerate(pipe, *, use_cuda_graphs: bool = True, compile: bool = False, att
     unet = pipe.unet
     if graphed_forward(unet) is not None:
         return pipe
+    from .speedups import apply
+
+    apply(unet, pipe.vae, channels_last=channels_last, fuse_qkv=fuse_qkv, precision=precision)
     controller = AttentionController(pick_backend(attention, unet.device))
     install(unet, controller)
-    forward = compiled(unet.forward, compile)
+    forward = compiled(unet.forward, compile, graphs=use_cuda_graphs)
     unet.forward = GraphedUNet(unet, forward, enabled=use_cuda_graphs)
     return pipe
