@@ -26,9 +26,9 @@ Rows (each timed by pytest-benchmark, medians; CUDA work is synchronized inside 
               the ``faithful`` mode (every fast mode off): max / mean pixel difference, PSNR, RoI IoU.
               LIME_BENCH_MODES=a,b,c picks the modes (default: modes.GPU_EAGER on CUDA, modes.CPU_EAGER
               on the CPU); ``faithful`` always runs first, as the reference. A mode that fails (FP8 on a GPU
-              without it, a compile error) is reported as failed, not raised. Compiled modes measure
-              edit_batch at batch 1 only unless LIME_BENCH_COMPILE_BATCHES=1 (each batch size compiles
-              three more graphs).
+              without it, a compile error) is reported as failed, not raised. edit_batch: ``faithful`` at
+              every batch size, the other modes at 1 and 8, compiled modes at 1 (each batch size compiles
+              three more graphs); LIME_BENCH_ALL_BATCHES=1 measures every mode at every size.
 Peak memory (CUDA): ``torch.cuda.max_memory_allocated`` over one run of each row.
 """
 
@@ -223,7 +223,11 @@ def test_mode(benchmark, setup, name):
     ref = MODE_ROWS.get("faithful")
     if name != "faithful" and (ref is None or "error" in ref):
         pytest.skip("the faithful mode (the reference) did not run")
-    batches = BATCHES if not mode.compiles or os.environ.get("LIME_BENCH_COMPILE_BATCHES") == "1" else [1]
+    # every batch size records new graphs (and compiles three more for a compiled mode): the faithful mode
+    # measures them all, the others 1 and the largest unless LIME_BENCH_ALL_BATCHES=1
+    batches = BATCHES if name == "faithful" or os.environ.get("LIME_BENCH_ALL_BATCHES") == "1" else sorted({1, BATCHES[-1]})
+    if mode.compiles and os.environ.get("LIME_BENCH_ALL_BATCHES") != "1":
+        batches = [1]
 
     def time_auto(fn, rounds):
         out = {}
@@ -237,6 +241,10 @@ def test_mode(benchmark, setup, name):
         MODE_ROWS[name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
         if name == "faithful":
             raise
+    finally:  # each row as soon as it exists (run with -s): a step cut by its time limit keeps the rows done
+        if name in MODE_ROWS:
+            print("\nMODE " + fast_modes.report({name: MODE_ROWS[name]}, "", "")[3],  # its table row
+                  flush=True)
 
 
 @pytest.fixture(scope="module", autouse=True)

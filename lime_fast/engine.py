@@ -41,7 +41,7 @@ from .models import local_checkpoint, model_location, pixel_multiple, resolve_de
 from .results import EditResult
 from .sampling import PassPlan, draw_noise, is_ancestral, make_scheduler, run_pass
 from .segment import _segment
-from .speedups import apply as apply_speedups
+from .speedups import apply as apply_speedups, check_precision
 from .stepcache import StepCache
 from .tokens import TokenRoles, keep_mask, token_roles
 
@@ -228,8 +228,6 @@ class LimeEngine:
         from diffusers import StableDiffusionInstructPix2PixPipeline
 
         device = resolve_device(device)
-        from .speedups import check_precision
-
         check_precision(precision, device)  # before loading anything
         if torch_dtype is None:
             torch_dtype = torch.float16 if device.type == "cuda" else torch.float32
