@@ -31,6 +31,7 @@ import PIL.Image
 import torch
 from tqdm.auto import tqdm
 
+from . import families
 from .attention import AttentionController, Capture, install, pick_backend
 from .config import DEFAULT_MODEL, EditConfig
 from .errors import LimeWarning, ModelLoadError, NonFiniteLatentsError
@@ -39,7 +40,7 @@ from .inputs import EditInputs
 from .localize import heatmaps, normalized, roi_from_segments
 from .models import local_checkpoint, model_location, pixel_multiple, resolve_device, shipped
 from .results import EditResult
-from .sampling import PassPlan, draw_noise, is_ancestral, make_scheduler, run_pass
+from .sampling import PassPlan, draw_noise, is_ancestral, make_scheduler, run_pass, stepper_of
 from .segment import _segment
 from .tokens import TokenRoles, keep_mask, token_roles
 
@@ -49,7 +50,8 @@ class Encoded:
     """Stage-0 results, shared by both passes.
 
     image_latents: [B, c, h, w] VAE posterior mode (unscaled, as InstructPix2Pix conditions on it).
-    text_embeds: [B, T, C] instruction embeddings; empty_embeds: [1, T, C] embedding of "".
+    text_embeds: [B, T, C] instruction embeddings; empty_embeds: [1, T, C] the embedding of the two
+    branches without the instruction ("" for SD 1.5, zeros for SDXL).
     roles: per edit, its tokens' roles (content / unrelated).
     keep: [B, T] bool on the device, tokens visible inside the RoI; content: [B, T] bool, content tokens.
     """
@@ -60,6 +62,9 @@ class Encoded:
     roles: list[TokenRoles]
     keep: torch.Tensor | None = None
     content: torch.Tensor | None = None
+    pooled: torch.Tensor | None = None  # SDXL: [B, P] pooled text projection; empty_pooled [1, P]
+    empty_pooled: torch.Tensor | None = None
+    time_ids: torch.Tensor | None = None  # SDXL: [1, 6] micro-conditioning (original size, crop, target size)
 
     @property
     def batch(self) -> int:
@@ -75,13 +80,23 @@ class Encoded:
         lat = self.image_latents
         return torch.cat([lat, lat, torch.zeros_like(lat)])
 
+    def branch_added(self) -> dict[str, torch.Tensor]:
+        """The UNet's added conditions per branch (SDXL: ``added_text_embeds`` [3B, P], ``added_time_ids``
+        [3B, 6]; nothing for SD 1.5), named as ``run_pass`` takes them."""
+        if self.pooled is None:
+            return {}
+        empty = self.empty_pooled.expand(self.batch, -1)
+        return {"added_text_embeds": torch.cat([self.pooled, empty, empty]),
+                "added_time_ids": self.time_ids.repeat(3 * self.batch, 1)}
+
     def select(self, idx: Sequence[int], idx_device: torch.Tensor) -> Encoded:
         """The edits ``idx`` of this batch (``idx_device``: the same indices as a device tensor)."""
         if list(idx) == list(range(self.batch)):
             return self
         pick = lambda t: None if t is None else t.index_select(0, idx_device)  # noqa: E731
         return Encoded(pick(self.image_latents), pick(self.text_embeds), self.empty_embeds,
-                       [self.roles[b] for b in idx], pick(self.keep), pick(self.content))
+                       [self.roles[b] for b in idx], pick(self.keep), pick(self.content), pick(self.pooled),
+                       self.empty_pooled, self.time_ids)
 
 
 class _Clock:
@@ -155,6 +170,9 @@ class LimeEngine:
                  default_config: EditConfig | None = None, trained_size: int | None = None):
         unet, vae = pipe.unet, pipe.vae
         latent_channels = vae.config.latent_channels
+        if type(pipe).__name__ not in families.FAMILIES:
+            raise ModelLoadError(f"lime_fast edits with InstructPix2Pix pipelines ({', '.join(families.FAMILIES)}); "
+                                 f"got {type(pipe).__name__}")
         if unet.config.in_channels != 2 * latent_channels:
             raise ModelLoadError(
                 f"this UNet takes {unet.config.in_channels} input channels; an InstructPix2Pix UNet takes "
@@ -162,10 +180,17 @@ class LimeEngine:
                 "checkpoint? lime_fast needs an InstructPix2Pix-family model (e.g. timbrooks/instruct-pix2pix)."
             )
         self.pipe = pipe
-        self.default_config = default_config or EditConfig()  # what edit() starts from (a shipped model's own)
+        self.family = families.of_pipe(pipe)
+        if default_config is None:  # the family's LIME levels (SD 1.5: the spec's defaults)
+            default_config = EditConfig(**self.family.default_levels(unet.config))
+        self.default_config = default_config  # what edit() starts from (a shipped model's own)
         self.trained_size = trained_size  # pixels; larger edits warn (a shipped model never saw them)
         self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, pipe.text_encoder, pipe.tokenizer
         self.scheduler = pipe.scheduler
+        if vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
+            # SDXL's VAE overflows in fp16 (diffusers upcasts it around every encode and decode): keep it in
+            # fp32 (83 M parameters, 0.3 GB) and cast at its boundaries. A fp16-safe VAE (force_upcast=False) stays.
+            vae.to(torch.float32)
         self.vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
         self.multiple = pixel_multiple(vae.config, unet.config)
         self.controller = AttentionController(pick_backend(attention, unet.device))
@@ -201,22 +226,28 @@ class LimeEngine:
         Safetensors weights are required unless ``use_safetensors=False``. The safety checker is not
         loaded. Missing weights raise one ``ModelLoadError`` saying what to do.
         """
-        from diffusers import StableDiffusionInstructPix2PixPipeline
-
         device = resolve_device(device)
         if torch_dtype is None:
             torch_dtype = torch.float16 if device.type == "cuda" else torch.float32
         info = shipped(model)
         path = local_checkpoint(model_location(model))
         try:
+            where = str(path) if path is not None else str(model)
+            if path is not None:
+                family = families.of_folder(path)
+            else:  # a hub id: its model_index.json names the pipeline (from the cache, or downloaded)
+                from diffusers import DiffusionPipeline
+
+                family = families.of_class_name(
+                    DiffusionPipeline.load_config(where, local_files_only=local_files_only).get("_class_name"))
+            if family is families.SD15:
+                kwargs = dict(safety_checker=None, requires_safety_checker=False, **kwargs)
             with warnings.catch_warnings():  # diffusers >= 0.36 renames torch_dtype to dtype; both work
                 warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-                pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(
-                    str(path) if path is not None else str(model),
+                pipe = family.pipeline_class().from_pretrained(
+                    where,
                     torch_dtype=torch_dtype,
                     use_safetensors=use_safetensors,
-                    safety_checker=None,
-                    requires_safety_checker=False,
                     local_files_only=local_files_only,
                     **kwargs,
                 )
@@ -243,7 +274,8 @@ class LimeEngine:
 
     @classmethod
     def from_pipe(cls, pipe, attention: str = "auto", *, use_cuda_graphs: bool | None = None, compile: bool | str = False) -> "LimeEngine":
-        """Wrap an existing ``StableDiffusionInstructPix2PixPipeline`` (modules shared, not copied)."""
+        """Wrap an existing ``StableDiffusionInstructPix2PixPipeline`` or ``StableDiffusionXLInstructPix2PixPipeline``
+        (modules shared, not copied; an SDXL VAE that needs fp32 is moved to fp32)."""
         return cls(pipe, attention=attention, use_cuda_graphs=use_cuda_graphs, compile=compile)
 
     @property
@@ -264,29 +296,24 @@ class LimeEngine:
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor, instructions: Sequence[str], roi_words=None) -> Encoded:
         """pixels [B, 3, H, W] in [-1, 1]; B instructions -> ``Encoded`` (latents, embeddings, token roles)."""
+        # token roles from the first tokenizer: SDXL's two tokenizers split text alike (the same CLIP BPE),
+        # so position t means the same token in both halves of the concatenated embedding
         roles = [token_roles(self.tokenizer, s, roi_words=roi_words) for s in instructions]
-        ids = self.tokenizer(
-            list(instructions) + [""],
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids
         keep = keep_mask(roles)
         content = torch.zeros_like(keep)
         for b, r in enumerate(roles):
             content[b, r.content] = True
         # every host-to-device copy before the first kernel: a pageable copy waits for queued GPU work
-        ids, keep, content = (t.to(self.device) for t in (ids, keep, content))
-        embeds = self.text_encoder(ids)[0].to(self.text_encoder.dtype)
-        latents = self.vae.encode(pixels).latent_dist.mode()
-        return Encoded(latents, embeds[:-1], embeds[-1:], roles, keep, content)
+        keep, content = keep.to(self.device), content.to(self.device)
+        text = families.encode_text(self.family, self.pipe, instructions, tuple(pixels.shape[-2:]), self.device)
+        latents = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist.mode().to(self.dtype)
+        return Encoded(latents, text.text, text.empty, roles, keep, content, text.pooled, text.empty_pooled, text.time_ids)
 
     # --- the passes -----------------------------------------------------------------------
     def _plan(self, kind: str, enc: Encoded, cfg: EditConfig, regularized: bool = False) -> PassPlan:
         h, w = enc.image_latents.shape[-2:]
         common = dict(batch=enc.batch, latent_hw=(int(h), int(w)), channels=self.vae.config.latent_channels,
-                      steps=cfg.steps, dtype=self.dtype, ancestral=is_ancestral(self.scheduler))
+                      steps=cfg.steps, dtype=self.dtype, stepper=stepper_of(self.scheduler))
         if kind == "localize":
             return PassPlan("localize", guidance=(cfg.loc_text_guidance, cfg.loc_image_guidance),
                             capture_step=cfg.capture, feature_levels=tuple(cfg.feature_levels), **common)
@@ -311,19 +338,20 @@ class LimeEngine:
     def _run(self, plan: PassPlan, enc: Encoded, noise, roi_grid=None, seeds=None, cfg=None, progress=True) -> dict:
         """One pass (graphed on CUDA); returns run_pass's outputs (``finite`` not yet checked)."""
         init, steps = noise
-        x = {"latents": init, "embeds": enc.branch_embeds(), "image_latents": enc.branch_image_latents()}
+        x = {"latents": init, "embeds": enc.branch_embeds(), "image_latents": enc.branch_image_latents(),
+             **enc.branch_added()}
         if plan.ancestral:
             x["noise"] = steps[: plan.n_noise]
         if plan.regularizes:
             x["roi_grid"], x["keep"] = roi_grid, enc.keep
         generators = None
-        if not plan.ancestral:  # sched.step draws its own noise: fresh generators, as diffusers does
+        if plan.stepper == "scheduler":  # sched.step may draw its own noise: fresh generators, as diffusers does
             gens = [torch.Generator("cpu").manual_seed(int(s)) for s in (seeds or [cfg.seed] * enc.batch)]
             for g in gens:  # skip the initial latents' draws, which draw_noise already made
                 torch.randn(init.shape[1:], generator=g, dtype=self.dtype)
             generators = gens
         self.unet_evals += plan.n_evals
-        graphed = self.graphs.replays_on(self.device) and plan.ancestral
+        graphed = self.graphs.replays_on(self.device) and plan.graphable
         bar = tqdm(total=plan.n_evals, desc=plan.kind, disable=not progress, leave=False)
         try:
             def fn(inputs, sched):
@@ -422,7 +450,15 @@ class LimeEngine:
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """latents [B, c, h, w] -> images [B, 3, H, W] fp32 in [0, 1]."""
-        x = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
+        cfg = self.vae.config
+        latents = latents.to(self.vae.dtype)
+        if getattr(cfg, "latents_mean", None) is not None and getattr(cfg, "latents_std", None) is not None:
+            mean = torch.tensor(cfg.latents_mean).view(1, -1, 1, 1).to(latents.device, latents.dtype)
+            std = torch.tensor(cfg.latents_std).view(1, -1, 1, 1).to(latents.device, latents.dtype)
+            latents = latents * std / cfg.scaling_factor + mean
+        else:
+            latents = latents / cfg.scaling_factor
+        x = self.vae.decode(latents, return_dict=False)[0]
         return (x.float() / 2 + 0.5).clamp(0, 1)
 
     # --- the whole edit -------------------------------------------------------------------

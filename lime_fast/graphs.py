@@ -92,7 +92,7 @@ class PassGraphs:
             self._pool = None
 
     def run(self, plan, fn, inputs: dict, make_sched, device) -> dict:
-        graphable = (self.replays_on(device) and plan.ancestral and not torch.is_grad_enabled()
+        graphable = (self.replays_on(device) and plan.graphable and not torch.is_grad_enabled()
                      and not torch.compiler.is_compiling())
         if not graphable:
             self.stats.eager_calls += 1
@@ -149,6 +149,7 @@ class _Entry:
     sample: torch.Tensor
     timestep: torch.Tensor
     states: torch.Tensor
+    added: dict = field(default_factory=dict)  # SDXL's added conditions (text_embeds, time_ids)
     out: torch.Tensor | None = None
 
 
@@ -174,22 +175,27 @@ class GraphedUNet:
 
     def __call__(self, sample, timestep, encoder_hidden_states=None, *args, return_dict: bool = True, **kwargs):
         extra = {k: v for k, v in kwargs.items() if v is not None}
-        if not self._graphable(sample, encoder_hidden_states, args, extra):
+        added = extra.pop("added_cond_kwargs", None) or {}
+        if not self._graphable(sample, encoder_hidden_states, args, extra) or not all(
+                isinstance(v, torch.Tensor) for v in added.values()):
             self.stats.eager_calls += 1
             return self.forward(sample, timestep, encoder_hidden_states, *args, return_dict=return_dict, **kwargs)
         timestep = timestep if isinstance(timestep, torch.Tensor) else torch.tensor(timestep, device=sample.device)
         key = (tuple(sample.shape), sample.dtype, sample.device, tuple(timestep.shape), timestep.dtype,
-               tuple(encoder_hidden_states.shape), encoder_hidden_states.dtype)
+               tuple(encoder_hidden_states.shape), encoder_hidden_states.dtype,
+               tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(added.items())))
         with self._lock:
             entry = self._graphs.get(key)
             if entry is None and key not in self.stats.failed:
-                entry = self._record(key, sample, timestep, encoder_hidden_states)
+                entry = self._record(key, sample, timestep, encoder_hidden_states, added)
             if entry is None:  # this signature's capture failed: eager
                 self.stats.eager_calls += 1
-                return self.forward(sample, timestep, encoder_hidden_states, return_dict=return_dict)
+                return self.forward(sample, timestep, encoder_hidden_states, return_dict=return_dict, **kwargs)
             entry.sample.copy_(sample)
             entry.timestep.copy_(timestep)
             entry.states.copy_(encoder_hidden_states)
+            for k, v in added.items():
+                entry.added[k].copy_(v)
             if entry.graph is None:  # emulation: the eager forward on the static buffers
                 entry.out = self._run(entry)
             else:
@@ -220,10 +226,12 @@ class GraphedUNet:
         return self.replays_on(sample.device)
 
     def _run(self, entry: _Entry):
-        return self.forward(entry.sample, entry.timestep, entry.states, return_dict=False)[0]
+        extra = {"added_cond_kwargs": entry.added} if entry.added else {}
+        return self.forward(entry.sample, entry.timestep, entry.states, return_dict=False, **extra)[0]
 
-    def _record(self, key, sample, timestep, states) -> _Entry | None:
-        entry = _Entry(None, sample.clone(), timestep.to(sample.device).clone(), states.clone())
+    def _record(self, key, sample, timestep, states, added) -> _Entry | None:
+        entry = _Entry(None, sample.clone(), timestep.to(sample.device).clone(), states.clone(),
+                       {k: v.clone() for k, v in added.items()})
         if self.emulate and sample.device.type != "cuda":
             self._graphs[key] = entry
             return entry
@@ -265,7 +273,8 @@ def graphed_forward(unet) -> GraphedUNet | None:
 
 
 def accelerate(pipe, *, use_cuda_graphs: bool = True, compile: bool = False, attention: str = "auto"):
-    """Make an existing diffusers ``StableDiffusionInstructPix2PixPipeline`` faster, in place; returns it.
+    """Make an existing diffusers ``StableDiffusionInstructPix2PixPipeline`` (or the SDXL one, or any
+    pipeline whose UNet is a ``UNet2DConditionModel``) faster, in place; returns it.
 
     The caller changes nothing else: ``pipe(prompt, image=..., ...)`` keeps its signature and returns
     the same images (to fp16 tolerance on CUDA). Underneath, every cross-attention call runs the fused
