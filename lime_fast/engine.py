@@ -400,19 +400,22 @@ class LimeEngine:
         return capture, out["finite"]
 
     # --- stages 1b/1c: segmentation and localization --------------------------------------
-    def segment(self, capture: Capture, grid: tuple[int, int], cfg: EditConfig, *, converged: list | None = None) -> torch.Tensor:
+    def segment(self, capture: Capture, grid: tuple[int, int], cfg: EditConfig, *, converged: list | None = None,
+                seeds: Sequence[int] | None = None) -> torch.Tensor:
         """k-means segments of each edit's fused features on the output grid -> [B, gh, gw] long.
 
         On the CPU the Lloyd loop stops as soon as it converges; on a GPU the host reads the on-device
         convergence flag every ``cfg.kmeans_check_every`` iterations (0: never; exactly
         ``cfg.kmeans_max_iter`` iterations, frozen once converged: the same labels with no sync).
-        ``converged`` (a list) receives each edit's 0-dim bool flag to read later."""
+        ``converged`` (a list) receives each edit's 0-dim bool flag to read later; ``seeds``: one k-means
+        seed per edit (default ``cfg.seed``)."""
         cpu = self.device.type == "cpu"
         sync, check_every = (True, 1) if cpu else (cfg.kmeans_check_every > 0, max(1, cfg.kmeans_check_every))
         batch = capture.features[0].shape[0]
         labels = []
         for b in range(batch):
-            res = _segment([f[b] for f in capture.features], grid, k=cfg.clusters, seed=cfg.seed, n_init=cfg.kmeans_n_init,
+            seed = cfg.seed if seeds is None else seeds[b]
+            res = _segment([f[b] for f in capture.features], grid, k=cfg.clusters, seed=seed, n_init=cfg.kmeans_n_init,
                            max_iter=cfg.kmeans_max_iter, tol=cfg.kmeans_tol, backend=cfg.segment_backend, sync=sync,
                            check_every=check_every)
             labels.append(res.labels.reshape(grid))
@@ -472,21 +475,29 @@ class LimeEngine:
         """
         return self.edit_batch([image], [instruction], masks=None if mask is None else [mask], progress=progress, **config)[0]
 
-    def edit_batch(self, images: Sequence, instructions: Sequence[str], *, masks: Sequence | None = None, progress: bool = True, **config) -> list[EditResult]:
+    def edit_batch(self, images: Sequence, instructions: Sequence[str], *, masks: Sequence | None = None,
+                   seeds: Sequence[int] | None = None, progress: bool = True, **config) -> list[EditResult]:
         """Several edits in one UNet batch (images are brought to the first image's working size).
 
         Each edit has its own tokens and RoI; masks, if given, is a list with one entry (or None) per
-        image. All edits use the same config. Returns one ``EditResult`` per image.
+        image; seeds, if given, one seed per edit (default: the config's ``seed`` for all), which draws
+        that edit's noise and seeds its k-means, so an edit's result does not depend on the seeds of
+        the others. All edits share the other settings. Returns one ``EditResult`` per image.
         """
         cfg = config.pop("config", None) or self.default_config
         cfg = cfg.replace(**config) if config else cfg
         # everything is checked before any model work
         job = EditInputs.build(images, instructions, masks, multiple=self.multiple, cfg=cfg, trained_size=self.trained_size)
+        if seeds is None:
+            seeds = [cfg.seed] * len(job.images)
+        seeds = [int(cfg.replace(seed=s).seed) for s in seeds]  # validated like the config's own seed
+        if len(seeds) != len(job.images):
+            raise ValueError(f"got {len(seeds)} seeds for {len(job.images)} images")
         with self._lock:
-            return self._edit_locked(job, cfg, progress)
+            return self._edit_locked(job, cfg, progress, seeds)
 
     @torch.no_grad()
-    def _edit_locked(self, job: EditInputs, cfg: EditConfig, progress: bool) -> list[EditResult]:
+    def _edit_locked(self, job: EditInputs, cfg: EditConfig, progress: bool, seeds: list[int]) -> list[EditResult]:
         clock, evals0 = _Clock(self.device), self.unet_evals
         user_rois = job.mask_grids()  # host: the user masks on the output grid (None where automatic)
         auto = [b for b, m in enumerate(user_rois) if m is None]
@@ -494,7 +505,7 @@ class LimeEngine:
         roi_grid = torch.from_numpy(np.stack([np.zeros(job.grid, bool) if m is None else m for m in user_rois]))
         roi_grid, auto_idx = roi_grid.to(self.device), torch.tensor(auto, dtype=torch.long).to(self.device)
         enc = self.encode(self.preprocess(job.working_images()), job.instructions, roi_words=cfg.roi_words)
-        noise = self.draw_noise(enc, cfg)
+        noise = self.draw_noise(enc, cfg, seeds)
         clock("encode")
         checks, host = {}, {}
         if auto:
@@ -503,7 +514,7 @@ class LimeEngine:
             capture, checks["localize"] = self._localize_pass(sub, cfg, None, progress, sub_noise)
             clock("localize")
             converged: list[torch.Tensor] = []
-            segments = self.segment(capture, job.grid, cfg, converged=converged)
+            segments = self.segment(capture, job.grid, cfg, converged=converged, seeds=[seeds[b] for b in auto])
             roi, heat = self.localize(capture, segments, sub.content, cfg)
             roi_grid = roi_grid.index_copy(0, auto_idx, roi)
             host.update(segments=segments.to(torch.int32), heat=normalized(heat), converged=torch.stack(converged))
