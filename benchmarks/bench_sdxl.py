@@ -11,7 +11,6 @@ Rows: diffusers (StableDiffusionXLInstructPix2PixPipeline, untouched), accelerat
 ``lime_fast.accelerate(pipe)``), lime_auto (``engine.edit``, automatic RoI), lime_mask (a user mask).
 """
 
-import contextlib
 import time
 
 import numpy as np
@@ -21,6 +20,7 @@ import torch
 import lime_fast
 from lime_fast import LimeEngine
 from lime_fast.demo import shapes_image
+from bench_edit import untouched  # diffusers' own processors for the duration
 
 CUDA = torch.cuda.is_available()
 SIZES = [768, 1024] if CUDA else [128]
@@ -39,20 +39,6 @@ def setup():
     pipe = pipe.to("cuda", torch.float16) if CUDA else pipe
     engine = LimeEngine.from_pipe(pipe)  # the SDXL VAE moves to fp32 (force_upcast)
     return pipe, engine
-
-
-@contextlib.contextmanager
-def untouched(unet):
-    from diffusers.models.attention_processor import AttnProcessor2_0
-
-    procs, fwd = unet.attn_processors, unet.__dict__.pop("forward", None)
-    unet.set_attn_processor(AttnProcessor2_0())
-    try:
-        yield
-    finally:
-        unet.set_attn_processor(procs)
-        if fwd is not None:
-            unet.forward = fwd
 
 
 def _run(benchmark, key, fn, rounds=3):

@@ -25,8 +25,6 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 
 @dataclass(frozen=True)
 class Family:
@@ -40,9 +38,14 @@ class Family:
 
     @staticmethod
     def attention_levels(unet_config) -> tuple[int, ...]:
-        """Levels whose down block has cross-attention (the mid block sits at the last level)."""
+        """Levels with cross-attention: those whose down block has it, and the last level when the mid
+        block has it (SD 1.5's mid block adds level 3; SDXL's sits at level 2, which has it anyway)."""
         get = unet_config.get if isinstance(unet_config, dict) else (lambda k, d=None: getattr(unet_config, k, d))
-        return tuple(i for i, t in enumerate(get("down_block_types")) if "CrossAttn" in t)
+        down = list(get("down_block_types"))
+        levels = {i for i, t in enumerate(down) if "CrossAttn" in t}
+        if "CrossAttn" in (get("mid_block_type", None) or "UNetMidBlock2DCrossAttn"):
+            levels.add(len(down) - 1)
+        return tuple(sorted(levels))
 
     def default_levels(self, unet_config) -> dict:
         levels = self.attention_levels(unet_config)
@@ -96,14 +99,14 @@ class TextEncoding:
     """text [B, T, C] instruction embeddings; empty [1, T, C] the other two branches' embedding; pooled
     [B, P] / empty_pooled [1, P] and time_ids [1, n]: SDXL's added conditions (None for SD 1.5)."""
 
-    text: torch.Tensor
-    empty: torch.Tensor
-    pooled: torch.Tensor | None = None
-    empty_pooled: torch.Tensor | None = None
-    time_ids: torch.Tensor | None = None
+    text: object
+    empty: object
+    pooled: object = None
+    empty_pooled: object = None
+    time_ids: object = None
 
 
-def _ids(tokenizer, texts, device) -> torch.Tensor:
+def _ids(tokenizer, texts, device):
     return tokenizer(list(texts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                      return_tensors="pt").input_ids.to(device)
 
@@ -111,6 +114,8 @@ def _ids(tokenizer, texts, device) -> torch.Tensor:
 def encode_text(family: Family, pipe, instructions, size_hw: tuple[int, int], device) -> TextEncoding:
     """The embeddings of B instructions and of the branches without one, as the family's diffusers
     pipeline computes them. size_hw: the working (height, width) in pixels (SDXL's time_ids)."""
+    import torch  # (this module is read before torch loads: the CLI checks settings with it)
+
     if not family.two_encoders:  # SD 1.5: one batch of B instructions plus ""
         ids = _ids(pipe.tokenizer, list(instructions) + [""], device)
         embeds = pipe.text_encoder(ids)[0].to(pipe.text_encoder.dtype)

@@ -43,9 +43,14 @@ def test_family_is_detected_with_its_levels(sdxl, sdxl_dir):
     # known without loading anything (the CLI and the batch runner check settings before loading)
     assert default_config(sdxl_dir) == sdxl.default_config and config_multiple(sdxl_dir) == 32
     assert json.loads((sdxl_dir / "model_index.json").read_text())["_class_name"] == "StableDiffusionXLInstructPix2PixPipeline"
-    sd15 = families.SD15.default_levels({"down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"]})
-    assert sd15 == dict(feature_levels=(1, 2), reg_levels=(0, 1))
-    assert EditConfig().feature_levels == (1, 2, 3)  # SD 1.5's mid block adds level 3 (the spec's levels)
+    from lime_fast.testing.tiny import shipped_config
+
+    sd15 = shipped_config("unet")  # timbrooks/instruct-pix2pix: its mid block adds level 3
+    assert families.Family.attention_levels(sd15) == (0, 1, 2, 3)
+    spec = EditConfig()
+    assert families.SD15.default_levels(sd15) == dict(feature_levels=spec.feature_levels, reg_levels=spec.reg_levels)
+    no_mid = dict(sd15, mid_block_type="UNetMidBlock2D")  # a mid block without attention adds nothing
+    assert families.Family.attention_levels(no_mid) == (0, 1, 2)
 
 
 def test_parity_with_diffusers_sdxl_when_mask_is_empty(sdxl, sdxl_dir, shapes):

@@ -27,6 +27,24 @@ def shipped_config(component: str, folder: str = CONFIG_DIR) -> dict:
     return {k: v for k, v in json.loads(text).items() if not k.startswith("_")}
 
 
+def _tiny_vae(**extra):
+    """The tiny VAE of both tiny pipelines (factor 8, 4 latent channels)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 16, 32, 32),
+                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                         layers_per_block=1, norm_num_groups=8, sample_size=128, **extra)
+
+
+def _tiny_text_config(tok, width: int):
+    """A 2-layer CLIP text tower of ``width`` channels for the tokenizer ``tok``."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(vocab_size=len(tok), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
+                          num_attention_heads=4, max_position_embeddings=77, bos_token_id=tok.bos_token_id,
+                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, projection_dim=width)
+
+
 def tiny_pipeline(heads: int | tuple[int, ...] = 8, width: int = 32, text_width: int = 32, seed: int = 0, tokenizer=None):
     """A random ~3 M-parameter ``StableDiffusionInstructPix2PixPipeline`` on the CPU, fp32.
 
@@ -34,13 +52,8 @@ def tiny_pipeline(heads: int | tuple[int, ...] = 8, width: int = 32, text_width:
     block (then 2x, 2x, 2x); text_width: CLIP text-encoder width. tokenizer: default the real CLIP
     tokenizer (``lime_fast.clip_bpe.clip_tokenizer``).
     """
-    from diffusers import (
-        AutoencoderKL,
-        EulerAncestralDiscreteScheduler,
-        StableDiffusionInstructPix2PixPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionInstructPix2PixPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
 
     from ..clip_bpe import clip_tokenizer
 
@@ -57,32 +70,9 @@ def tiny_pipeline(heads: int | tuple[int, ...] = 8, width: int = 32, text_width:
         attention_head_dim=heads,  # diffusers' legacy name: this is the number of heads
         norm_num_groups=8,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        block_out_channels=(16, 16, 32, 32),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=1,
-        norm_num_groups=8,
-        sample_size=128,
-    )
+    vae = _tiny_vae()
     tok = tokenizer or clip_tokenizer()
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tok),
-            hidden_size=text_width,
-            intermediate_size=2 * text_width,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
-            projection_dim=text_width,
-        )
-    )
+    text_encoder = CLIPTextModel(_tiny_text_config(tok, text_width))
     scheduler = EulerAncestralDiscreteScheduler(**{k: v for k, v in shipped_config("scheduler").items() if k in ("beta_end", "beta_schedule", "beta_start", "num_train_timesteps", "prediction_type", "steps_offset")})
     pipe = StableDiffusionInstructPix2PixPipeline(
         vae=vae,
@@ -138,13 +128,8 @@ def tiny_sdxl_pipeline(width: int = 32, text_width: int = 32, seed: int = 0, tok
     4 heads), two CLIP text encoders (the second with a projection; the second tokenizer pads with "!"),
     the "text_time" added conditions and SDXL's Euler scheduler config.
     tokenizer: default the real CLIP tokenizer (``lime_fast.clip_bpe.clip_tokenizer``)."""
-    from diffusers import (
-        AutoencoderKL,
-        EulerDiscreteScheduler,
-        StableDiffusionXLInstructPix2PixPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLInstructPix2PixPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     from ..clip_bpe import clip_tokenizer
 
@@ -169,23 +154,14 @@ def tiny_sdxl_pipeline(width: int = 32, text_width: int = 32, seed: int = 0, tok
         use_linear_projection=True,
         norm_num_groups=8,
     )
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 16, 32, 32),
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=1, norm_num_groups=8, sample_size=128, scaling_factor=0.13025, force_upcast=True,
-    )
-
-    def text_config(**extra):
-        return CLIPTextConfig(vocab_size=len(tok), hidden_size=text_width, intermediate_size=2 * text_width,
-                              num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
-                              bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                              projection_dim=text_width, **extra)
+    vae = _tiny_vae(scaling_factor=0.13025, force_upcast=True)
+    text_config = _tiny_text_config(tok, text_width)
 
     keys = ("beta_end", "beta_schedule", "beta_start", "num_train_timesteps", "prediction_type", "steps_offset",
             "timestep_spacing", "interpolation_type", "use_karras_sigmas")
     scheduler = EulerDiscreteScheduler(**{k: v for k, v in shipped_config("scheduler", SDXL_CONFIG_DIR).items() if k in keys})
     pipe = StableDiffusionXLInstructPix2PixPipeline(
-        vae=vae, text_encoder=CLIPTextModel(text_config()), text_encoder_2=CLIPTextModelWithProjection(text_config()),
+        vae=vae, text_encoder=CLIPTextModel(text_config), text_encoder_2=CLIPTextModelWithProjection(text_config),
         tokenizer=tok, tokenizer_2=tok_2, unet=unet, scheduler=scheduler, add_watermarker=False,
     )
     pipe.set_progress_bar_config(disable=True)
