@@ -511,7 +511,7 @@ class LimeEngine:
         if auto:
             sub = enc.select(auto, auto_idx)
             sub_noise = (noise[0].index_select(0, auto_idx), noise[1].index_select(1, auto_idx))
-            capture, checks["localize"] = self._localize_pass(sub, cfg, None, progress, sub_noise)
+            capture, checks["localize"] = self._localize_pass(sub, cfg, [seeds[b] for b in auto], progress, sub_noise)
             clock("localize")
             converged: list[torch.Tensor] = []
             segments = self.segment(capture, job.grid, cfg, converged=converged, seeds=[seeds[b] for b in auto])
@@ -520,7 +520,7 @@ class LimeEngine:
             host.update(segments=segments.to(torch.int32), heat=normalized(heat), converged=torch.stack(converged))
             clock("segment")
         regularized = bool(auto) or any(m.any() for m in user_rois if m is not None)
-        latents, checks["edit"] = self._edit_pass(enc, roi_grid if regularized else None, cfg, None, progress, noise)
+        latents, checks["edit"] = self._edit_pass(enc, roi_grid if regularized else None, cfg, seeds, progress, noise)
         clock("edit")
         pixels = (self.decode(latents) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
         clock("decode")

@@ -326,3 +326,27 @@ def test_batch_edits_keep_their_own_seeds(engine, shapes, fast):
         assert near < 1.0 < far, (near, far)  # its own seed's edit, not the other's
     with pytest.raises(ValueError, match="seed"):
         engine.edit_batch([shapes], ["make it red"], seeds=[2**70], progress=False, **fast)
+
+
+def test_other_schedulers_run_through_their_own_step(tiny_dir, shapes):
+    """A scheduler lime_fast has no device-side step for (DDIM here) runs through its own ``step``
+    (such passes are not graphed): an empty mask still gives exactly diffusers' pipeline."""
+    from diffusers import DDIMScheduler, StableDiffusionInstructPix2PixPipeline
+
+    from lime_fast.sampling import stepper_of
+
+    def pipe():
+        p = StableDiffusionInstructPix2PixPipeline.from_pretrained(tiny_dir, safety_checker=None, requires_safety_checker=False)
+        p.scheduler = DDIMScheduler.from_config(p.scheduler.config)
+        p.set_progress_bar_config(disable=True)
+        return p
+
+    ref = pipe()("make the red circle blue", image=shapes, num_inference_steps=5, guidance_scale=2.0, image_guidance_scale=1.5,
+                 generator=torch.Generator().manual_seed(4)).images[0]
+    eng = LimeEngine.from_pipe(pipe())
+    assert stepper_of(eng.scheduler) == "scheduler"
+    with pytest.warns(LimeWarning, match="empty"):
+        ours = eng.edit(shapes, "make the red circle blue", mask=np.zeros((8, 8), bool), steps=5, seed=4, progress=False)
+    np.testing.assert_array_equal(np.asarray(ours.image), np.asarray(ref))
+    r = eng.edit(shapes, "make the red circle blue", steps=5, capture_step=1, grid_size=16, top_k=4, progress=False)
+    assert r.unet_evals == 2 + 5 and r.roi_grid.any()
