@@ -12,7 +12,7 @@ setup(
     packages=["lime_fast", "lime_fast.kernels", "lime_fast.batch", "lime_fast.testing", "lime_fast.evaluate",
               "lime_fast.serve"],
     package_dir={"lime_fast": "lime_fast", "lime_fast.kernels": "kernels"},
-    package_data={"lime_fast": ["data/*.txt", "data/*.json", "data/configs/*/*.json",
+    package_data={"lime_fast": ["data/*.txt", "data/*.json", "data/configs/*/*.json", "data/configs/*/*/*.json",
                                 "data/shapes-ip2p/*.json", "data/shapes-ip2p/*.md", "data/shapes-ip2p/*.png",
                                 "data/shapes-ip2p/*/*.json", "data/shapes-ip2p/*/*.safetensors"],
                   "lime_fast.serve": ["static/*"]},

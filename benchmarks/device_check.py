@@ -13,6 +13,7 @@ others):
      time, top CUDA kernels, GPU idle time, host syncs inside each pass) on the full-size replica;
   3. bench_attention.py: the kernel vs SDPA, SDPA + float mask, FlexAttention, the release's pattern;
   4. bench_edit.py: diffusers vs lime_fast on the full-size random-weight replica, 512 x 512 fp16;
+     bench_sdxl.py: the same for the SDXL InstructPix2Pix replica at 768 and 1024;
   5. bench_segment.py: native vs materialized at 512 x 512, sync-free vs early-exit k-means;
   6. bench_batch.py: the batch runner.
   7. the faster modes of issue 14 (``--only modes`` runs just these): their device tests (FP8, compile,
@@ -47,6 +48,7 @@ STEPS = [
     ("profile_edit", ["benchmarks/profile_edit.py"], 120),
     ("bench_attention", ["benchmarks/bench_attention.py", "--benchmark-only", "-q"], 180),
     ("bench_edit", ["benchmarks/bench_edit.py", "--benchmark-only", "-q"], 180),
+    ("bench_sdxl", ["benchmarks/bench_sdxl.py", "--benchmark-only", "-q"], 150),
     ("bench_segment", ["benchmarks/bench_segment.py", "--benchmark-only", "-q"], 90),
     ("bench_batch", ["benchmarks/bench_batch.py", "--benchmark-only", "-q"], 90),
     # issue 14, most valuable first: a mode step reports each mode that finished, even if cut short. The

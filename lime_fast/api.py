@@ -6,7 +6,7 @@ import threading
 
 import torch
 
-from .config import DEFAULT_MODEL, EditConfig
+from .config import DEFAULT_MODEL
 from .engine import LimeEngine
 from .results import EditResult
 
@@ -71,14 +71,14 @@ def edit(
         chosen tokens and per-stage timings.
     """
     from .inputs import EditInputs
-    from .models import config_multiple, shipped
+    from .models import config_multiple, default_config, shipped
 
     # validate everything before loading anything
     if isinstance(model, LimeEngine):
         base, multiple, trained = model.default_config, model.multiple, model.trained_size
     else:
         info = shipped(model)
-        base = EditConfig(**info.config) if info else EditConfig()
+        base = default_config(model)
         multiple, trained = config_multiple(model) or 64, info.image_size if info else None
     cfg = base.replace(**config)
     job = EditInputs.build([image], [instruction], None if mask is None else [mask], multiple=multiple, cfg=cfg,

@@ -63,12 +63,11 @@ def config_overrides(args: argparse.Namespace) -> dict:
 
 
 def model_config(model, overrides: dict) -> EditConfig:
-    """The model's default ``EditConfig`` (a shipped model's own, else the spec's) with ``overrides``
-    applied and validated; no model is loaded."""
-    from .models import shipped
+    """The model's default ``EditConfig`` (a shipped model's own, a family's levels, else the spec's) with
+    ``overrides`` applied and validated; no model is loaded."""
+    from .models import default_config
 
-    info = shipped(model)
-    return EditConfig(**(info.config if info else {})).replace(**overrides)
+    return default_config(model).replace(**overrides)
 
 
 # --- the parser ----------------------------------------------------------------------------------

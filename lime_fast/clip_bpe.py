@@ -88,15 +88,16 @@ def cache_root() -> Path:
     return Path(os.environ.get("LIME_FAST_CACHE", Path.home() / ".cache" / "lime_fast"))
 
 
-def clip_tokenizer(cache_dir: str | os.PathLike | None = None):
+def clip_tokenizer(cache_dir: str | os.PathLike | None = None, pad_token: str | None = None):
     """The CLIP tokenizer of Stable Diffusion 1.x / InstructPix2Pix, built with no download.
 
     The files are written once into ``cache_dir`` (default ``$LIME_FAST_CACHE/clip-tokenizer``, where
-    ``LIME_FAST_CACHE`` defaults to ``~/.cache/lime_fast``).
+    ``LIME_FAST_CACHE`` defaults to ``~/.cache/lime_fast``). ``pad_token="!"`` gives SDXL's second
+    tokenizer (the same BPE, padded with "!" instead of the end-of-text token).
     """
     from transformers import CLIPTokenizer
 
     cache = Path(cache_dir) if cache_dir else cache_root() / "clip-tokenizer"
     if not (cache / "merges.txt").is_file():
         write_clip_tokenizer_files(cache)
-    return CLIPTokenizer.from_pretrained(str(cache))
+    return CLIPTokenizer.from_pretrained(str(cache), **({"pad_token": pad_token} if pad_token else {}))

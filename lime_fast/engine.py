@@ -31,6 +31,7 @@ import PIL.Image
 import torch
 from tqdm.auto import tqdm
 
+from . import families
 from .attention import AttentionController, Capture, install, pick_backend
 from .config import DEFAULT_MODEL, EditConfig
 from .errors import LimeWarning, ModelLoadError, NonFiniteLatentsError
@@ -39,7 +40,7 @@ from .inputs import EditInputs
 from .localize import heatmaps, normalized, roi_from_segments
 from .models import local_checkpoint, model_location, pixel_multiple, resolve_device, shipped
 from .results import EditResult
-from .sampling import PassPlan, draw_noise, is_ancestral, make_scheduler, run_pass
+from .sampling import PassPlan, draw_noise, is_ancestral, make_scheduler, run_pass, stepper_of
 from .segment import _segment
 from .speedups import apply as apply_speedups, check_precision
 from .stepcache import StepCache
@@ -51,7 +52,8 @@ class Encoded:
     """Stage-0 results, shared by both passes.
 
     image_latents: [B, c, h, w] VAE posterior mode (unscaled, as InstructPix2Pix conditions on it).
-    text_embeds: [B, T, C] instruction embeddings; empty_embeds: [1, T, C] embedding of "".
+    text_embeds: [B, T, C] instruction embeddings; empty_embeds: [1, T, C] the embedding of the two
+    branches without the instruction ("" for SD 1.5, zeros for SDXL).
     roles: per edit, its tokens' roles (content / unrelated).
     keep: [B, T] bool on the device, tokens visible inside the RoI; content: [B, T] bool, content tokens.
     """
@@ -62,6 +64,9 @@ class Encoded:
     roles: list[TokenRoles]
     keep: torch.Tensor | None = None
     content: torch.Tensor | None = None
+    pooled: torch.Tensor | None = None  # SDXL: [B, P] pooled text projection; empty_pooled [1, P]
+    empty_pooled: torch.Tensor | None = None
+    time_ids: torch.Tensor | None = None  # SDXL: [1, 6] micro-conditioning (original size, crop, target size)
 
     @property
     def batch(self) -> int:
@@ -77,13 +82,23 @@ class Encoded:
         lat = self.image_latents
         return torch.cat([lat, lat, torch.zeros_like(lat)])
 
+    def branch_added(self) -> dict[str, torch.Tensor]:
+        """The UNet's added conditions per branch (SDXL: ``added_text_embeds`` [3B, P], ``added_time_ids``
+        [3B, 6]; nothing for SD 1.5), named as ``run_pass`` takes them."""
+        if self.pooled is None:
+            return {}
+        empty = self.empty_pooled.expand(self.batch, -1)
+        return {"added_text_embeds": torch.cat([self.pooled, empty, empty]),
+                "added_time_ids": self.time_ids.repeat(3 * self.batch, 1)}
+
     def select(self, idx: Sequence[int], idx_device: torch.Tensor) -> Encoded:
         """The edits ``idx`` of this batch (``idx_device``: the same indices as a device tensor)."""
         if list(idx) == list(range(self.batch)):
             return self
         pick = lambda t: None if t is None else t.index_select(0, idx_device)  # noqa: E731
         return Encoded(pick(self.image_latents), pick(self.text_embeds), self.empty_embeds,
-                       [self.roles[b] for b in idx], pick(self.keep), pick(self.content))
+                       [self.roles[b] for b in idx], pick(self.keep), pick(self.content), pick(self.pooled),
+                       self.empty_pooled, self.time_ids)
 
 
 class _Clock:
@@ -168,6 +183,9 @@ class LimeEngine:
                  cache_kv: bool = True):
         unet, vae = pipe.unet, pipe.vae
         latent_channels = vae.config.latent_channels
+        if type(pipe).__name__ not in families.FAMILIES:
+            raise ModelLoadError(f"lime_fast edits with InstructPix2Pix pipelines ({', '.join(families.FAMILIES)}); "
+                                 f"got {type(pipe).__name__}")
         if unet.config.in_channels != 2 * latent_channels:
             raise ModelLoadError(
                 f"this UNet takes {unet.config.in_channels} input channels; an InstructPix2Pix UNet takes "
@@ -175,10 +193,17 @@ class LimeEngine:
                 "checkpoint? lime_fast needs an InstructPix2Pix-family model (e.g. timbrooks/instruct-pix2pix)."
             )
         self.pipe = pipe
-        self.default_config = default_config or EditConfig()  # what edit() starts from (a shipped model's own)
+        self.family = families.of_pipe(pipe)
+        if default_config is None:  # the family's LIME levels (SD 1.5: the spec's defaults)
+            default_config = EditConfig(**self.family.default_levels(unet.config))
+        self.default_config = default_config  # what edit() starts from (a shipped model's own)
         self.trained_size = trained_size  # pixels; larger edits warn (a shipped model never saw them)
         self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, pipe.text_encoder, pipe.tokenizer
         self.scheduler = pipe.scheduler
+        if vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
+            # SDXL's VAE overflows in fp16 (diffusers upcasts it around every encode and decode): keep it in
+            # fp32 (83 M parameters, 0.3 GB) and cast at its boundaries. A fp16-safe VAE (force_upcast=False) stays.
+            vae.to(torch.float32)
         self.vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
         self.multiple = pixel_multiple(vae.config, unet.config)
         self.speedups = apply_speedups(unet, vae, channels_last=channels_last, fuse_qkv=fuse_qkv, precision=precision)
@@ -225,8 +250,6 @@ class LimeEngine:
         Safetensors weights are required unless ``use_safetensors=False``. The safety checker is not
         loaded. Missing weights raise one ``ModelLoadError`` saying what to do.
         """
-        from diffusers import StableDiffusionInstructPix2PixPipeline
-
         device = resolve_device(device)
         check_precision(precision, device)  # before loading anything
         if torch_dtype is None:
@@ -234,14 +257,22 @@ class LimeEngine:
         info = shipped(model)
         path = local_checkpoint(model_location(model))
         try:
+            where = str(path) if path is not None else str(model)
+            if path is not None:
+                family = families.of_folder(path)
+            else:  # a hub id: its model_index.json names the pipeline (from the cache, or downloaded)
+                from diffusers import DiffusionPipeline
+
+                family = families.of_class_name(
+                    DiffusionPipeline.load_config(where, local_files_only=local_files_only).get("_class_name"))
+            if family is families.SD15:
+                kwargs = dict(safety_checker=None, requires_safety_checker=False, **kwargs)
             with warnings.catch_warnings():  # diffusers >= 0.36 renames torch_dtype to dtype; both work
                 warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-                pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(
-                    str(path) if path is not None else str(model),
+                pipe = family.pipeline_class().from_pretrained(
+                    where,
                     torch_dtype=torch_dtype,
                     use_safetensors=use_safetensors,
-                    safety_checker=None,
-                    requires_safety_checker=False,
                     local_files_only=local_files_only,
                     **kwargs,
                 )
@@ -270,8 +301,9 @@ class LimeEngine:
     @classmethod
     def from_pipe(cls, pipe, attention: str = "auto", *, use_cuda_graphs: bool | None = None, compile: bool | str = False,
                   **speedups) -> "LimeEngine":
-        """Wrap an existing ``StableDiffusionInstructPix2PixPipeline`` (modules shared, not copied; the
-        speedups ``channels_last``, ``fuse_qkv``, ``precision`` change them in place), ``cache_kv``."""
+        """Wrap an existing ``StableDiffusionInstructPix2PixPipeline`` or ``StableDiffusionXLInstructPix2PixPipeline``
+        (modules shared, not copied; an SDXL VAE that needs fp32 is moved to fp32; the speedups
+        ``channels_last``, ``fuse_qkv``, ``precision`` change them in place), ``cache_kv``."""
         return cls(pipe, attention=attention, use_cuda_graphs=use_cuda_graphs, compile=compile, **speedups)
 
     @property
@@ -292,29 +324,24 @@ class LimeEngine:
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor, instructions: Sequence[str], roi_words=None) -> Encoded:
         """pixels [B, 3, H, W] in [-1, 1]; B instructions -> ``Encoded`` (latents, embeddings, token roles)."""
+        # token roles from the first tokenizer: SDXL's two tokenizers split text alike (the same CLIP BPE),
+        # so position t means the same token in both halves of the concatenated embedding
         roles = [token_roles(self.tokenizer, s, roi_words=roi_words) for s in instructions]
-        ids = self.tokenizer(
-            list(instructions) + [""],
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids
         keep = keep_mask(roles)
         content = torch.zeros_like(keep)
         for b, r in enumerate(roles):
             content[b, r.content] = True
         # every host-to-device copy before the first kernel: a pageable copy waits for queued GPU work
-        ids, keep, content = (t.to(self.device) for t in (ids, keep, content))
-        embeds = self.text_encoder(ids)[0].to(self.text_encoder.dtype)
-        latents = self.vae.encode(pixels).latent_dist.mode()
-        return Encoded(latents, embeds[:-1], embeds[-1:], roles, keep, content)
+        keep, content = keep.to(self.device), content.to(self.device)
+        text = families.encode_text(self.family, self.pipe, instructions, tuple(pixels.shape[-2:]), self.device)
+        latents = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist.mode().to(self.dtype)
+        return Encoded(latents, text.text, text.empty, roles, keep, content, text.pooled, text.empty_pooled, text.time_ids)
 
     # --- the passes -----------------------------------------------------------------------
     def _plan(self, kind: str, enc: Encoded, cfg: EditConfig, regularized: bool = False) -> PassPlan:
         h, w = enc.image_latents.shape[-2:]
         common = dict(batch=enc.batch, latent_hw=(int(h), int(w)), channels=self.vae.config.latent_channels,
-                      steps=cfg.steps, dtype=self.dtype, ancestral=is_ancestral(self.scheduler))
+                      steps=cfg.steps, dtype=self.dtype, stepper=stepper_of(self.scheduler))
         if kind == "localize":
             return PassPlan("localize", guidance=(cfg.loc_text_guidance, cfg.loc_image_guidance),
                             capture_step=cfg.capture, feature_levels=tuple(cfg.feature_levels), **common)
@@ -341,19 +368,20 @@ class LimeEngine:
     def _run(self, plan: PassPlan, enc: Encoded, noise, roi_grid=None, seeds=None, cfg=None, progress=True) -> dict:
         """One pass (graphed on CUDA); returns run_pass's outputs (``finite`` not yet checked)."""
         init, steps = noise
-        x = {"latents": init, "embeds": enc.branch_embeds(), "image_latents": enc.branch_image_latents()}
+        x = {"latents": init, "embeds": enc.branch_embeds(), "image_latents": enc.branch_image_latents(),
+             **enc.branch_added()}
         if plan.ancestral:
             x["noise"] = steps[: plan.n_noise]
         if plan.regularizes:
             x["roi_grid"], x["keep"] = roi_grid, enc.keep
         generators = None
-        if not plan.ancestral:  # sched.step draws its own noise: fresh generators, as diffusers does
+        if plan.stepper == "scheduler":  # sched.step may draw its own noise: fresh generators, as diffusers does
             gens = [torch.Generator("cpu").manual_seed(int(s)) for s in (seeds or [cfg.seed] * enc.batch)]
             for g in gens:  # skip the initial latents' draws, which draw_noise already made
                 torch.randn(init.shape[1:], generator=g, dtype=self.dtype)
             generators = gens
         self.unet_evals += plan.n_evals
-        graphed = self.graphs.replays_on(self.device) and plan.ancestral
+        graphed = self.graphs.replays_on(self.device) and plan.graphable
         bar = tqdm(total=plan.n_evals, desc=plan.kind, disable=not progress, leave=False)
         try:
             def fn(inputs, sched):
@@ -402,19 +430,22 @@ class LimeEngine:
         return capture, out["finite"]
 
     # --- stages 1b/1c: segmentation and localization --------------------------------------
-    def segment(self, capture: Capture, grid: tuple[int, int], cfg: EditConfig, *, converged: list | None = None) -> torch.Tensor:
+    def segment(self, capture: Capture, grid: tuple[int, int], cfg: EditConfig, *, converged: list | None = None,
+                seeds: Sequence[int] | None = None) -> torch.Tensor:
         """k-means segments of each edit's fused features on the output grid -> [B, gh, gw] long.
 
         On the CPU the Lloyd loop stops as soon as it converges; on a GPU the host reads the on-device
         convergence flag every ``cfg.kmeans_check_every`` iterations (0: never; exactly
         ``cfg.kmeans_max_iter`` iterations, frozen once converged: the same labels with no sync).
-        ``converged`` (a list) receives each edit's 0-dim bool flag to read later."""
+        ``converged`` (a list) receives each edit's 0-dim bool flag to read later; ``seeds``: one k-means
+        seed per edit (default ``cfg.seed``)."""
         cpu = self.device.type == "cpu"
         sync, check_every = (True, 1) if cpu else (cfg.kmeans_check_every > 0, max(1, cfg.kmeans_check_every))
         batch = capture.features[0].shape[0]
         labels = []
         for b in range(batch):
-            res = _segment([f[b] for f in capture.features], grid, k=cfg.clusters, seed=cfg.seed, n_init=cfg.kmeans_n_init,
+            seed = cfg.seed if seeds is None else seeds[b]
+            res = _segment([f[b] for f in capture.features], grid, k=cfg.clusters, seed=seed, n_init=cfg.kmeans_n_init,
                            max_iter=cfg.kmeans_max_iter, tol=cfg.kmeans_tol, backend=cfg.segment_backend, sync=sync,
                            check_every=check_every)
             labels.append(res.labels.reshape(grid))
@@ -452,7 +483,15 @@ class LimeEngine:
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """latents [B, c, h, w] -> images [B, 3, H, W] fp32 in [0, 1]."""
-        x = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
+        cfg = self.vae.config
+        latents = latents.to(self.vae.dtype)
+        if getattr(cfg, "latents_mean", None) is not None and getattr(cfg, "latents_std", None) is not None:
+            mean = torch.tensor(cfg.latents_mean).view(1, -1, 1, 1).to(latents.device, latents.dtype)
+            std = torch.tensor(cfg.latents_std).view(1, -1, 1, 1).to(latents.device, latents.dtype)
+            latents = latents * std / cfg.scaling_factor + mean
+        else:
+            latents = latents / cfg.scaling_factor
+        x = self.vae.decode(latents, return_dict=False)[0]
         return (x.float() / 2 + 0.5).clamp(0, 1)
 
     # --- the whole edit -------------------------------------------------------------------
@@ -466,21 +505,29 @@ class LimeEngine:
         """
         return self.edit_batch([image], [instruction], masks=None if mask is None else [mask], progress=progress, **config)[0]
 
-    def edit_batch(self, images: Sequence, instructions: Sequence[str], *, masks: Sequence | None = None, progress: bool = True, **config) -> list[EditResult]:
+    def edit_batch(self, images: Sequence, instructions: Sequence[str], *, masks: Sequence | None = None,
+                   seeds: Sequence[int] | None = None, progress: bool = True, **config) -> list[EditResult]:
         """Several edits in one UNet batch (images are brought to the first image's working size).
 
         Each edit has its own tokens and RoI; masks, if given, is a list with one entry (or None) per
-        image. All edits use the same config. Returns one ``EditResult`` per image.
+        image; seeds, if given, one seed per edit (default: the config's ``seed`` for all), which draws
+        that edit's noise and seeds its k-means, so an edit's result does not depend on the seeds of
+        the others. All edits share the other settings. Returns one ``EditResult`` per image.
         """
         cfg = config.pop("config", None) or self.default_config
         cfg = cfg.replace(**config) if config else cfg
         # everything is checked before any model work
         job = EditInputs.build(images, instructions, masks, multiple=self.multiple, cfg=cfg, trained_size=self.trained_size)
+        if seeds is None:
+            seeds = [cfg.seed] * len(job.images)
+        seeds = [int(cfg.replace(seed=s).seed) for s in seeds]  # validated like the config's own seed
+        if len(seeds) != len(job.images):
+            raise ValueError(f"got {len(seeds)} seeds for {len(job.images)} images")
         with self._lock:
-            return self._edit_locked(job, cfg, progress)
+            return self._edit_locked(job, cfg, progress, seeds)
 
     @torch.no_grad()
-    def _edit_locked(self, job: EditInputs, cfg: EditConfig, progress: bool) -> list[EditResult]:
+    def _edit_locked(self, job: EditInputs, cfg: EditConfig, progress: bool, seeds: list[int]) -> list[EditResult]:
         clock, evals0 = _Clock(self.device), self.unet_evals
         user_rois = job.mask_grids()  # host: the user masks on the output grid (None where automatic)
         auto = [b for b, m in enumerate(user_rois) if m is None]
@@ -488,22 +535,22 @@ class LimeEngine:
         roi_grid = torch.from_numpy(np.stack([np.zeros(job.grid, bool) if m is None else m for m in user_rois]))
         roi_grid, auto_idx = roi_grid.to(self.device), torch.tensor(auto, dtype=torch.long).to(self.device)
         enc = self.encode(self.preprocess(job.working_images()), job.instructions, roi_words=cfg.roi_words)
-        noise = self.draw_noise(enc, cfg)
+        noise = self.draw_noise(enc, cfg, seeds)
         clock("encode")
         checks, host = {}, {}
         if auto:
             sub = enc.select(auto, auto_idx)
             sub_noise = (noise[0].index_select(0, auto_idx), noise[1].index_select(1, auto_idx))
-            capture, checks["localize"] = self._localize_pass(sub, cfg, None, progress, sub_noise)
+            capture, checks["localize"] = self._localize_pass(sub, cfg, [seeds[b] for b in auto], progress, sub_noise)
             clock("localize")
             converged: list[torch.Tensor] = []
-            segments = self.segment(capture, job.grid, cfg, converged=converged)
+            segments = self.segment(capture, job.grid, cfg, converged=converged, seeds=[seeds[b] for b in auto])
             roi, heat = self.localize(capture, segments, sub.content, cfg)
             roi_grid = roi_grid.index_copy(0, auto_idx, roi)
             host.update(segments=segments.to(torch.int32), heat=normalized(heat), converged=torch.stack(converged))
             clock("segment")
         regularized = bool(auto) or any(m.any() for m in user_rois if m is not None)
-        latents, checks["edit"] = self._edit_pass(enc, roi_grid if regularized else None, cfg, None, progress, noise)
+        latents, checks["edit"] = self._edit_pass(enc, roi_grid if regularized else None, cfg, seeds, progress, noise)
         clock("edit")
         pixels = (self.decode(latents) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
         clock("decode")

@@ -49,27 +49,30 @@ def replays_on(enabled: bool, emulate: bool, device) -> bool:
     return enabled and (emulate or torch.device(device).type == "cuda")
 
 
+def _capture(fn, device, pool, warmup: int):
+    """Run ``fn()`` ``warmup`` times on a side stream (autotuning, allocator and library caches happen
+    there), then record it once into a new CUDA graph in ``pool``: (graph, what the recorded call returned)."""
+    side = torch.cuda.Stream(device=device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = fn()
+    return graph, out
+
+
 def _clone(tree):
     return tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, tree)
 
 
-@dataclass
-class _PassEntry:
-    graph: "torch.cuda.CUDAGraph | None"
-    inputs: dict  # name -> static buffer
-    sched: object = None  # the scheduler the graph was recorded with (its timesteps tensor stays alive)
-    out: dict | None = None
+class _GraphCache:
+    """What both graph runners share: the cache of graphs by key, their memory pool, the lock, counters,
+    and recording with warm-up and an eager fallback for a key whose capture fails (warned once)."""
 
-
-class PassGraphs:
-    """One CUDA graph per ``PassPlan``: record a whole pass once, replay it for every later pass.
-
-    ``run(plan, fn, inputs, make_sched)`` returns what ``fn(inputs, sched)`` returns (a dict of tensors
-    and lists of tensors), computed by a replay when graphs are on. ``inputs``: name -> tensor, with
-    shapes the plan determines; ``make_sched()``: a fresh scheduler (recording needs one per run).
-    """
-
-    def __init__(self, *, enabled: bool = True, emulate: bool = False, warmup: int = 1):
+    def __init__(self, *, enabled: bool, emulate: bool, warmup: int):
         self.enabled = enabled
         self.emulate = emulate
         self.warmup = warmup
@@ -79,6 +82,7 @@ class PassGraphs:
         self._lock = threading.Lock()
 
     def replays_on(self, device) -> bool:
+        """Whether work on ``device`` goes through graphs (or their emulation) rather than eager code."""
         return replays_on(self.enabled, self.emulate, device)
 
     @property
@@ -91,8 +95,50 @@ class PassGraphs:
             self._graphs.clear()
             self._pool = None
 
+    def _record(self, key, entry, run, device, what: str):
+        """Record ``run()`` (which fills ``entry``'s outputs from its static inputs) as ``entry.graph`` and
+        cache the entry under ``key``; under emulation on a non-CUDA device just cache it. None if the
+        capture fails (the key then runs eagerly)."""
+        device = torch.device(device)
+        if self.emulate and device.type != "cuda":
+            self._graphs[key] = entry
+            return entry
+        try:
+            entry.graph, entry.out = _capture(run, device, self._pool, self.warmup)
+            if self._pool is None:
+                self._pool = entry.graph.pool()
+            self.stats.captures += 1
+            self._graphs[key] = entry
+            return entry
+        except Exception as e:  # an op that cannot be captured: this key stays eager
+            self.stats.failed[key] = f"{type(e).__name__}: {e}"
+            warnings.warn(f"CUDA-graph capture of {what} failed, running it eagerly: {type(e).__name__}: {e}",
+                          LimeWarning, stacklevel=4)
+            torch.cuda.synchronize(device)
+            return None
+
+
+@dataclass
+class _PassEntry:
+    graph: "torch.cuda.CUDAGraph | None"
+    inputs: dict  # name -> static buffer
+    sched: object = None  # the scheduler the graph was recorded with (its timesteps tensor stays alive)
+    out: dict | None = None
+
+
+class PassGraphs(_GraphCache):
+    """One CUDA graph per ``PassPlan``: record a whole pass once, replay it for every later pass.
+
+    ``run(plan, fn, inputs, make_sched, device)`` returns what ``fn(inputs, sched)`` returns (a dict of
+    tensors and lists of tensors), computed by a replay when graphs are on. ``inputs``: name -> tensor,
+    with shapes the plan determines; ``make_sched()``: a fresh scheduler (each recorded run needs one).
+    """
+
+    def __init__(self, *, enabled: bool = True, emulate: bool = False, warmup: int = 1):
+        super().__init__(enabled=enabled, emulate=emulate, warmup=warmup)
+
     def run(self, plan, fn, inputs: dict, make_sched, device) -> dict:
-        graphable = (self.replays_on(device) and plan.ancestral and not torch.is_grad_enabled()
+        graphable = (self.replays_on(device) and plan.graphable and not torch.is_grad_enabled()
                      and not torch.compiler.is_compiling())
         if not graphable:
             self.stats.eager_calls += 1
@@ -100,7 +146,12 @@ class PassGraphs:
         with self._lock:
             entry = self._graphs.get(plan)
             if entry is None and plan not in self.stats.failed:
-                entry = self._record(plan, fn, inputs, make_sched, device)
+                new = _PassEntry(None, {k: v.clone() for k, v in inputs.items()})
+                # schedulers made outside the capture (set_timesteps copies to the device); the recorded
+                # run's must outlive the graph, which reads its timesteps tensor
+                scheds = [make_sched() for _ in range(self.warmup + 1)]
+                new.sched, runs = scheds[-1], iter(scheds)
+                entry = self._record(plan, new, lambda: fn(new.inputs, next(runs)), device, f"a {plan.kind} pass")
             if entry is None:  # this plan's capture failed: eager
                 self.stats.eager_calls += 1
                 return fn(inputs, make_sched())
@@ -113,35 +164,6 @@ class PassGraphs:
             self.stats.replays += 1
             return _clone(entry.out)
 
-    def _record(self, plan, fn, inputs, make_sched, device) -> _PassEntry | None:
-        entry = _PassEntry(None, {k: v.clone() for k, v in inputs.items()})
-        if self.emulate and torch.device(device).type != "cuda":
-            self._graphs[plan] = entry
-            return entry
-        try:
-            side = torch.cuda.Stream(device=device)
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):
-                for _ in range(self.warmup):  # also runs the kernel's autotuning, before capture
-                    fn(entry.inputs, make_sched())
-            torch.cuda.current_stream(device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            entry.sched = make_sched()  # outside the capture: set_timesteps copies to the device
-            with torch.cuda.graph(graph, pool=self._pool):
-                entry.out = fn(entry.inputs, entry.sched)
-            entry.graph = graph
-            if self._pool is None:
-                self._pool = graph.pool()
-            self.stats.captures += 1
-            self._graphs[plan] = entry
-            return entry
-        except Exception as e:  # an op that cannot be captured: this plan stays eager
-            self.stats.failed[plan] = f"{type(e).__name__}: {e}"
-            warnings.warn(f"CUDA-graph capture of a {plan.kind} pass failed, running it eagerly: {type(e).__name__}: {e}",
-                          LimeWarning, stacklevel=3)
-            torch.cuda.synchronize(device)
-            return None
-
 
 @dataclass
 class _Entry:
@@ -149,10 +171,11 @@ class _Entry:
     sample: torch.Tensor
     timestep: torch.Tensor
     states: torch.Tensor
+    added: dict = field(default_factory=dict)  # SDXL's added conditions (text_embeds, time_ids)
     out: torch.Tensor | None = None
 
 
-class GraphedUNet:
+class GraphedUNet(_GraphCache):
     """Callable stand-in for ``unet(...)`` that replays one CUDA graph per input signature
     (``accelerate(pipe)``: diffusers' own sampling loop calls it once per step).
 
@@ -162,34 +185,35 @@ class GraphedUNet:
     """
 
     def __init__(self, unet, forward=None, *, enabled: bool = True, emulate: bool = False, warmup: int = 2):
+        super().__init__(enabled=enabled, emulate=emulate, warmup=warmup)
         self.unet = unet
         self.forward = forward if forward is not None else unet.forward
-        self.enabled = enabled
-        self.emulate = emulate
-        self.warmup = warmup
-        self.stats = GraphStats()
-        self._graphs: dict[tuple, _Entry] = {}
-        self._pool = None
-        self._lock = threading.Lock()
 
     def __call__(self, sample, timestep, encoder_hidden_states=None, *args, return_dict: bool = True, **kwargs):
         extra = {k: v for k, v in kwargs.items() if v is not None}
-        if not self._graphable(sample, encoder_hidden_states, args, extra):
+        added = extra.pop("added_cond_kwargs", None) or {}
+        if not self._graphable(sample, encoder_hidden_states, args, extra) or not all(
+                isinstance(v, torch.Tensor) for v in added.values()):
             self.stats.eager_calls += 1
             return self.forward(sample, timestep, encoder_hidden_states, *args, return_dict=return_dict, **kwargs)
         timestep = timestep if isinstance(timestep, torch.Tensor) else torch.tensor(timestep, device=sample.device)
         key = (tuple(sample.shape), sample.dtype, sample.device, tuple(timestep.shape), timestep.dtype,
-               tuple(encoder_hidden_states.shape), encoder_hidden_states.dtype)
+               tuple(encoder_hidden_states.shape), encoder_hidden_states.dtype,
+               tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(added.items())))
         with self._lock:
             entry = self._graphs.get(key)
             if entry is None and key not in self.stats.failed:
-                entry = self._record(key, sample, timestep, encoder_hidden_states)
+                new = _Entry(None, sample.clone(), timestep.to(sample.device).clone(), encoder_hidden_states.clone(),
+                             {k: v.clone() for k, v in added.items()})
+                entry = self._record(key, new, lambda: self._run(new), sample.device, "a UNet signature")
             if entry is None:  # this signature's capture failed: eager
                 self.stats.eager_calls += 1
-                return self.forward(sample, timestep, encoder_hidden_states, return_dict=return_dict)
+                return self.forward(sample, timestep, encoder_hidden_states, return_dict=return_dict, **kwargs)
             entry.sample.copy_(sample)
             entry.timestep.copy_(timestep)
             entry.states.copy_(encoder_hidden_states)
+            for k, v in added.items():
+                entry.added[k].copy_(v)
             if entry.graph is None:  # emulation: the eager forward on the static buffers
                 entry.out = self._run(entry)
             else:
@@ -202,53 +226,14 @@ class GraphedUNet:
             return UNet2DConditionOutput(sample=out)
         return (out,)
 
-    def clear(self) -> None:
-        with self._lock:
-            self._graphs.clear()
-            self._pool = None
-
-    @property
-    def num_graphs(self) -> int:
-        return len(self._graphs)
-
-    def replays_on(self, device) -> bool:
-        return replays_on(self.enabled, self.emulate, device)
-
     def _graphable(self, sample, states, args, extra) -> bool:
         if args or extra or states is None or torch.is_grad_enabled() or torch.compiler.is_compiling():
             return False
         return self.replays_on(sample.device)
 
     def _run(self, entry: _Entry):
-        return self.forward(entry.sample, entry.timestep, entry.states, return_dict=False)[0]
-
-    def _record(self, key, sample, timestep, states) -> _Entry | None:
-        entry = _Entry(None, sample.clone(), timestep.to(sample.device).clone(), states.clone())
-        if self.emulate and sample.device.type != "cuda":
-            self._graphs[key] = entry
-            return entry
-        try:
-            side = torch.cuda.Stream(device=sample.device)
-            side.wait_stream(torch.cuda.current_stream(sample.device))
-            with torch.cuda.stream(side):
-                for _ in range(self.warmup):  # also runs the kernel's autotuning, before capture
-                    self._run(entry)
-            torch.cuda.current_stream(sample.device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
-                entry.out = self._run(entry)
-            entry.graph = graph
-            if self._pool is None:
-                self._pool = graph.pool()
-            self.stats.captures += 1
-            self._graphs[key] = entry
-            return entry
-        except Exception as e:  # an op that cannot be captured: this signature stays eager
-            self.stats.failed[key] = f"{type(e).__name__}: {e}"
-            warnings.warn(f"CUDA-graph capture failed, running this UNet signature eagerly: {type(e).__name__}: {e}",
-                          LimeWarning, stacklevel=3)
-            torch.cuda.synchronize(sample.device)
-            return None
+        extra = {"added_cond_kwargs": entry.added} if entry.added else {}
+        return self.forward(entry.sample, entry.timestep, entry.states, return_dict=False, **extra)[0]
 
 
 INDUCTOR_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -305,7 +290,8 @@ def graphed_forward(unet) -> GraphedUNet | None:
 
 def accelerate(pipe, *, use_cuda_graphs: bool = True, compile: bool | str = False, attention: str = "auto",
                channels_last: bool = False, fuse_qkv: bool = False, precision: str | None = None):
-    """Make an existing diffusers ``StableDiffusionInstructPix2PixPipeline`` faster, in place; returns it.
+    """Make an existing diffusers ``StableDiffusionInstructPix2PixPipeline`` (or the SDXL one, or any
+    pipeline whose UNet is a ``UNet2DConditionModel``) faster, in place; returns it.
 
     The caller changes nothing else: ``pipe(prompt, image=..., ...)`` keeps its signature and returns
     the same images (to fp16 tolerance on CUDA). Underneath, every cross-attention call runs the fused

@@ -96,26 +96,8 @@ def load_image(image, what: str = "image") -> PIL.Image.Image:
     ``ValueError`` naming the problem.
     """
     if isinstance(image, (str, os.PathLike)):
-        path = Path(image)
-        if path.is_dir():
-            raise IsADirectoryError(f"{what}: {path} is a folder, not an image file")
-        if not path.is_file():
-            raise FileNotFoundError(f"{what}: no such file: {path}")
-        try:
-            with PIL.Image.open(path) as f:
-                _check_size(f.size, f"{what} {path}")  # from the header: nothing is decoded yet
-                f.load()
-                img = _upright(f)
-                img = f.copy() if img is f else img
-        except ValueError as e:
-            if "exceeds the maximum" in str(e):
-                raise
-            raise ValueError(f"{what}: cannot read {path} as an image ({type(e).__name__}: {e})") from None
-        except PIL.Image.DecompressionBombError as e:
-            raise ValueError(f"{what}: {path} is too large to open safely ({e})") from None
-        except Exception as e:  # PIL raises many types for corrupt files
-            raise ValueError(f"{what}: cannot read {path} as an image ({type(e).__name__}: {e})") from None
-        what = f"{what} {path}"
+        img = _open(image, what)
+        what = f"{what} {image}"
     elif isinstance(image, PIL.Image.Image):
         _check_size(image.size, what)
         img = _upright(image)
@@ -129,6 +111,30 @@ def load_image(image, what: str = "image") -> PIL.Image.Image:
         )
     _check_size(img.size, what)
     return _to_rgb(img, what)
+
+
+def _open(path, what: str) -> PIL.Image.Image:
+    """The picture in a file, upright (EXIF orientation applied), in its own mode; errors name the file.
+    Its size is checked from the header before anything is decoded."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{what}: {path} is a folder, not an image file")
+    if not path.is_file():
+        raise FileNotFoundError(f"{what}: no such file: {path}")
+    try:
+        with PIL.Image.open(path) as f:
+            _check_size(f.size, f"{what} {path}")  # from the header: nothing is decoded yet
+            f.load()
+            img = _upright(f)
+            return f.copy() if img is f else img
+    except ValueError as e:
+        if "exceeds the maximum" in str(e):
+            raise
+        raise ValueError(f"{what}: cannot read {path} as an image ({type(e).__name__}: {e})") from None
+    except PIL.Image.DecompressionBombError as e:
+        raise ValueError(f"{what}: {path} is too large to open safely ({e})") from None
+    except Exception as e:  # PIL raises many types for corrupt files
+        raise ValueError(f"{what}: cannot read {path} as an image ({type(e).__name__}: {e})") from None
 
 
 def _check_size(size: tuple[int, int], what: str) -> None:
@@ -158,16 +164,21 @@ def _upright(img: PIL.Image.Image) -> PIL.Image.Image:
 def load_mask(mask, what: str = "mask") -> np.ndarray:
     """Any supported mask input -> bool numpy array [H, W] (True = region to edit).
 
-    Accepts a path, a ``PIL.Image`` (any mode; nonzero after conversion to grayscale = inside,
-    threshold 128), a numpy array or torch tensor [H, W] (or [1, H, W] / [H, W, 1]) of bool,
-    integers (> 127 for uint8, else > 0) or floats (>= 0.5).
+    Accepts a path or a ``PIL.Image`` (one rule for both: a picture with transparency marks its opaque
+    pixels; otherwise grayscale >= 128 = inside, 16-bit data scaled as for images), a numpy array or
+    torch tensor [H, W] (or [1, H, W] / [H, W, 1]) of bool, integers (> 127 for uint8, else > 0) or
+    floats (>= 0.5).
     """
-    if isinstance(mask, (str, os.PathLike)):
-        mask = load_image(mask, what).convert("L")
+    if isinstance(mask, (str, os.PathLike)):  # the file's own mode: the same rule as a PIL mask below
+        mask = _open(mask, what)
     if isinstance(mask, PIL.Image.Image):
         if mask.width == 0 or mask.height == 0:
             raise ValueError(f"{what}: the mask is empty ({mask.width} x {mask.height})")
-        if mask.mode == "RGBA":
+        if mask.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+            mask = _to_rgb(mask, what)  # 16-bit and float data: the image rule (65535 -> 255)
+        if mask.mode in ("LA", "PA") or (mask.mode == "P" and "transparency" in mask.info):
+            mask = mask.convert("RGBA")
+        if mask.mode == "RGBA":  # with any transparency, the opaque pixels are the region
             mask = mask.getchannel("A") if mask.getextrema()[3][0] < 255 else mask.convert("L")
         return np.asarray(mask.convert("L")) >= 128
     if _is_tensor(mask):

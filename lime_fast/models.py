@@ -84,6 +84,27 @@ def pixel_multiple(vae_config, unet_config) -> int:
     return 2 ** (len(get(vae_config, "block_out_channels")) - 1) * 2 ** (len(get(unet_config, "down_block_types")) - 1)
 
 
+def default_config(model):
+    """The ``EditConfig`` an edit with ``model`` starts from, without loading it: a shipped model's own
+    settings; for a local checkpoint folder of another family, that family's LIME levels
+    (``lime_fast.families``); otherwise the spec's defaults."""
+    from .config import EditConfig
+
+    info = shipped(model)
+    if info is not None:
+        return EditConfig(**info.config)
+    try:
+        from . import families
+
+        folder = Path(str(model)).expanduser()
+        family, unet = families.of_folder(folder), families.unet_config_of(folder)
+        if family is not None and unet is not None:
+            return EditConfig(**family.default_levels(unet))
+    except (OSError, ValueError):
+        pass
+    return EditConfig()
+
+
 def config_multiple(model) -> int | None:
     """``pixel_multiple`` from a local checkpoint's (or a shipped model's) JSON configs, without importing
     torch or diffusers; None for hub ids or unreadable configs."""

@@ -39,8 +39,9 @@ class PassPlan:
     feature_levels: UNet levels whose attention outputs and head-averaged maps are captured.
     reg_levels: edit: levels whose cross-attention is regularized; () for a plain InstructPix2Pix pass.
     reg_range: inclusive (first, last) regularized steps.
-    dtype: the latents' dtype. ancestral: the per-step noise is pre-drawn (Euler-ancestral); False:
-        ``scheduler.step`` runs as is (other schedulers; such passes are not graphed).
+    dtype: the latents' dtype. stepper: how a step is taken: "ancestral" (Euler-ancestral with its noise
+        drawn up front, SD 1.5 checkpoints), "euler" (deterministic Euler, SDXL checkpoints), both device
+        arithmetic only; "scheduler" (any other scheduler's own ``step``; such passes are not graphed).
     cache_interval: edit: step caching (``lime_fast.stepcache``): 1 = off, every step runs the whole UNet;
         N >= 2 = the deep blocks (levels >= cache_level) run on steps 0, N, 2N, ... and are reused on the
         others. A localize plan never caches (1).
@@ -58,13 +59,15 @@ class PassPlan:
     reg_levels: tuple[int, ...] = ()
     reg_range: tuple[int, int] = (0, -1)
     dtype: torch.dtype = torch.float32
-    ancestral: bool = True
+    stepper: str = "ancestral"
     cache_interval: int = 1
     cache_level: int = 0
 
     def __post_init__(self):
         if self.kind not in ("localize", "edit"):
             raise ValueError(f"kind must be 'localize' or 'edit', got {self.kind!r}")
+        if self.stepper not in STEPPERS:
+            raise ValueError(f"stepper must be one of {STEPPERS}, got {self.stepper!r}")
         if (self.kind == "localize") != (self.capture_step is not None):
             raise ValueError("a localize plan needs a capture_step; an edit plan has none")
         if self.cache_interval < 1 or (self.kind == "localize" and self.cache_interval != 1):
@@ -81,8 +84,19 @@ class PassPlan:
         return self.capture_step + 1 if self.kind == "localize" else self.steps
 
     @property
+    def ancestral(self) -> bool:
+        return self.stepper == "ancestral"
+
+    @property
+    def graphable(self) -> bool:
+        """Whether the whole pass is device arithmetic (no scheduler code of its own): one CUDA graph."""
+        return self.stepper != "scheduler"
+
+    @property
     def n_noise(self) -> int:
-        """Ancestral noise draws the pass consumes (one per scheduler step it takes)."""
+        """Ancestral noise draws the pass consumes (one per scheduler step it takes; none without ancestral noise)."""
+        if not self.ancestral:
+            return 0
         return self.capture_step if self.kind == "localize" else self.steps
 
     @property
@@ -129,12 +143,25 @@ def make_scheduler(base, steps: int, device) -> object:
     return sched
 
 
-def is_ancestral(sched) -> bool:
-    """Whether ``euler_ancestral_step`` reproduces ``sched.step`` (so its noise can be drawn up front)."""
-    from diffusers import EulerAncestralDiscreteScheduler
+STEPPERS = ("ancestral", "euler", "scheduler")
 
-    return (type(sched) is EulerAncestralDiscreteScheduler
-            and sched.config.prediction_type in ("epsilon", "v_prediction"))
+
+def stepper_of(sched) -> str:
+    """How ``run_pass`` steps with ``sched``: "ancestral" when ``euler_ancestral_step`` reproduces its
+    ``step`` (noise drawn up front), "euler" when ``euler_step`` does (deterministic), else "scheduler"."""
+    from diffusers import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
+
+    if sched.config.prediction_type not in ("epsilon", "v_prediction"):
+        return "scheduler"
+    if type(sched) is EulerAncestralDiscreteScheduler:
+        return "ancestral"
+    if type(sched) is EulerDiscreteScheduler:
+        return "euler"
+    return "scheduler"
+
+
+def is_ancestral(sched) -> bool:
+    return stepper_of(sched) == "ancestral"
 
 
 def draw_noise(generators, shape, count: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -172,6 +199,24 @@ def euler_ancestral_step(sched, eps: torch.Tensor, latents: torch.Tensor, noise:
     return prev_sample.to(eps.dtype)
 
 
+def euler_step(sched, eps: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+    """``EulerDiscreteScheduler.step`` at its defaults (s_churn = 0: no noise), the same arithmetic in the
+    same order; advances the step index. The sigmas live on the CPU: scalar math, no device sync."""
+    idx = sched.step_index
+    sample = latents.to(torch.float32)
+    sigma = sched.sigmas[idx]
+    sigma_hat = sigma * (0.0 + 1)  # gamma = 0, as diffusers computes it
+    if sched.config.prediction_type == "epsilon":
+        pred_original_sample = sample - sigma_hat * eps
+    else:  # v_prediction
+        pred_original_sample = eps * (-sigma / (sigma**2 + 1) ** 0.5) + (sample / (sigma**2 + 1))
+    derivative = (sample - pred_original_sample) / sigma_hat
+    dt = sched.sigmas[idx + 1] - sigma_hat
+    prev_sample = sample + derivative * dt
+    sched._step_index += 1
+    return prev_sample.to(eps.dtype)
+
+
 def run_pass(unet, controller, plan: PassPlan, sched, x: dict, *, generators=None, on_step=None) -> dict:
     """Run one pass; returns ``{"latents", "finite", "features", "maps", "feature_levels", "map_levels"}``.
 
@@ -193,7 +238,7 @@ def run_pass(unet, controller, plan: PassPlan, sched, x: dict, *, generators=Non
     added = {k.removeprefix("added_"): v for k, v in x.items() if k.startswith("added_")}
     extra = {"added_cond_kwargs": added} if added else {}
     step_kwargs = {}
-    if not plan.ancestral and generators is not None and "generator" in inspect.signature(sched.step).parameters:
+    if plan.stepper == "scheduler" and generators is not None and "generator" in inspect.signature(sched.step).parameters:
         step_kwargs["generator"] = generators
     capture = controller.begin_pass(plan, roi_grid=x.get("roi_grid"), keep=x.get("keep"), context=x["embeds"])
     try:
@@ -209,8 +254,10 @@ def run_pass(unet, controller, plan: PassPlan, sched, x: dict, *, generators=Non
             if plan.capturing(i):
                 finite.append(torch.isfinite(eps).all())
                 break
-            if plan.ancestral:
+            if plan.stepper == "ancestral":
                 latents = euler_ancestral_step(sched, eps, latents, x["noise"][i])
+            elif plan.stepper == "euler":
+                latents = euler_step(sched, eps, latents)
             else:
                 latents = sched.step(eps, t, latents, **step_kwargs, return_dict=False)[0]
             finite.append(torch.isfinite(latents).all())

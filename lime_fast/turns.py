@@ -47,7 +47,7 @@ def edit_turns(
     """
     from . import get_engine
     from .inputs import check_instruction, load_image, load_mask
-    from .models import shipped
+    from .models import default_config
 
     if isinstance(instructions, str) or not isinstance(instructions, Sequence):
         raise TypeError("instructions must be a list of strings, one per turn (for one edit use lime_fast.edit)")
@@ -61,11 +61,7 @@ def edit_turns(
     cfg = config.get("config")
     if cfg is not None and not isinstance(cfg, EditConfig):
         raise TypeError(f"config must be an EditConfig, got {type(cfg).__name__}")
-    if isinstance(model, LimeEngine):
-        base = model.default_config
-    else:
-        info = shipped(model)
-        base = EditConfig(**info.config) if info else EditConfig()
+    base = model.default_config if isinstance(model, LimeEngine) else default_config(model)
     (cfg or base).replace(**{k: v for k, v in config.items() if k != "config"})
     current = load_image(image)
     checked = [None if m is None else load_mask(m, f"mask of turn {t}") for t, m in enumerate(masks, start=1)]

@@ -58,6 +58,14 @@ def tiny_dir_heads(tmp_path_factory, clip_tok):
 
 
 @pytest.fixture(scope="session")
+def sdxl_dir(tmp_path_factory, clip_tok):
+    """A tiny random SDXL InstructPix2Pix checkpoint (two text encoders, added conditions, Euler), saved."""
+    from lime_fast.testing.tiny import save_tiny_sdxl
+
+    return save_tiny_sdxl(tmp_path_factory.mktemp("models") / "tiny-sdxl", tokenizer=clip_tok)
+
+
+@pytest.fixture(scope="session")
 def engine(tiny_dir):
     from lime_fast import LimeEngine
 

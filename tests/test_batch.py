@@ -357,3 +357,18 @@ def test_row_config_fields_are_checked_by_editconfig(tmp_path, inputs):
     rows[2].pop("seed")
     good, problems = batch.read_manifest(write_manifest(tmp_path / "m2.jsonl", rows))
     assert "'dog' is not in the instruction" in problems[1].error
+
+
+def test_shipped_model_by_name_in_a_batch_job(tmp_path):
+    """The shipped model's name works in the batch runner too, with its own defaults (20 steps unless a
+    row or the job says otherwise)."""
+    from lime_fast.testing.shapes import make_sample
+
+    sample = make_sample(5_000_002, 64)
+    sample.source.save(tmp_path / "s.png")
+    m = write_manifest(tmp_path / "m.jsonl", [{"id": "s", "image": "s.png", "instruction": sample.instruction,
+                                               "steps": 2, "capture_step": 0}])
+    summary = batch.run(m, tmp_path / "out", model="shapes-ip2p", progress=False)
+    assert summary.done == 1
+    (rec,) = records(tmp_path / "out")
+    assert rec["unet_evals"] == 3 and rec["config"]["grid_size"] == 64  # the model's grid, the row's steps

@@ -303,3 +303,50 @@ def test_attention_takes_a_custom_cross_attention_function(tiny_dir, shapes, fas
     assert any(calls) and not all(calls)  # penalized and plain calls both went through it
     diff = np.abs(np.asarray(a.image).astype(int) - np.asarray(b.image).astype(int))
     assert diff.max() <= 1
+
+
+def test_batch_edits_keep_their_own_seeds(engine, shapes, fast):
+    """edit_batch(seeds=...): each edit's noise and k-means come from its own seed, so a batched edit is
+    the same edit as alone with that seed: the same noise exactly, and the same result up to batched
+    BLAS rounding (which may flip a tied k-means pixel, so segments are compared almost everywhere)."""
+    other = PIL.Image.fromarray(np.asarray(shapes)[:, ::-1].copy())
+    cfg = EditConfig(**fast)
+    enc = engine.encode(engine.preprocess([shapes, other]), ["make the red circle blue"] * 2)
+    init, steps = engine.draw_noise(enc, cfg, [3, 9])
+    for b, seed in enumerate((3, 9)):
+        one_init, one_steps = engine.draw_noise(enc.select([b], torch.tensor([b])), cfg, [seed])
+        assert torch.equal(init[b : b + 1], one_init) and torch.equal(steps[:, b : b + 1], one_steps)
+    alone = [engine.edit(im, "make the red circle blue", seed=s, progress=False, **fast) for im, s in ((shapes, 3), (other, 9))]
+    both = engine.edit_batch([shapes, other], ["make the red circle blue"] * 2, seeds=[3, 9], progress=False, **fast)
+    swapped = engine.edit_batch([shapes, other], ["make the red circle blue"] * 2, seeds=[9, 3], progress=False, **fast)
+    for a, b, c in zip(alone, both, swapped):
+        assert (a.segments == b.segments).mean() >= 0.95
+        near = np.abs(np.asarray(a.image, float) - np.asarray(b.image, float)).mean()
+        far = np.abs(np.asarray(a.image, float) - np.asarray(c.image, float)).mean()
+        assert near < 1.0 < far, (near, far)  # its own seed's edit, not the other's
+    with pytest.raises(ValueError, match="seed"):
+        engine.edit_batch([shapes], ["make it red"], seeds=[2**70], progress=False, **fast)
+
+
+def test_other_schedulers_run_through_their_own_step(tiny_dir, shapes):
+    """A scheduler lime_fast has no device-side step for (DDIM here) runs through its own ``step``
+    (such passes are not graphed): an empty mask still gives exactly diffusers' pipeline."""
+    from diffusers import DDIMScheduler, StableDiffusionInstructPix2PixPipeline
+
+    from lime_fast.sampling import stepper_of
+
+    def pipe():
+        p = StableDiffusionInstructPix2PixPipeline.from_pretrained(tiny_dir, safety_checker=None, requires_safety_checker=False)
+        p.scheduler = DDIMScheduler.from_config(p.scheduler.config)
+        p.set_progress_bar_config(disable=True)
+        return p
+
+    ref = pipe()("make the red circle blue", image=shapes, num_inference_steps=5, guidance_scale=2.0, image_guidance_scale=1.5,
+                 generator=torch.Generator().manual_seed(4)).images[0]
+    eng = LimeEngine.from_pipe(pipe())
+    assert stepper_of(eng.scheduler) == "scheduler"
+    with pytest.warns(LimeWarning, match="empty"):
+        ours = eng.edit(shapes, "make the red circle blue", mask=np.zeros((8, 8), bool), steps=5, seed=4, progress=False)
+    np.testing.assert_array_equal(np.asarray(ours.image), np.asarray(ref))
+    r = eng.edit(shapes, "make the red circle blue", steps=5, capture_step=1, grid_size=16, top_k=4, progress=False)
+    assert r.unet_evals == 2 + 5 and r.roi_grid.any()

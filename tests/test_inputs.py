@@ -258,3 +258,19 @@ def test_mask_of_another_aspect_ratio_warns_or_is_refused():
         warnings.simplefilter("error", InputWarning)  # what --strict does
         with pytest.raises(InputWarning):
             EditInputs.build([image], ["make it red"], [np.ones((64, 64), bool)], multiple=64, cfg=cfg)
+
+
+def test_masks_read_alike_from_a_file_and_from_pil(tmp_path):
+    """One rule for a mask however it is given: a transparent picture marks its opaque pixels (painted
+    strokes), a plain one its light pixels; 16-bit masks scale like 16-bit images."""
+    strokes = np.zeros((16, 24, 4), np.uint8)  # black strokes on a transparent background
+    strokes[4:10, 6:18, 3] = 255
+    plain = np.zeros((16, 24), np.uint16)
+    plain[2:6] = 65535
+    for arr, mode, want in ((strokes, "RGBA", strokes[..., 3] > 0), (plain, None, plain > 0)):
+        pil = PIL.Image.fromarray(arr, mode) if mode else PIL.Image.fromarray(arr)
+        path = tmp_path / f"mask-{arr.dtype}.png"
+        pil.save(path)
+        np.testing.assert_array_equal(load_mask(path), want)
+        np.testing.assert_array_equal(load_mask(PIL.Image.open(path)), want)
+        np.testing.assert_array_equal(load_mask(pil), want)

@@ -1,8 +1,8 @@
 """The fused RoI-regularized attention kernel against the eager reference.
 
 Without CUDA these run in Triton's interpreter (conftest sets TRITON_INTERPRET=1), which is slow per
-program, so shapes stay small (B*H*cdiv(N, BLOCK_M) programs). Inputs are fresh each run: the seed
-comes from the clock and is printed, so a failure can be replayed with LIME_TEST_SEED=<seed>.
+program, so shapes stay small (B*H*cdiv(N, BLOCK_M) programs). The inputs' seed
+is fixed per test (from its name) and printed; LIME_TEST_SEED=<seed> runs other inputs.
 
 Tolerance (FlashAttention's rule): at low precision the kernel's max error against an fp32 reference
 must be at most twice eager PyTorch's own max error at that precision, plus a small floor; fp32 and
@@ -12,7 +12,6 @@ captured maps (fp32 logits from the same inputs) are checked tightly.
 from __future__ import annotations
 
 import os
-import time
 
 import pytest
 import torch
@@ -32,8 +31,12 @@ FLOOR = {torch.float32: 1e-5, torch.float16: 1e-4, torch.bfloat16: 1e-3}
 
 
 @pytest.fixture(autouse=True)
-def _fresh_seed():
-    seed = int(os.environ.get("LIME_TEST_SEED", time.time_ns() % 2**31))
+def _seed(request):
+    """A fixed seed per test (from its name; the same on every run, so CI cannot flake); LIME_TEST_SEED=<n>
+    overrides it to try other inputs, e.g. in a loop when hunting a rare failure."""
+    import zlib
+
+    seed = int(os.environ.get("LIME_TEST_SEED", zlib.crc32(request.node.nodeid.encode()) % 2**31))
     torch.manual_seed(seed)
     print(f"seed={seed} (replay with LIME_TEST_SEED={seed})")
     yield seed
@@ -167,6 +170,21 @@ SHAPES = [
     (37, 300, 40),
     (100, 1, 80),
 ]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("H, capture", [(10, False), (20, True)])
+def test_sdxl_shapes(H, capture, dtype):
+    """SDXL's cross-attention: head dim 64 with 10 heads (level 1) and 20 heads (level 2), 77 tokens (the
+    2048-wide concatenated context is projected to H x 64 before the kernel); odd N."""
+    B, N, T, D = 3, 45, 77, 64
+    q, k, v = make_qkv(B, H, N, T, D, dtype, layout="diffusers")
+    roi, keep = make_masks(N, T, ["random", "silenced", "full_roi"])
+    cap = torch.tensor([0, 2]) if capture else None
+    out, probs = run(q, k, v, roi, keep, capture=cap)
+    check_out(out, q, k, v, roi, keep)
+    if capture:
+        check_probs(probs, q, k, v, roi, keep, None, cap)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

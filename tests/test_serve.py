@@ -93,16 +93,18 @@ class FakeEngine:
         self.default_config = EditConfig(steps=4)
         self.delay, self.fail_on = delay, fail_on
         self.calls: list[list[str]] = []
+        self.seeds: list[list[int] | None] = []
         self.gate = threading.Event()
         self.gate.set()
         self.active = self.max_active = 0
         self._lock = threading.Lock()
 
-    def edit_batch(self, images, instructions, masks=None, progress=False, config=None):
+    def edit_batch(self, images, instructions, masks=None, seeds=None, progress=False, config=None):
         with self._lock:
             self.active += 1
             self.max_active = max(self.max_active, self.active)
             self.calls.append(list(instructions))
+            self.seeds.append(None if seeds is None else list(seeds))
         try:
             assert self.gate.wait(30), "test gate never opened"
             time.sleep(self.delay)
@@ -152,17 +154,18 @@ def test_batcher_groups_by_working_size_and_config(fake):
     b = Batcher([fake], max_batch=8, window_s=0.0).start()
     try:
         hold(b, fake)
-        cfg, other = fake.default_config, fake.default_config.replace(seed=7)
+        cfg, other = fake.default_config, fake.default_config.replace(text_guidance=2.5)
         jobs = [b.submit(picture((64, 64)), "a1", None, cfg),
                 b.submit(picture((96, 96)), "b1", None, cfg),           # another working size (96 -> 96)
                 b.submit(picture((65, 63)), "a2", None, cfg),           # rounds to 64 x 64: same batch as a1
                 b.submit(picture((64, 64)), "c1", None, other),         # another config
-                b.submit(picture((64, 64)), "a3", None, cfg)]
+                b.submit(picture((64, 64)), "a3", None, cfg.replace(seed=7))]  # another seed: same batch, own seed
         fake.gate.set()
         results = [j.future.result(10) for j in jobs]
     finally:
         b.stop()
     assert fake.calls == [["blocker"], ["a1", "a2", "a3"], ["b1"], ["c1"]]  # oldest key first, each key together
+    assert fake.seeds[1] == [cfg.seed, cfg.seed, 7]  # edit_batch gets one seed per edit
     assert [r.instruction for r in results] == ["a1", "b1", "a2", "c1", "a3"]
     assert [j.batch_size for j in jobs] == [3, 1, 3, 1, 3]
 

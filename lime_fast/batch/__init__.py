@@ -202,11 +202,10 @@ def run(
         local_checkpoint(model_location(model))  # a mistyped folder fails here, before anything is written
     if isinstance(config, dict):
         config = EditConfig(**config)
-    if config is None:  # the model's own defaults (a shipped model's, or the spec's)
-        from ..models import shipped
+    if config is None:  # the model's own defaults (a shipped model's, a family's levels, or the spec's)
+        from ..models import default_config
 
-        info = None if hasattr(model, "default_config") else shipped(model)
-        config = model.default_config if hasattr(model, "default_config") else EditConfig(**(info.config if info else {}))
+        config = model.default_config if hasattr(model, "default_config") else default_config(model)
     out = Path(out_dir).expanduser().absolute()
     if out.exists() and not out.is_dir():
         raise BatchError(f"the output folder {out} exists and is not a folder")

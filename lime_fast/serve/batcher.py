@@ -6,8 +6,8 @@ A request becomes a ``Job`` (an image already decoded and checked, its instructi
 
 1. wait for the oldest queued job;
 2. keep its batch open until ``window_s`` after that job arrived, or until ``max_batch`` queued jobs
-   share its key (working size + every EditConfig field: ``edit_batch`` runs all its edits at the
-   first image's working size with one config), whichever comes first;
+   share its key (working size + every EditConfig field but the seed: ``edit_batch`` runs all its
+   edits at the first image's working size with one config and a seed per edit), whichever comes first;
 3. take up to ``max_batch`` jobs of that key, oldest first (jobs of other keys keep their place), and
    run them as one ``engine.edit_batch``.
 
@@ -81,11 +81,12 @@ class Job:
 
 def batch_key(image: PIL.Image.Image, config: EditConfig, multiple: int) -> tuple:
     """What must match for two edits to share an ``edit_batch``: the working size the engine brings
-    the image to (``lime_fast.inputs.working_size``) and the whole config (one config per batch)."""
+    the image to (``lime_fast.inputs.working_size``) and every config field but the seed (one config
+    per batch; ``edit_batch`` takes one seed per edit)."""
     with warnings.catch_warnings():  # the edit itself warns about shrinking large images
         warnings.simplefilter("ignore")
         size = working_size(*image.size, multiple, config.max_side)
-    return (size, dataclasses.astuple(config))
+    return (size, dataclasses.astuple(config.replace(seed=0)))
 
 
 class Batcher:
@@ -233,6 +234,7 @@ class Batcher:
                 [j.image for j in group],
                 [j.instruction for j in group],
                 masks=masks if any(m is not None for m in masks) else None,
+                seeds=[j.config.seed for j in group],
                 progress=False,
                 config=group[0].config,
             )
