@@ -170,3 +170,21 @@ def test_step_caching_on_the_device(tiny_dir):
         assert diff.max() <= 2, (n, diff.max())
     st = graphed.graphs.stats
     assert st.captures == 3 and not st.failed  # one localization plan, two caching edit plans
+
+
+def test_sdxl_caches_only_below_its_regularized_levels(sdxl_dir):
+    """SDXL's layout (no attention at level 0, three levels): the K/V cache is exact there too, and step
+    caching reuses only level 2 (its regularized levels are 0-1), close to the faithful edit."""
+    img = _image(3)
+    faithful = LimeEngine.from_pretrained(sdxl_dir, device="cpu", cache_kv=False)
+    fast = LimeEngine.from_pretrained(sdxl_dir, device="cpu", fuse_qkv=True)
+    assert fast.stepcache.layout == Layout((0, 1, 2), (2, 1, 0), 2)
+    want = faithful.edit(img, "make it blue", progress=False, **FAST)
+    same = fast.edit(img, "make it blue", progress=False, **FAST)
+    np.testing.assert_array_equal(np.asarray(want.image), np.asarray(same.image))
+    got = fast.edit(img, "make it blue", progress=False, cache_interval=2, **FAST)
+    st = fast.stepcache.stats
+    assert st.cached == FAST["steps"] // 2 and st.deep_block_evals == (FAST["steps"] // 2) * 3
+    np.testing.assert_array_equal(want.roi_grid, got.roi_grid)
+    diff = np.abs(np.asarray(want.image).astype(int) - np.asarray(got.image).astype(int))
+    assert diff.mean() < 2.0 and diff.max() <= 16, (diff.mean(), diff.max())
