@@ -47,7 +47,7 @@ STEPS = [
     ("tests: kernel, engine through the kernel, CUDA graphs, segmentation", ["tests/test_regularized_attention.py", "tests/test_engine_triton.py", "tests/test_graphs.py", "tests/test_segment.py", "-q", "--maxfail=5"], 150),
     ("profile_edit", ["benchmarks/profile_edit.py"], 120),
     ("bench_attention", ["benchmarks/bench_attention.py", "--benchmark-only", "-q"], 180),
-    ("bench_edit", ["benchmarks/bench_edit.py", "--benchmark-only", "-q"], 180),
+    ("bench_edit", ["benchmarks/bench_edit.py", "--benchmark-only", "-q", "-k", "not test_mode"], 180),  # modes: below
     ("bench_sdxl", ["benchmarks/bench_sdxl.py", "--benchmark-only", "-q"], 150),
     ("bench_segment", ["benchmarks/bench_segment.py", "--benchmark-only", "-q"], 90),
     ("bench_batch", ["benchmarks/bench_batch.py", "--benchmark-only", "-q"], 90),
