@@ -10,7 +10,7 @@ process or a restarted one would. Each child builds the model, makes the engine,
 automatic edit (dynamo tracing + inductor code generation or cache loading + Triton compilation or
 loading + CUDA-graph capture) and then a steady edit, and reports both; compile cost = first - steady.
 
-PyTorch caches relied on (set for the children; the first three are on by default in torch >= 2.6):
+PyTorch caches relied on (set explicitly for the children; both caches are on by default in torch 2.13):
   TORCHINDUCTOR_CACHE_DIR       where inductor keeps everything below (default /tmp/torchinductor_$USER,
                                 lost with the machine: point it at persistent storage in production)
   TORCHINDUCTOR_FX_GRAPH_CACHE=1  inductor's compiled-graph cache (torch._inductor.config.fx_graph_cache)
