@@ -169,10 +169,10 @@ def run_mode(mode: Mode, base, image, ref: dict | None, *, batches, rounds: int 
     for b in batches:
         images = [image.rotate(90 * (i % 4)) for i in range(b)]
         engine.edit_batch(images, [INSTRUCTION] * b, **cfg)  # new batch size: new graphs (and compiles)
-        secs, _ = _timed(lambda: engine.edit_batch(images, [INSTRUCTION] * b, **cfg), 1)
+        secs, _ = _timed(lambda ims=images: engine.edit_batch(ims, [INSTRUCTION] * len(ims), **cfg), 1)
         row["edits_per_s"][b] = b / secs
     row["results"] = {"auto": auto, "mask": masked}
-    del engine
+    engine = None  # free the mode's graphs and copies before the accelerate(pipe) copy
     acc = mode.accelerate_kwargs
     if acc is not None:
         pipe2 = copy.deepcopy(base)
@@ -180,14 +180,14 @@ def run_mode(mode: Mode, base, image, ref: dict | None, *, batches, rounds: int 
         _pipe_call(pipe2, image)  # capture (and compile)
         row["accelerate_s"], out = _timed(lambda: _pipe_call(pipe2, image), rounds)
         row["results"]["accelerate"] = out
-        del pipe2
+        pipe2 = None
     if ref is not None:
         r = ref["results"]
         row["fidelity"] = {k: fidelity(r[k], row["results"][k]) for k in ("auto", "mask")}
         if "accelerate" in row["results"] and "accelerate" in r:
             d = np.abs(row["results"]["accelerate"].astype(np.float64) - r["accelerate"].astype(np.float64))
             row["fidelity"]["accelerate"] = {"max_diff": float(d.max()), "mean_diff": float(d.mean())}
-    del pipe
+    pipe = None
     if cuda:
         torch.cuda.empty_cache()
     return row

@@ -42,7 +42,8 @@ from .models import local_checkpoint, model_location, pixel_multiple, resolve_de
 from .results import EditResult
 from .sampling import PassPlan, draw_noise, is_ancestral, make_scheduler, run_pass, stepper_of
 from .segment import _segment
-from .speedups import apply as apply_speedups, check_precision
+from .speedups import apply as apply_speedups
+from .speedups import check_precision
 from .stepcache import StepCache
 from .tokens import TokenRoles, keep_mask, token_roles
 

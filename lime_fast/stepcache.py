@@ -33,8 +33,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
-
 from .graphs import compiled
 
 DEEP_KEY = "stepcache.deep"  # the controller's pass_cache entry holding the last full step's deep output
