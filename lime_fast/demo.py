@@ -14,6 +14,7 @@ import numpy as np
 import PIL.Image
 import PIL.ImageDraw
 
+from . import viz
 from .models import SHAPES_IP2P, model_location
 
 
@@ -40,14 +41,26 @@ def shapes_image(size: int = 256, seed: int = 0) -> PIL.Image.Image:
     return img
 
 
-def run_demo(out_dir: str | Path, progress: bool = True, seed: int = DEMO_SEED, scale: int = 4):
-    """Edit a generated shapes picture with the shipped shapes model; write the pictures to out_dir.
+def region_l1(image: PIL.Image.Image, target: PIL.Image.Image, region: np.ndarray) -> tuple[float, float]:
+    """Mean absolute difference (0..1 scale) to ``target`` inside and outside ``region`` (bool [H, W])."""
+    err = np.abs(np.asarray(image, np.float64) - np.asarray(target, np.float64)).mean(-1) / 255
+    return float(err[region].mean()) if region.any() else 0.0, float(err[~region].mean()) if (~region).any() else 0.0
 
-    seed: which ``lime_fast.testing.shapes.make_sample`` picture and instruction (a held-out seed: training
-    used seeds below 1,200,000). scale: the 64 x 64 pictures are written enlarged this many times
-    (nearest neighbour) so they can be looked at.
+
+def run_demo(out_dir: str | Path, progress: bool = True, seed: int = DEMO_SEED, scale: int = 4):
+    """Edit a generated shapes picture with the shipped shapes model, with lime_fast and with plain
+    InstructPix2Pix (same model, guidance and seed; an empty RoI is exactly diffusers' pipeline), and
+    write the pictures to out_dir: input, target, roi, overlay, segments, heatmap, ip2p, edited, panel.
+
+    seed: which ``lime_fast.testing.shapes.make_sample`` picture and instruction (a held-out seed of the
+    quality benchmark, so the instruction is one of its edit kinds; training used seeds below 1,200,000).
+    scale: the 64 x 64 pictures are written enlarged this many times (nearest neighbour) so they can be
+    looked at. Returns the lime_fast ``EditResult``.
     """
+    import warnings
+
     from . import get_engine
+    from .errors import LimeWarning
     from .testing.shapes import make_sample
 
     model = shapes_model()
@@ -60,20 +73,36 @@ def run_demo(out_dir: str | Path, progress: bool = True, seed: int = DEMO_SEED, 
         "It edits generated shape pictures only. For photos use --model timbrooks/instruct-pix2pix with `lime-fast edit`."
     )
     result = engine.edit(sample.source, sample.instruction, progress=progress, **SHAPES_CONFIG)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="the mask is empty", category=LimeWarning)
+        plain = engine.edit(sample.source, sample.instruction, mask=np.zeros(sample.mask.shape, bool), progress=progress,
+                            **SHAPES_CONFIG)
+
+    def big(pic):
+        return pic.resize((pic.width * scale, pic.height * scale), PIL.Image.NEAREST)
+
+    pictures = {"input": sample.source, "target": sample.target, "ip2p": plain.image, "edited": result.image,
+                **{k: v for k, v in result.pictures().items() if k not in ("overlay", "panel")}}
+    pictures = {k: big(v) for k, v in pictures.items()}
+    pictures["overlay"] = viz.overlay(pictures["input"], result.roi_mask)  # drawn at the enlarged size: thin rings
+    strip = [("input", pictures["input"]), ("RoI (automatic)", pictures["overlay"])]
+    strip += [(name, pictures[name]) for name in ("segments", "heatmap") if name in pictures]
+    strip += [("InstructPix2Pix", pictures["ip2p"]), ("lime_fast", pictures["edited"]), ("target", pictures["target"])]
+    pictures["panel"] = viz.panel(strip)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    pictures = {"input": sample.source, "target": sample.target, "edited": result.image, **result.pictures()}
     paths = {}
     for name, pic in pictures.items():
         paths[name] = out / f"{name}.png"
-        if name != "panel":
-            pic = pic.resize((pic.width * scale, pic.height * scale), PIL.Image.NEAREST)
         pic.save(paths[name])
-    err = np.abs(np.asarray(result.image, np.float64) - np.asarray(sample.target, np.float64)) / 255
-    print(f'instruction: "{sample.instruction}"; content words: {", ".join(result.tokens)}; '
+    roi = np.asarray(viz.mask_image(result.roi_mask, sample.source.size)) > 127
+    iou = (roi & sample.mask).sum() / max(1, (roi | sample.mask).sum())
+    print(f'instruction: "{sample.instruction}" ({sample.kind}); content words: {", ".join(result.tokens)}; '
           f"silenced inside the RoI: {', '.join(result.silenced) or '-'}")
-    print(f"RoI: {result.roi_mask.mean():.1%} of the image (true edit region {sample.mask.mean():.1%}); "
-          f"L1 to the target {err.mean():.3f}; {result.unet_evals} UNet evaluations; "
-          + ", ".join(f"{k} {v:.2f} s" for k, v in result.timings.items()))
+    print(f"RoI: {roi.mean():.1%} of the image, IoU {iou:.2f} with the true edit region ({sample.mask.mean():.1%})")
+    for name, res in (("InstructPix2Pix", plain), ("lime_fast", result)):
+        inside, outside = region_l1(res.image, sample.target, sample.mask)
+        print(f"{name:>15}: L1 to the target inside the region {inside:.3f}, outside {outside:.3f}")
+    print(f"{result.unet_evals} UNet evaluations; " + ", ".join(f"{k} {v:.2f} s" for k, v in result.timings.items()))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return result

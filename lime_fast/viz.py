@@ -47,15 +47,24 @@ def heatmap_image(heat: np.ndarray, size: tuple[int, int] | None = None) -> PIL.
     return _resize(PIL.Image.fromarray(rgb.round().astype(np.uint8), "RGB"), size, PIL.Image.BILINEAR)
 
 
+def _grow(mask: np.ndarray) -> np.ndarray:
+    """bool [H, W] -> the mask plus its 4-neighbours (no wrap-around at the borders)."""
+    p = np.pad(mask, 1)
+    return mask | p[:-2, 1:-1] | p[2:, 1:-1] | p[1:-1, :-2] | p[1:-1, 2:]
+
+
 def overlay(image: PIL.Image.Image, mask: np.ndarray, color=(255, 40, 40), alpha: float = 0.45) -> PIL.Image.Image:
-    """The image with the RoI tinted and outlined; mask bool [H, W] at any size (resized, nearest)."""
+    """The image with the RoI tinted and outlined; mask bool [H, W] at any size (resized, nearest).
+
+    The outline is two rings, white on the RoI's edge pixels and black just outside them, so it shows
+    on any colour (a red outline vanishes on a red object)."""
     m = np.asarray(mask_image(mask, image.size)) > 127
     base = np.asarray(image.convert("RGB")).astype(np.float64)
     tint = np.array(color, dtype=np.float64)
     out = base.copy()
     out[m] = base[m] * (1 - alpha) + tint * alpha
-    edge = m & ~(np.roll(m, 1, 0) & np.roll(m, -1, 0) & np.roll(m, 1, 1) & np.roll(m, -1, 1))
-    out[edge] = tint
+    out[m & _grow(~m)] = 255.0  # the RoI's own edge (pixels with a neighbour outside it)
+    out[_grow(m) & ~m] = 0.0  # the ring just outside
     return PIL.Image.fromarray(out.round().astype(np.uint8), "RGB")
 
 

@@ -76,8 +76,26 @@ def parse_args(argv=None):
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--dtype", choices=("float32", "float16"), default="float16", help="dtype of the saved weights")
+    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda")
+    p.add_argument("--amp", choices=("auto", "none", "bf16"), default="auto",
+                   help="autocast for the forward passes: auto = bf16 on CUDA, none on the CPU (fp32 master weights)")
+    p.add_argument("--workers", type=int, default=0,
+                   help="processes that draw and tokenize the batches (a 64x64 sample takes ~1 ms: at batch 256 "
+                        "the data would take longer than an H200's step without them)")
+    p.add_argument("--compact", action="store_true",
+                   help="write a compact checkpoint to --out (fp16 safetensors per model, state.json, train.log: at "
+                        "most 8 files of <= 15 MiB, what a device call can bring back) instead of the pipeline; "
+                        "turn it into the pipeline and model card with --assemble")
+    p.add_argument("--ckpt-minutes", type=float, default=0.0,
+                   help="with --compact: also write the checkpoint every this many minutes of stage 2 (a run cut "
+                        "off by its time limit still leaves one)")
+    p.add_argument("--assemble", default=None, metavar="CKPT",
+                   help="no training: build the diffusers pipeline, loss curves and model card in --out from a "
+                        "compact checkpoint folder")
     p.add_argument("--smoke", action="store_true", help="a few steps of each stage at tiny widths (tests)")
     a = p.parse_args(argv)
+    if a.ckpt_minutes and not a.compact:
+        p.error("--ckpt-minutes needs --compact")
     if a.smoke:
         a.width, a.text_width, a.text_layers, a.vae_width, a.batch = 16, 32, 1, 16, 4
         a.vae_steps = 3 if a.vae_steps is None else a.vae_steps
@@ -159,52 +177,139 @@ def _steps_for(seconds: float, sec_per_step: float) -> int:
     return max(1, int(seconds / max(sec_per_step, 1e-6)))
 
 
+# --- where and how: device, autocast, data -------------------------------------------------------
+def resolve_device(a) -> tuple[torch.device, bool]:
+    """(device, bf16 autocast?) from --device / --amp."""
+    name = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is visible to torch")
+    amp = device.type == "cuda" if a.amp == "auto" else a.amp == "bf16"
+    return device, amp
+
+
+class Batches(torch.utils.data.Dataset):
+    """Item i is the i-th training batch: ``make_batch`` of seeds ``base + i * batch`` onwards, plus, with a
+    tokenizer, the padded token ids ``ids`` [B, 77] and, with ``content``, LIME's content positions
+    [B, 77] (1.0 where a content word is). Drawn where the loader runs it (``--workers`` processes)."""
+
+    def __init__(self, base: int, batch: int, tokenizer=None, content: bool = False):
+        self.base, self.batch, self.tokenizer, self.content = base, batch, tokenizer, content
+
+    def __len__(self) -> int:
+        return 10**12  # endless: the training loop decides when to stop
+
+    def __getitem__(self, i: int) -> dict:
+        start = self.base + i * self.batch
+        b = make_batch(range(start, start + self.batch), SIZE)
+        tok = self.tokenizer
+        if tok is not None:
+            b["ids"] = tok(b["instruction"], padding="max_length", max_length=tok.model_max_length, truncation=True,
+                           return_tensors="pt").input_ids
+            if self.content:
+                from lime_fast.tokens import token_roles
+
+                c = torch.zeros(b["ids"].shape)
+                for j, text in enumerate(b["instruction"]):
+                    c[j, token_roles(tok, text).content] = 1.0
+                b["content"] = c
+        return b
+
+
+def batches(a, data: Batches, device: torch.device):
+    """The batches of ``data`` in order, on ``device``; drawn ahead by ``a.workers`` processes if any."""
+    if a.workers > 0:
+        source = torch.utils.data.DataLoader(data, batch_size=None, num_workers=a.workers, prefetch_factor=4,
+                                             pin_memory=device.type == "cuda")
+    else:
+        source = (data[i] for i in range(len(data)))
+    for b in source:
+        yield {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in b.items()}
+
+
+class Curve(list):
+    """Per-step loss values. Steps add device tensors; ``flush`` turns them into floats (one host sync per
+    log line rather than per step, which on a GPU would stall the queue every step)."""
+
+    def __init__(self):
+        super().__init__()
+        self.pending = []
+
+    def add(self, value: torch.Tensor):
+        self.pending.append(value.detach().float())
+
+    def flush(self) -> "Curve":
+        if self.pending:
+            self.extend(torch.stack(self.pending).tolist())
+            self.pending.clear()
+        return self
+
+    def recent(self, n: int) -> float:
+        return float(np.mean(self.flush()[-n:]))
+
+
 # --- stage 1: VAE ----------------------------------------------------------------------------------
 def vae_loss(vae, x, gen):
     post = vae.encode(x).latent_dist
-    z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
-    rec = vae.decode(z).sample
-    kl = 0.5 * (post.mean.pow(2) + post.var - 1.0 - post.logvar).mean()
+    z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen, device=x.device)
+    rec = vae.decode(z).sample.float()
+    kl = 0.5 * (post.mean.float().pow(2) + post.var.float() - 1.0 - post.logvar.float()).mean()
     rec_loss = F.l1_loss(rec, x) + F.mse_loss(rec, x)
     return rec_loss + 1e-6 * kl, rec_loss
 
 
-def train_vae(a, vae, budget_s, log):
+def train_vae(a, vae, budget_s, log, device=torch.device("cpu"), amp=False):
     opt = torch.optim.AdamW(vae.parameters(), lr=a.vae_lr, weight_decay=0.0)
-    gen = torch.Generator().manual_seed(a.seed + 1)
+    gen = torch.Generator(device).manual_seed(a.seed + 1)
     total = a.vae_steps
     start = time.time()
-    curve, step, probe = [], 0, max(3, min(10, a.warmup, 50))  # probe steps lie in the warmup: lr independent of total
+    curve, step, probe = Curve(), 0, max(3, min(10, a.warmup, 50))  # probe steps lie in the warmup: lr independent of total
     vae.train()
+    data = batches(a, Batches(0, a.batch), device) if total != 0 else iter(())
     while total is None or step < total:
         if total is None and step == probe:  # fix the step count from the measured speed
+            curve.flush()  # waits for the device: the probe's time is real
             spent = time.time() - start
             total = max(probe + 1, probe + _steps_for(budget_s - spent, spent / probe))
             log(f"[vae] {spent / probe:.2f} s/step -> {total} steps")
         for g in opt.param_groups:
             g["lr"] = lr_at(step, total or 10**9, a.vae_lr, min(a.warmup, 50))
-        seeds = range(step * a.batch, (step + 1) * a.batch)
-        b = make_batch(seeds, SIZE)
+        b = next(data)
         x = torch.cat([b["source"][: a.batch // 2], b["target"][a.batch // 2 :]])  # both halves of the data
-        loss, rec = vae_loss(vae, x, gen)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            loss, rec = vae_loss(vae, x, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
-        curve.append(rec.item())
+        curve.add(rec)
         if step % a.log_every == 0 or step == (total or 0) - 1:
-            log(f"[vae] step {step:5d} rec {np.mean(curve[-a.log_every:]):.4f}  {time.time() - start:7.1f}s")
+            log(f"[vae] step {step:5d} rec {curve.recent(a.log_every):.4f}  {time.time() - start:7.1f}s")
         step += 1
     vae.eval().requires_grad_(False)
-    return curve, step, time.time() - start
+    return list(curve.flush()), step, time.time() - start
 
 
 @torch.no_grad()
-def measure_scaling(vae, n: int = 256, seed_base: int = 7 * SEED_STRIDE) -> float:
+def vae_psnr(vae, n: int = 256, seed_base: int = 5_000_000, device=torch.device("cpu")) -> float:
+    """Mean reconstruction PSNR (dB, peak = the [0, 1] range) of the VAE over ``n`` held-out pictures
+    (sources and targets of the held-out seeds), decoding the posterior mean."""
+    vals = []
+    for i in range(0, n // 2, 32):
+        b = make_batch(range(seed_base + i, seed_base + min(i + 32, n // 2)), SIZE)
+        x = torch.cat([b["source"], b["target"]]).to(device)
+        rec = vae.decode(vae.encode(x).latent_dist.mode()).sample.float().clamp(-1, 1)
+        mse = ((rec - x) / 2).pow(2).flatten(1).mean(1)
+        vals.append(-10 * torch.log10(mse.clamp_min(1e-10)))
+    return float(torch.cat(vals).mean())
+
+
+@torch.no_grad()
+def measure_scaling(vae, n: int = 256, seed_base: int = 7 * SEED_STRIDE, device=torch.device("cpu")) -> float:
     zs = []
     for i in range(0, n, 32):
         b = make_batch(range(seed_base + i, seed_base + i + 32), SIZE)
-        zs.append(vae.encode(torch.cat([b["source"], b["target"]])).latent_dist.sample())
+        zs.append(vae.encode(torch.cat([b["source"], b["target"]]).to(device)).latent_dist.sample())
     return float(1.0 / torch.cat(zs).flatten().std())
 
 
@@ -256,81 +361,80 @@ def grounding_loss(maps, mask, content) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack(losses).mean(), torch.stack(masses).mean().detach()
 
 
-def train_unet(a, vae, unet, text_encoder, tokenizer, budget_s, log):
+def train_unet(a, vae, unet, text_encoder, tokenizer, budget_s, log, device=torch.device("cpu"), amp=False, checkpoint=None):
+    """Stage 2. ``checkpoint(step, total, weights, (mse, grounding, mass curves))``, if given, is called every
+    ``--ckpt-minutes`` with the EMA weights (the parameters' order)."""
     from diffusers import DDPMScheduler
     from diffusers.models.attention_processor import AttnProcessor2_0
 
     noise_sched = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
-    acp = noise_sched.alphas_cumprod
+    acp = noise_sched.alphas_cumprod.to(device)
     sf = vae.config.scaling_factor
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=1e-2)
     ema = [p.detach().clone() for p in params] if a.ema > 0 else None
-    gen = torch.Generator().manual_seed(a.seed + 2)
-    empty_ids = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
+    gen = torch.Generator(device).manual_seed(a.seed + 2)
+    empty_ids = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt").input_ids.to(device)
     state = {"maps": []}
     grounding = a.attn_loss > 0 or a.pad_drop > 0
     if grounding:
-        from lime_fast.tokens import token_roles
-
         procs = dict(unet.attn_processors)
         unet.set_attn_processor({k: GroundingAttn(state) if k.endswith("attn2.processor") else v for k, v in procs.items()})
-    attn_curve, mass_curve = [], []
+    attn_curve, mass_curve = Curve(), Curve()
     total = a.unet_steps
-    start = time.time()
-    curve, step, probe = [], 0, max(3, min(10, a.warmup))
+    start = last_ckpt = time.time()
+    curve, step, probe = Curve(), 0, max(3, min(10, a.warmup))
     unet.train()
     text_encoder.train()
+    data = batches(a, Batches(SEED_STRIDE, a.batch, tokenizer, content=grounding), device) if total != 0 else iter(())
     while total is None or step < total:
         if total is None and step == probe:
+            curve.flush()  # waits for the device: the probe's time is real
             spent = time.time() - start
             total = max(probe + 1, probe + _steps_for(budget_s - spent, spent / probe))
             log(f"[unet] {spent / probe:.2f} s/step -> {total} steps")
         for g in opt.param_groups:
             g["lr"] = lr_at(step, total or 10**9, a.lr, a.warmup)
-        base = SEED_STRIDE + step * a.batch
-        b = make_batch(range(base, base + a.batch), SIZE)
+        b = next(data)
         B = a.batch
         with torch.no_grad():
             post = vae.encode(torch.cat([b["target"], b["source"]])).latent_dist
-            z0 = (post.mean[:B] + post.std[:B] * torch.randn(post.mean[:B].shape, generator=gen)) * sf
+            z0 = (post.mean[:B] + post.std[:B] * torch.randn(post.mean[:B].shape, generator=gen, device=device)) * sf
             z_src = post.mode()[B:]  # unscaled, as InstructPix2Pix does
-        noise = torch.randn(z0.shape, generator=gen)
-        t = torch.randint(0, 1000, (B,), generator=gen)
+        noise = torch.randn(z0.shape, generator=gen, device=device)
+        t = torch.randint(0, 1000, (B,), generator=gen, device=device)
         ac = acp[t].view(B, 1, 1, 1)
         zt = ac.sqrt() * z0 + (1 - ac).sqrt() * noise
 
-        ids = tokenizer(b["instruction"], padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
-        emb = text_encoder(torch.cat([ids, empty_ids]))[0]
-        emb, empty = emb[:B], emb[B:]
-        r = torch.rand(B, generator=gen)
+        ids = b["ids"]
+        r = torch.rand(B, generator=gen, device=device)
         p = a.dropout
         drop_text = (r < 2 * p).view(B, 1, 1)
         keep_image = ~((r >= p) & (r < 3 * p))
-        emb = torch.where(drop_text, empty.expand_as(emb), emb)
         z_src = z_src * keep_image.view(B, 1, 1, 1).float()
 
         if grounding:
             T = ids.shape[1]
             eos = (ids == tokenizer.eos_token_id).int().argmax(1)  # first EOS (CLIP pads with EOS)
-            state["keep"] = torch.arange(T)[None] <= eos[:, None]
-            state["pad_drop"] = (torch.rand(B, generator=gen) < a.pad_drop) & ~drop_text.view(B)
-            state["all"] = torch.arange(B)
+            state["keep"] = torch.arange(T, device=device)[None] <= eos[:, None]
+            state["pad_drop"] = (torch.rand(B, generator=gen, device=device) < a.pad_drop) & ~drop_text.view(B)
+            state["all"] = torch.arange(B, device=device)
             state["maps"].clear()
-            content = torch.zeros(B, T)
-            for i, text in enumerate(b["instruction"]):
-                if not drop_text[i]:
-                    content[i, token_roles(tokenizer, text).content] = 1.0
+            content = b["content"] * (~drop_text.view(B, 1)).float()
 
-        pred = unet(torch.cat([zt, z_src], 1), t, encoder_hidden_states=emb).sample
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            emb = text_encoder(torch.cat([ids, empty_ids]))[0]
+            emb, empty = emb[:B], emb[B:]
+            emb = torch.where(drop_text, empty.expand_as(emb), emb)
+            pred = unet(torch.cat([zt, z_src], 1), t, encoder_hidden_states=emb).sample
         target = noise if a.prediction == "epsilon" else ac.sqrt() * noise - (1 - ac).sqrt() * z0
-        mse = F.mse_loss(pred, target)
+        mse = F.mse_loss(pred.float(), target)
         loss = mse
         if grounding:
-            g_loss, mass = grounding_loss(state["maps"], b["mask"], content)
+            g_loss, mass = grounding_loss([m.float() for m in state["maps"]], b["mask"], content)
             state["maps"].clear()
-            attn_curve.append(g_loss.item())
-            mass_curve.append(mass.item())
+            attn_curve.add(g_loss)
+            mass_curve.add(mass)
             if a.attn_loss > 0:
                 loss = loss + a.attn_loss * g_loss
         opt.zero_grad(set_to_none=True)
@@ -341,11 +445,14 @@ def train_unet(a, vae, unet, text_encoder, tokenizer, budget_s, log):
             d = min(a.ema, (1 + step) / (10 + step))
             with torch.no_grad():
                 torch._foreach_lerp_(ema, [q.detach() for q in params], 1 - d)
-        curve.append(mse.item())
+        curve.add(mse)
         if step % a.log_every == 0 or step == (total or 0) - 1:
-            extra = f" grounding {np.mean(attn_curve[-a.log_every:]):.4f} mass in {np.mean(mass_curve[-a.log_every:]):.3f}" if grounding else ""
-            log(f"[unet] step {step:5d} loss {np.mean(curve[-a.log_every:]):.4f}{extra} lr {opt.param_groups[0]['lr']:.2e}  {time.time() - start:7.1f}s")
+            extra = f" grounding {attn_curve.recent(a.log_every):.4f} mass in {mass_curve.recent(a.log_every):.3f}" if grounding else ""
+            log(f"[unet] step {step:5d} loss {curve.recent(a.log_every):.4f}{extra} lr {opt.param_groups[0]['lr']:.2e}  {time.time() - start:7.1f}s")
         step += 1
+        if checkpoint is not None and a.ckpt_minutes > 0 and time.time() - last_ckpt > 60 * a.ckpt_minutes:
+            checkpoint(step, total, ema if ema is not None else params, (curve.flush(), attn_curve.flush(), mass_curve.flush()))
+            last_ckpt = time.time()
     if ema is not None:
         with torch.no_grad():
             for p_, e in zip(params, ema):
@@ -354,7 +461,7 @@ def train_unet(a, vae, unet, text_encoder, tokenizer, budget_s, log):
         unet.set_attn_processor(AttnProcessor2_0())
     unet.eval()
     text_encoder.eval()
-    return curve, attn_curve, mass_curve, step, time.time() - start
+    return list(curve.flush()), list(attn_curve.flush()), list(mass_curve.flush()), step, time.time() - start
 
 
 # --- outputs --------------------------------------------------------------------------------------
@@ -438,10 +545,12 @@ def write_card(out: Path, info: dict):
   final {info['grounding_final']:.4f}, mass inside {info['mass_final']:.3f} (last 100 steps). Padding
   after EOS hidden from the cross-attention of {info['pad_drop']:.0%} of the captioned samples, so
   the words, not the padding, carry the instruction."""
+    partial = (f"\n- **a checkpoint written at step {info['partial']} of the {info['unet_steps']}-step schedule** (the run "
+               "was cut off before its end; the reproduce command runs the whole schedule)") if info.get("partial") else ""
     start = f"\n- stage 2 started from `{info['init']}`" + (" (its VAE kept)" if info["vae_steps"] == 0 else "") if info.get("init") else ""
     text = f"""# shapes-ip2p: a small InstructPix2Pix-layout model trained on synthetic shapes
 
-Trained {"in two runs" if info.get("init") else "from scratch"} on the CPU by `scripts/train_shapes.py` on `lime_fast.testing.shapes` data, so that
+Trained {"in two runs" if info.get("init") else "from scratch"} {"on the CPU" if "threads" in info["machine"] else "on a GPU"} by `scripts/train_shapes.py` on `lime_fast.testing.shapes` data, so that
 lime_fast's edit quality can be checked offline. Not a general image editor.
 
 ## Data
@@ -466,7 +575,8 @@ scaled_linear 0.00085..0.012, 1000 steps. Weights saved as {info['dtype']} safet
 - stage 2 (UNet + text encoder, {info['prediction']} MSE, lr {info['lr']} warmup {info['warmup']} + cosine to 10%, EMA {info['ema']},
   conditioning dropout {info['dropout']} text / {info['dropout']} both / {info['dropout']} image): {info['unet_steps']} steps,
   {info['unet_seconds']:.0f} s, final loss {info['unet_final']:.4f} (mean of the last 100 steps){start}{grounding}
-- total time {info['total_seconds'] / 60:.1f} min on: {info['machine']}
+- total time {info['total_seconds'] / 60:.1f} min on: {info['machine']}{partial}
+- VAE reconstruction PSNR (posterior mean, held-out seeds 5,000,000+): {info.get('vae_psnr', float('nan')):.2f} dB
 
 ![loss curves](loss.png)
 
@@ -478,63 +588,97 @@ scaled_linear 0.00085..0.012, 1000 steps. Weights saved as {info['dtype']} safet
     (out / "README.md").write_text(text)
 
 
-def main(argv=None) -> Path:
-    a = parse_args(argv)
-    torch.set_num_threads(a.threads)
-    torch.manual_seed(a.seed)
-    np.random.seed(a.seed)
-    out = Path(a.out)
+# --- compact checkpoints (what a device call can bring back) --------------------------------------
+SHARD_BYTES = 15 * 2**20  # a device call returns files of at most 16 MiB
+
+
+def save_compact(out: Path, models: dict, state: dict, log=print):
+    """Write ``models`` (name -> module, or name -> (module, {param name: tensor}) to override weights, e.g.
+    the EMA) as fp16 safetensors shards of at most SHARD_BYTES, plus ``state.json`` (``state`` and each
+    model's config). Old shards of the same names are removed first."""
+    from safetensors.torch import save_file
+
     out.mkdir(parents=True, exist_ok=True)
-    log_file = open(out / "train.log", "w")
+    configs = {}
+    for name, m in models.items():
+        m, override = m if isinstance(m, tuple) else (m, {})
+        sd = {k: override.get(k, v).detach().to("cpu", torch.float16 if v.is_floating_point() else v.dtype).contiguous()
+              for k, v in m.state_dict().items()}
+        for old in out.glob(f"{name}-*.safetensors"):
+            old.unlink()
+        shard, size, n = {}, 0, 0
+        for k, v in sd.items():
+            nbytes = v.numel() * v.element_size()
+            if shard and size + nbytes > SHARD_BYTES:
+                save_file(shard, out / f"{name}-{n}.safetensors")
+                shard, size, n = {}, 0, n + 1
+            shard[k], size = v, size + nbytes
+        save_file(shard, out / f"{name}-{n}.safetensors")
+        configs[name] = {"class": type(m).__name__, "config": m.config.to_dict() if hasattr(m.config, "to_dict") else dict(m.config)}
+    tmp = out / "state.json.tmp"
+    tmp.write_text(json.dumps({**state, "configs": configs}))
+    tmp.replace(out / "state.json")
+    log(f"checkpoint: {out}")
 
-    def log(msg):
-        print(msg, flush=True)
-        log_file.write(msg + "\n")
-        log_file.flush()
 
+def load_compact(ckpt: Path):
+    """(vae, unet, text_encoder in fp32, state) from a ``save_compact`` folder."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from safetensors.torch import load_file
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    state = json.loads((ckpt / "state.json").read_text())
+    models = {}
+    for name, spec in state["configs"].items():
+        cfg = {k: v for k, v in spec["config"].items() if not k.startswith("_")} if name != "text_encoder" else spec["config"]
+        if name == "vae":
+            m = AutoencoderKL.from_config(cfg)
+        elif name == "unet":
+            m = UNet2DConditionModel.from_config(cfg)
+        else:
+            m = CLIPTextModel(CLIPTextConfig(**cfg))
+        sd = {}
+        for f in sorted(ckpt.glob(f"{name}-*.safetensors"), key=lambda f: int(f.stem.rsplit("-", 1)[1])):
+            sd.update(load_file(f))
+        m.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()})
+        models[name] = m.eval()
+    return models["vae"], models["unet"], models["text_encoder"], state
+
+
+def write_pipeline(a, out: Path, vae, unet, text_encoder, tokenizer, curves: dict, info: dict):
+    """The diffusers pipeline (safetensors, ``a.dtype``), ``loss.json``, ``loss.png`` and the model card."""
     from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionInstructPix2PixPipeline
 
-    from lime_fast.clip_bpe import clip_tokenizer
     from lime_fast.testing.tiny import shipped_config
 
-    t0 = time.time()
-    tokenizer = clip_tokenizer()
-    vae, unet, text_encoder = load_models(a.init) if a.init else build_models(a, tokenizer)
-    params = {"vae": n_params(vae), "unet": n_params(unet), "text_encoder": n_params(text_encoder)}
-    log(f"parameters: {params}")
-    budget = a.minutes * 60.0
-    vae_curve, vae_steps, vae_s = train_vae(a, vae, budget * a.vae_frac, log)
-    if a.init and vae_steps == 0:  # keep the loaded VAE and its measured scaling factor
-        sf = float(vae.config.scaling_factor)
-    else:
-        sf = measure_scaling(vae, n=64 if a.smoke else 512)
-        vae.register_to_config(scaling_factor=sf)
-    log(f"scaling_factor {sf:.4f}")
-    unet_curve, attn_curve, mass_curve, unet_steps, unet_s = train_unet(a, vae, unet, text_encoder, tokenizer, budget - (time.time() - t0), log)
-
     sched_cfg = {k: v for k, v in shipped_config("scheduler").items() if k in ("beta_end", "beta_schedule", "beta_start", "num_train_timesteps", "prediction_type", "steps_offset", "timestep_spacing")}
-    sched_cfg["prediction_type"] = a.prediction
+    sched_cfg["prediction_type"] = info["prediction"]
     pipe = StableDiffusionInstructPix2PixPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
+        vae=vae.cpu(),
+        text_encoder=text_encoder.cpu(),
         tokenizer=tokenizer,
-        unet=unet,
+        unet=unet.cpu(),
         scheduler=EulerAncestralDiscreteScheduler(**sched_cfg),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    if a.dtype == "float16":
+    if info["dtype"] == "float16":
         pipe = pipe.to(dtype=torch.float16)
+    out.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(out, safe_serialization=True)
-
-    (out / "loss.json").write_text(json.dumps({"vae_rec": vae_curve, "unet_eps": unet_curve, "grounding": attn_curve, "mass_in": mass_curve}))
-    panels = {f"stage 2: UNet {a.prediction} MSE": unet_curve}
-    if vae_curve:
-        panels = {"stage 1: VAE reconstruction loss (L1 + L2)": vae_curve, **panels}
-    if attn_curve:
-        panels["stage 2: grounding loss (content words' attention outside the edit region)"] = attn_curve
+    (out / "loss.json").write_text(json.dumps(curves))
+    panels = {f"stage 2: UNet {info['prediction']} MSE": curves["unet_eps"]}
+    if curves["vae_rec"]:
+        panels = {"stage 1: VAE reconstruction loss (L1 + L2)": curves["vae_rec"], **panels}
+    if curves["grounding"]:
+        panels["stage 2: grounding loss (content words' attention outside the edit region)"] = curves["grounding"]
     plot_losses(panels, out / "loss.png")
+    write_card(out, info)
+
+
+def reproduce_command(a, vae_steps: int, unet_steps: int) -> str:
+    """The command that reproduces the weights (step counts fixed, device and autocast as run)."""
     reproduce = [
         "python scripts/train_shapes.py",
         f"--out {shlex.quote(str(a.out))}",
@@ -547,26 +691,115 @@ def main(argv=None) -> Path:
     ]
     if a.init:
         reproduce.insert(3, f"--init {shlex.quote(str(a.init))}")
+    device, amp = resolve_device(a)
+    if device.type != "cpu" or amp or a.workers or a.compact:
+        reproduce.append(f"--device {device.type} --amp {'bf16' if amp else 'none'} --workers {a.workers}" + (" --compact" if a.compact else ""))
+    return " \\\n  ".join(reproduce)
+
+
+def machine(a, device: torch.device) -> str:
     import platform
 
-    info = dict(
-        vars(a),
-        params=params,
-        vae_steps=vae_steps,
-        unet_steps=unet_steps,
-        vae_seconds=vae_s,
-        unet_seconds=unet_s,
-        total_seconds=time.time() - t0,
-        scaling_factor=sf,
-        vae_final=float(np.mean(vae_curve[-100:])) if vae_curve else float("nan"),
-        grounding_final=float(np.mean(attn_curve[-100:])) if attn_curve else float("nan"),
-        mass_final=float(np.mean(mass_curve[-100:])) if mass_curve else float("nan"),
-        unet_final=float(np.mean(unet_curve[-100:])),
-        unet_widths=(a.width, 2 * a.width, 2 * a.width, 2 * a.width),
-        machine=f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {a.threads} threads",
-        command=" \\\n  ".join(reproduce),
-    )
-    write_card(out, info)
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}, {a.workers} data workers"
+    return f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {a.threads} threads"
+
+
+def assemble(a) -> Path:
+    """--assemble: the pipeline and model card from a compact checkpoint (no training)."""
+    from lime_fast.clip_bpe import clip_tokenizer
+
+    ckpt, out = Path(a.assemble), Path(a.out)
+    vae, unet, text_encoder, state = load_compact(ckpt)
+    info = state["info"]
+    info["command"] += f"\n# then, where the checkpoint came back to:\npython scripts/train_shapes.py --assemble {shlex.quote(info['out'])} --out {shlex.quote(str(out))}"
+    if not state.get("complete", True):
+        info["partial"] = state["step"]
+    write_pipeline(a, out, vae, unet, text_encoder, clip_tokenizer(), state["curves"], info)
+    print(f"assembled {out} from {ckpt}")
+    return out
+
+
+def main(argv=None) -> Path:
+    a = parse_args(argv)
+    torch.set_num_threads(a.threads)
+    if a.assemble:
+        return assemble(a)
+    torch.manual_seed(a.seed)
+    np.random.seed(a.seed)
+    device, amp = resolve_device(a)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log_file = open(out / "train.log", "w")
+
+    def log(msg):
+        print(msg, flush=True)
+        log_file.write(msg + "\n")
+        log_file.flush()
+
+    from lime_fast.clip_bpe import clip_tokenizer
+
+    t0 = time.time()
+    tokenizer = clip_tokenizer()
+    vae, unet, text_encoder = load_models(a.init) if a.init else build_models(a, tokenizer)
+    vae, unet, text_encoder = vae.to(device), unet.to(device), text_encoder.to(device)
+    params = {"vae": n_params(vae), "unet": n_params(unet), "text_encoder": n_params(text_encoder)}
+    log(f"parameters: {params}; device {device}, bf16 autocast {amp}, {a.workers} data workers")
+    budget = a.minutes * 60.0
+    vae_curve, vae_steps, vae_s = train_vae(a, vae, budget * a.vae_frac, log, device, amp)
+    if a.init and vae_steps == 0:  # keep the loaded VAE and its measured scaling factor
+        sf = float(vae.config.scaling_factor)
+    else:
+        sf = measure_scaling(vae, n=64 if a.smoke else 512, device=device)
+        vae.register_to_config(scaling_factor=sf)
+    log(f"scaling_factor {sf:.4f}")
+
+    def info_at(vae_steps, unet_steps, unet_s, curves, psnr=float("nan")):
+        def final(k):
+            return float(np.mean(curves[k][-100:])) if curves[k] else float("nan")
+
+        return dict(
+            vars(a),
+            params=params,
+            vae_steps=vae_steps,
+            unet_steps=unet_steps,
+            vae_seconds=vae_s,
+            unet_seconds=unet_s,
+            total_seconds=time.time() - t0,
+            scaling_factor=sf,
+            vae_final=final("vae_rec"),
+            vae_psnr=psnr,
+            grounding_final=final("grounding"),
+            mass_final=final("mass_in"),
+            unet_final=final("unet_eps"),
+            unet_widths=tuple(unet.config.block_out_channels),
+            machine=machine(a, device),
+            command=reproduce_command(a, vae_steps, unet_steps),
+        )
+
+    checkpoint = None
+    if a.compact and a.ckpt_minutes > 0:
+        names = [("unet", n) for n, _ in unet.named_parameters()] + [("text_encoder", n) for n, _ in text_encoder.named_parameters()]
+
+        def checkpoint(step, total, weights, stage2):
+            over = {"unet": {}, "text_encoder": {}}
+            for (m, n), w in zip(names, weights):
+                over[m][n] = w
+            curves = {"vae_rec": vae_curve, "unet_eps": stage2[0], "grounding": stage2[1], "mass_in": stage2[2]}
+            state = {"complete": False, "step": step, "curves": curves, "info": info_at(vae_steps, total, time.time() - t0 - vae_s, curves)}
+            save_compact(out, {"vae": vae, "unet": (unet, over["unet"]), "text_encoder": (text_encoder, over["text_encoder"])}, state, log)
+
+    unet_curve, attn_curve, mass_curve, unet_steps, unet_s = train_unet(
+        a, vae, unet, text_encoder, tokenizer, budget - (time.time() - t0), log, device, amp, checkpoint)
+    psnr = vae_psnr(vae, n=32 if a.smoke else 512, device=device)
+    log(f"VAE reconstruction PSNR on held-out pictures: {psnr:.2f} dB")
+    curves = {"vae_rec": vae_curve, "unet_eps": unet_curve, "grounding": attn_curve, "mass_in": mass_curve}
+    info = info_at(vae_steps, unet_steps, unet_s, curves, psnr)
+    if a.compact:
+        save_compact(out, {"vae": vae, "unet": unet, "text_encoder": text_encoder},
+                     {"complete": True, "step": unet_steps, "curves": curves, "info": info}, log)
+    else:
+        write_pipeline(a, out, vae, unet, text_encoder, tokenizer, curves, info)
     log(f"saved to {out} in {info['total_seconds']:.0f} s")
     log_file.close()
     return out

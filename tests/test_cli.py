@@ -76,9 +76,12 @@ def test_demo_runs_offline_and_says_which_model(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--quiet"]) == 0
     text = capsys.readouterr().out
-    assert "shapes-ip2p" in text and "L1 to the target" in text
-    for name in ("input", "target", "edited", "roi", "overlay", "segments", "heatmap", "panel"):
+    assert "shapes-ip2p" in text and "L1 to the target" in text and "InstructPix2Pix:" in text and "IoU" in text
+    for name in ("input", "target", "ip2p", "edited", "roi", "overlay", "segments", "heatmap", "panel"):
         assert (out / f"{name}.png").is_file(), name
+    # the plain InstructPix2Pix edit is a different picture from lime_fast's (its RoI is not empty here)
+    assert not np.array_equal(np.asarray(PIL.Image.open(out / "ip2p.png")), np.asarray(PIL.Image.open(out / "edited.png")))
+    assert PIL.Image.open(out / "panel.png").width > 6 * PIL.Image.open(out / "panel.png").height  # seven pictures
     assert main(["demo", "--out", str(out), "--quiet"]) == 2  # refuses to overwrite
     lime_fast._ENGINES.clear()
 

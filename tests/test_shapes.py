@@ -293,3 +293,39 @@ def test_smoke_fine_tune_with_grounding_from_a_checkpoint(smoke_checkpoint, tmp_
     assert all(0.0 <= m <= 1.0 for m in losses["mass_in"])
     # the VAE is the loaded one, unchanged
     assert json.loads((out / "vae" / "config.json").read_text())["scaling_factor"] == json.loads((base / "vae" / "config.json").read_text())["scaling_factor"]
+
+
+def test_compact_checkpoint_assembles_into_the_same_pipeline(smoke_checkpoint, tmp_path):
+    """The device path (--compact, data drawn by worker processes, then --assemble where the files come
+    back) gives the same weights as writing the pipeline directly, in at most 8 files of <= 15 MiB."""
+    import torch
+    from safetensors.torch import load_file
+
+    args = ("--smoke", "--init", smoke_checkpoint, "--vae-steps", 0, "--unet-steps", 2, "--attn-loss", 0.1, "--pad-drop", 0.5)
+    direct, ckpt, assembled = tmp_path / "direct", tmp_path / "ckpt", tmp_path / "assembled"
+    for proc in (_train("--out", direct, *args), _train("--out", ckpt, *args, "--compact", "--workers", 2)):
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    files = [f for f in ckpt.rglob("*") if f.is_file()]
+    assert len(files) <= 8 and all(f.stat().st_size <= 15 * 2**20 for f in files) and not (ckpt / "unet").exists()
+    proc = _train("--assemble", ckpt, "--out", assembled)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for sub in ("unet", "vae", "text_encoder"):
+        a, b = ({k: v for f in sorted((d / sub).glob("*.safetensors")) for k, v in load_file(f).items()} for d in (direct, assembled))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), sub
+        ca, cb = ({k: v for k, v in json.loads((d / sub / "config.json").read_text()).items() if not k.startswith("_")}
+                  for d in (direct, assembled))
+        assert ca == cb, sub
+    card = (assembled / "README.md").read_text()
+    assert "--compact" in card and f"--assemble {ckpt} --out {assembled}" in card and "PSNR" in card
+    assert json.loads((assembled / "loss.json").read_text()) == json.loads((direct / "loss.json").read_text())
+
+
+def test_bf16_autocast_path_trains(tmp_path):
+    """--amp bf16 (what a GPU run uses) runs every stage and the grounding loss; here on the CPU."""
+    out = tmp_path / "bf16"
+    proc = _train("--out", out, "--smoke", "--amp", "bf16", "--attn-loss", 0.1, "--pad-drop", 0.5)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    losses = json.loads((out / "loss.json").read_text())
+    assert len(losses["unet_eps"]) == 3 and len(losses["grounding"]) == 3
+    assert all(np.isfinite(v) for k in ("vae_rec", "unet_eps", "grounding") for v in losses[k])
+    assert "--amp bf16" in (out / "README.md").read_text()
