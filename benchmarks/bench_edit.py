@@ -43,7 +43,6 @@ import torch
 import lime_fast
 from lime_fast import LimeEngine
 from lime_fast.graphs import GraphedUNet
-from lime_fast.sampling import PassPlan
 from lime_fast.demo import shapes_image
 from release import release_attention
 import modes as fast_modes
@@ -177,19 +176,8 @@ def test_release_pattern(benchmark, setup):
 def test_unet_step(benchmark, setup, mode):
     """One three-branch UNet evaluation of the edit pass (penalty on), eager vs graph replay."""
     _, engine, image, _ = setup
-    h = w = image.height // engine.vae_scale
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randn(3, 2 * engine.vae.config.latent_channels, h, w, generator=gen).to(engine.device, engine.dtype)
-    t = torch.tensor(500.0, device=engine.device)
-    states = torch.randn(3, engine.tokenizer.model_max_length, engine.text_encoder.config.hidden_size, generator=gen)
-    states = states.to(engine.device, engine.dtype)
+    x, t, states, plan, roi, keep = fast_modes.unet_step_inputs(engine, (image.height, image.width), STEPS)
     ctl = engine.controller
-    roi = torch.zeros(1, 16, 16, dtype=torch.bool, device=engine.device)
-    roi[:, 4:12, 4:12] = True
-    keep = torch.zeros(1, states.shape[1], dtype=torch.bool, device=engine.device)
-    keep[:, :4] = True
-    plan = PassPlan("edit", 1, (h, w), engine.vae.config.latent_channels, STEPS, (2.0, 1.5), reg_levels=(0, 1),
-                    reg_range=(0, STEPS - 1), dtype=engine.dtype)
     ctl.begin_pass(plan, roi_grid=roi, keep=keep)
     ctl.step = 0
     unet = GraphedUNet(engine.unet, engine._unet, enabled=mode == "graph")  # one graph of one evaluation

@@ -101,9 +101,10 @@ def _timed(fn, rounds: int) -> tuple[float, object]:
     return statistics.median(times), out
 
 
-def _unet_step(engine, image_hw, rounds: int) -> float:
-    """One three-branch UNet evaluation of the edit pass (penalty on), graph-replayed on CUDA: median s."""
-    from lime_fast.graphs import GraphedUNet
+def unet_step_inputs(engine, image_hw, steps: int = STEPS):
+    """Seeded inputs of one three-branch edit-pass UNet evaluation at ``image_hw`` (pixels): latents x
+    [3, 2C, h, w], timestep t, text states [3, 77, D], and the pass's plan, RoI grid [1, 16, 16] and kept
+    tokens [1, 77] (penalty on at levels 0-1), on the engine's device and dtype."""
     from lime_fast.sampling import PassPlan
 
     h, w = (s // engine.vae_scale for s in image_hw)
@@ -116,8 +117,16 @@ def _unet_step(engine, image_hw, rounds: int) -> float:
     roi[:, 4:12, 4:12] = True
     keep = torch.zeros(1, states.shape[1], dtype=torch.bool, device=engine.device)
     keep[:, :4] = True
-    plan = PassPlan("edit", 1, (h, w), engine.vae.config.latent_channels, STEPS, (2.0, 1.5), reg_levels=(0, 1),
-                    reg_range=(0, STEPS - 1), dtype=engine.dtype)
+    plan = PassPlan("edit", 1, (h, w), engine.vae.config.latent_channels, steps, (2.0, 1.5), reg_levels=(0, 1),
+                    reg_range=(0, steps - 1), dtype=engine.dtype)
+    return x, t, states, plan, roi, keep
+
+
+def _unet_step(engine, image_hw, rounds: int) -> float:
+    """One three-branch UNet evaluation of the edit pass (penalty on), graph-replayed on CUDA: median s."""
+    from lime_fast.graphs import GraphedUNet
+
+    x, t, states, plan, roi, keep = unet_step_inputs(engine, image_hw)
     engine.controller.begin_pass(plan, roi_grid=roi, keep=keep, context=states)
     engine.controller.step = 0
     try:

@@ -781,13 +781,15 @@ def main(argv=None) -> Path:
     if a.compact and a.ckpt_minutes > 0:
         names = [("unet", n) for n, _ in unet.named_parameters()] + [("text_encoder", n) for n, _ in text_encoder.named_parameters()]
 
-        def checkpoint(step, total, weights, stage2):
+        def write_checkpoint(step, total, weights, stage2):
             over = {"unet": {}, "text_encoder": {}}
             for (m, n), w in zip(names, weights):
                 over[m][n] = w
             curves = {"vae_rec": vae_curve, "unet_eps": stage2[0], "grounding": stage2[1], "mass_in": stage2[2]}
             state = {"complete": False, "step": step, "curves": curves, "info": info_at(vae_steps, total, time.time() - t0 - vae_s, curves)}
             save_compact(out, {"vae": vae, "unet": (unet, over["unet"]), "text_encoder": (text_encoder, over["text_encoder"])}, state, log)
+
+        checkpoint = write_checkpoint
 
     unet_curve, attn_curve, mass_curve, unet_steps, unet_s = train_unet(
         a, vae, unet, text_encoder, tokenizer, budget - (time.time() - t0), log, device, amp, checkpoint)

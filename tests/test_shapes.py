@@ -303,7 +303,7 @@ def test_compact_checkpoint_assembles_into_the_same_pipeline(smoke_checkpoint, t
 
     args = ("--smoke", "--init", smoke_checkpoint, "--vae-steps", 0, "--unet-steps", 2, "--attn-loss", 0.1, "--pad-drop", 0.5)
     direct, ckpt, assembled = tmp_path / "direct", tmp_path / "ckpt", tmp_path / "assembled"
-    for proc in (_train("--out", direct, *args), _train("--out", ckpt, *args, "--compact", "--workers", 2)):
+    for proc in (_train("--out", direct, *args), _train("--out", ckpt, *args, "--compact", "--workers", 2, "--ckpt-minutes", 1e-6)):
         assert proc.returncode == 0, proc.stderr[-3000:]
     files = [f for f in ckpt.rglob("*") if f.is_file()]
     assert len(files) <= 8 and all(f.stat().st_size <= 15 * 2**20 for f in files) and not (ckpt / "unet").exists()
@@ -318,6 +318,14 @@ def test_compact_checkpoint_assembles_into_the_same_pipeline(smoke_checkpoint, t
     card = (assembled / "README.md").read_text()
     assert "--compact" in card and f"--assemble {ckpt} --out {assembled}" in card and "PSNR" in card
     assert json.loads((assembled / "loss.json").read_text()) == json.loads((direct / "loss.json").read_text())
+    assert (ckpt / "train.log").read_text().count("checkpoint: ") == 3  # after each step, then the final one
+
+    # a run cut off by its time limit leaves a checkpoint that says so; its card says so too
+    state = json.loads((ckpt / "state.json").read_text())
+    (ckpt / "state.json").write_text(json.dumps({**state, "complete": False, "step": 1}))
+    proc = _train("--assemble", ckpt, "--out", tmp_path / "partial")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "a checkpoint written at step 1 of the 2-step schedule" in (tmp_path / "partial" / "README.md").read_text()
 
 
 def test_bf16_autocast_path_trains(tmp_path):
