@@ -331,7 +331,7 @@ def _gpu_lines() -> list[str]:
 
     for key, cfg in tuned_configs().items():
         lines.append(f"autotuned {key[:4]} {str(key[4]).replace('torch.', '')}: BLOCK_M {cfg['BLOCK_M']} BLOCK_N {cfg['BLOCK_N']} "
-                     f"warps {cfg['num_warps']} stages {cfg['num_stages']}")
+                     f"warps {cfg['num_warps']} stages {cfg['num_stages']} heads/program {cfg.get('HEADS', 1)}")
     return lines
 
 

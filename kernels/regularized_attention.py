@@ -15,8 +15,10 @@ probabilities to global memory.
 
 Design
 ------
-* Grid ``(cdiv(N, BLOCK_M), B * H)``: axis 0 walks query blocks so that consecutive programs share
-  one (b, h) and its keys/values stay hot in L2.
+* Grid ``(cdiv(N, BLOCK_M), B * cdiv(H, HEADS))``: axis 0 walks query blocks so that consecutive
+  programs share one (b, h) and its keys/values stay hot in L2. HEADS (heads per program) is 1 by
+  default; 2 and 4 are autotuning candidates (all heads of a query tile in fewer programs; not yet
+  timed on a GPU, 2026-12-02) and capture always uses 1.
 * Without capture, each program runs one head: an online softmax over key blocks of BLOCK_N (full
   blocks unmasked, one masked tail block only when ``T % BLOCK_N != 0``), or a plain one-shot softmax
   when all keys fit in one block (T <= BLOCK_N, e.g. CLIP's 77 keys in a 128 block).
@@ -283,11 +285,13 @@ def _regularized_attention_fwd(
     BLOCK_N_TAIL: tl.constexpr,
     BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    HEADS: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    off_b = pid_bh // H
-    off_h = pid_bh % H
+    pid_bh = tl.program_id(1)  # (b, group of HEADS heads); HEADS == 1 with capture
+    n_groups = (H + HEADS - 1) // HEADS
+    off_b = pid_bh // n_groups
+    off_h = (pid_bh % n_groups) * HEADS
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
 
     off_b64 = off_b.to(tl.int64)
@@ -348,7 +352,7 @@ def _regularized_attention_fwd(
             # launcher cannot check without a host sync) gets a NaN row instead of garbage.
             tl.store(ptrs, tl.full([BLOCK_M, BLOCK_N], float("nan"), tl.float32),
                      mask=tl.where((~valid) & (pid_bh == 0), tile_mask, False))
-    else:
+    elif HEADS == 1:
         off_h64 = off_h.to(tl.int64)
         _one_head(
             Q + off_b64 * stride_qz + off_h64 * stride_qh,
@@ -360,6 +364,23 @@ def _regularized_attention_fwd(
             HAS_MASK, SINGLE_BLOCK, EVEN_M, EVEN_T, EVEN_HEADDIM, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_N_TAIL, BLOCK_D,
             DOT_PRECISION,
         )
+    else:
+        # Several heads of one query block per program (an autotuning candidate, not the default):
+        # fewer programs, the RoI row and keep reduction shared, and in diffusers' [B, N, H, D]
+        # memory the heads' rows of a query lie side by side, so later heads find them in cache.
+        h_end = tl.minimum(off_h + HEADS, H)
+        for h in range(off_h, h_end):
+            h64 = off_b64 * 0 + h
+            _one_head(
+                Q + off_b64 * stride_qz + h64 * stride_qh,
+                K + off_b64 * stride_kz + h64 * stride_kh,
+                V + off_b64 * stride_vz + h64 * stride_vh,
+                OUT + off_b64 * stride_oz + h64 * stride_oh,
+                keep_base, roi_eff, offs_m, h // H, N, T, scale_log2,
+                stride_qm, stride_qk, stride_kn, stride_kk, stride_vn, stride_vk, stride_om, stride_ok, stride_en,
+                HAS_MASK, SINGLE_BLOCK, EVEN_M, EVEN_T, EVEN_HEADDIM, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_N_TAIL, BLOCK_D,
+                DOT_PRECISION,
+            )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -515,7 +536,8 @@ def _tune_key(BH: int, N: int, T: int, D: int, dtype: torch.dtype, capture: bool
 
 
 def _candidates(T: int, D: int, heuristic: dict) -> list[dict]:
-    """Block shapes worth timing for fp16/bf16 without capture (about 10 per key)."""
+    """Block shapes worth timing for fp16/bf16 without capture (about 10 per key, each also with 2 and
+    4 heads per program: ~30 launches of ~25 ms of timing each, once per key)."""
     BLOCK_D = max(16, _next_pow2(D))
     T2 = max(16, _next_pow2(T))
     out = [heuristic]
@@ -528,7 +550,9 @@ def _candidates(T: int, D: int, heuristic: dict) -> list[dict]:
                 cfg = dict(BLOCK_M=m, BLOCK_N=bn, BLOCK_D=BLOCK_D, num_warps=w, num_stages=1 if bn >= T else 2)
                 if cfg not in out:
                     out.append(cfg)
-    return out
+    # Several heads per program (issue 12's "all heads of a query tile in one program"; unmeasured on a
+    # GPU when written, 2026-12-02, so only a candidate): each shape above with 2 and 4 heads.
+    return out + [dict(c, HEADS=h) for h in (2, 4) for c in out]
 
 
 def _tuned_config(BH: int, N: int, T: int, D: int, dtype: torch.dtype, capture: bool, heuristic: dict, launch) -> dict:
@@ -579,6 +603,7 @@ def regularized_attention_launch(
     probs_out: torch.Tensor | None = None,
     block_m: int | None = None,
     block_n: int | None = None,
+    heads_per_program: int | None = None,
     check_capture_values: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Run the kernel directly (no custom-op dispatch). Same semantics as the reference.
@@ -587,6 +612,7 @@ def regularized_attention_launch(
         out: [B, H, N, D] output buffer in q's dtype (any strides) to write instead of allocating.
         probs_out: [S, N, T] fp32 buffer for the captured maps.
         block_m, block_n: override the heuristic block sizes (powers of two >= 16).
+        heads_per_program: heads of one query block per program (>= 1; ignored with capture).
         check_capture_values: validate capture indices when they live on the CPU (free there);
             device-resident indices are never checked on the host (no sync): a bad one gives NaN rows.
     """
@@ -634,7 +660,8 @@ def regularized_attention_launch(
 
     def launch(cfg: dict) -> None:
         BLOCK_M, BLOCK_N, BLOCK_D = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"]
-        grid = (triton.cdiv(N, BLOCK_M), B * H)
+        heads = 1 if capture_on else cfg.get("HEADS", 1)
+        grid = (triton.cdiv(N, BLOCK_M), B * triton.cdiv(H, heads))
         _regularized_attention_fwd[grid](
             q, k, v, out, roi_t, keep_t, capture_t, probs_t,
             scale * _LOG2E,
@@ -656,12 +683,17 @@ def regularized_attention_launch(
             BLOCK_N_TAIL=min(BLOCK_N, max(16, _next_pow2(T % BLOCK_N))),
             BLOCK_D=BLOCK_D,
             DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            HEADS=heads,
             num_warps=cfg["num_warps"],
             num_stages=cfg["num_stages"],
         )
 
     cfg = _pick_config(N, T, D, capture_on, q.dtype, block_m, block_n)
-    if block_m is None and block_n is None:
+    if heads_per_program is not None:
+        if int(heads_per_program) < 1:
+            raise ValueError(f"regularized_attention: heads_per_program must be >= 1, got {heads_per_program}")
+        cfg["HEADS"] = int(heads_per_program)
+    if block_m is None and block_n is None and heads_per_program is None:
         cfg = _tuned_config(B * H, N, T, D, q.dtype, capture_on, cfg, launch)
     launch(cfg)
     return out, probs

@@ -261,13 +261,36 @@ def test_every_autotune_candidate_is_correct(D):
     from lime_fast.kernels.regularized_attention import _candidates, _pick_config
 
     N, T = 37, 77
-    q, k, v = make_qkv(2, 1, N, T, D, torch.float16)
+    q, k, v = make_qkv(2, 3, N, T, D, torch.float16)
     roi, keep = make_masks(N, T, ["random", "keep_last"])
     cands = _candidates(T, D, _pick_config(N, T, D, False, torch.float16))
     assert len(cands) >= 4 and {c["BLOCK_N"] for c in cands} >= {32, 64, 128}
+    assert {c.get("HEADS", 1) for c in cands} == {1, 2, 4}
     for cfg in cands:
-        out, _ = run(q, k, v, roi, keep, block_m=cfg["BLOCK_M"], block_n=cfg["BLOCK_N"])
+        out, _ = run(q, k, v, roi, keep, block_m=cfg["BLOCK_M"], block_n=cfg["BLOCK_N"],
+                     heads_per_program=cfg.get("HEADS", 1))
         check_out(out, q, k, v, roi, keep)
+
+
+@pytest.mark.parametrize("heads", [1, 2, 3, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_several_heads_per_program(heads, dtype):
+    """Heads grouped per program, including groups that do not divide H (5 heads in groups of 2 or 3)
+    and a group larger than H, in diffusers' transposed [B, N, H, D] memory, with and without the
+    penalty; capture ignores the grouping."""
+    N, T, D, H = 37, 77, 40, 5
+    q, k, v = make_qkv(2, H, N, T, D, dtype, layout="diffusers")
+    roi, keep = make_masks(N, T, ["random", "keep_last"])
+    out, _ = run(q, k, v, roi, keep, heads_per_program=heads)
+    check_out(out, q, k, v, roi, keep)
+    out, _ = run(q, k, v, heads_per_program=heads)
+    check_out(out, q, k, v, None, None)
+    capture = torch.tensor([1])
+    out, probs = run(q, k, v, roi, keep, capture=capture, heads_per_program=heads)
+    check_out(out, q, k, v, roi, keep)
+    check_probs(probs, q, k, v, roi, keep, None, capture)
+    with pytest.raises(ValueError, match="heads_per_program"):
+        run(q, k, v, heads_per_program=0)
 
 
 def test_autotuner_picks_the_fastest_and_caches(monkeypatch):
