@@ -125,7 +125,7 @@ def _parser() -> argparse.ArgumentParser:
 
     add_eval_parser(sub)
 
-    d = sub.add_parser("demo", help="a real edit, offline, with the small shapes model that ships with lime_fast")
+    d = sub.add_parser("demo", help="a real edit, offline, with the small shapes model that ships with lime_fast (lime_fast beside plain InstructPix2Pix)")
     d.add_argument("--out", default="lime_fast_demo", help="folder for the pictures (default ./lime_fast_demo)")
     d.add_argument("--force", action="store_true", help="overwrite existing pictures")
     d.add_argument("--quiet", action="store_true")
