@@ -78,6 +78,55 @@ def unedited_l1_inside(ev) -> float:
                           for s in ev.dataset.sessions for t in s.turns]))
 
 
+def block_spread(ev, size: int = 16) -> list[dict]:
+    """Per-block means over consecutive blocks of ``size`` held-out edits (seed order; a last partial
+    block is left out), so a table can show how much a mean moves between subsets of the benchmark.
+
+    One dict per quantity: ``name``, ``mean`` (over every edit), ``lo`` / ``hi`` (the lowest and highest
+    block mean), ``below0`` (blocks whose mean is < 0) and ``blocks``. Quantities: the automatic RoI's
+    IoU, and lime_fast (``lime``, ``lime-mask``) minus plain sampling at the same guidance (``ip2p``) and
+    at 7.5, L1 inside and outside the region (negative: lime_fast is closer to the target).
+    """
+    rows = {}
+    for s in ev.samples:
+        if s["setting"] == "single" and s["status"] == "done":
+            rows.setdefault(s["method"], {})[s["id"]] = s
+    ids = sorted(rows["lime"], key=lambda i: [int(x) for x in i.split("_")])
+    n = len(ids) // size * size
+    if n == 0:
+        raise ValueError(f"fewer than {size} scored edits: no block")
+
+    def values(name):
+        if name == "iou":
+            return np.array([rows["lime"][i]["roi_iou"] for i in ids[:n]])
+        method, base, key = name.split(" ")
+        return np.array([rows[method][i][key] - rows[base][i][key] for i in ids[:n]])
+
+    names = ["iou"] + [f"{m} {b} {k}" for m in ("lime", "lime-mask") for b in ("ip2p", "ip2p:text_guidance=7.5")
+                       for k in ("l1_in", "l1_out")]
+    out = []
+    for name in names:
+        if name != "iou" and not all(m in rows for m in name.split(" ")[:2]):
+            continue
+        v = values(name)
+        blocks = v.reshape(-1, size).mean(1)
+        out.append(dict(name=name, mean=float(v.mean()), lo=float(blocks.min()), hi=float(blocks.max()),
+                        below0=int((blocks < 0).sum()), blocks=len(blocks)))
+    return out
+
+
+def spread_markdown(spread: list[dict], size: int = 16) -> str:
+    lines = [f"Per block of {size} edits ({spread[0]['blocks']} blocks; differences are lime_fast minus plain sampling, "
+             "L1, negative = closer to the target):", "",
+             "| quantity | mean | lowest block | highest block | blocks below 0 |", "|---|---|---|---|---|"]
+    for r in spread:
+        label = "RoI IoU (automatic)" if r["name"] == "iou" else r["name"].replace(" ", " - ", 1).replace(" l1_", ", L1 ")
+        below = "" if r["name"] == "iou" else f"{r['below0']} / {r['blocks']}"
+        f = ".3f" if r["name"] == "iou" else "+.4f"
+        lines.append(f"| {label} | {r['mean']:{f}} | {r['lo']:{f}} | {r['hi']:{f}} | {below} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None, help="diffusers folder (default: the shipped shapes model)")
@@ -99,6 +148,8 @@ def main(argv=None) -> int:
     paths = report.write(ev, grid_rows=4 if args.grid else 0)
     print(report.markdown(ev))
     print(f"(the unedited input: L1 inside the region {unedited_l1_inside(ev):.4f})")
+    if args.n >= 16:
+        print("\n" + spread_markdown(block_spread(ev)))
     print(f"\n({time.perf_counter() - t0:.0f} s on {engine.device}; model {model}; config {SHAPES_CONFIG}; "
           f"batches of {args.batch})")
     print("reports: " + ", ".join(str(p) for p in paths.values()))

@@ -16,6 +16,10 @@ cross-attention into the true edit region, and ``--pad-drop P`` hides the paddin
 cross-attention of a share P of the samples. Without them LIME's automatic RoI barely overlaps the
 region (IoU 0.07 over 200 held-out edits; 0.29 after the fine-tune).
 
+Continuing (how the shipped model's third run was made): ``--init DIR --vae-decoder-only`` fine-tunes
+only the VAE's decoder (the encoder, latents and scaling_factor stay those the UNet learned), and
+``--first-batch N`` starts the data after the batches an earlier run drew.
+
 With ``--minutes`` the step counts are fixed after a short timing probe and written to the model card,
 together with the exact command (``--vae-steps``/``--unet-steps``) that reproduces the weights.
 Outputs in ``--out``: the diffusers folder (safetensors), ``loss.png``, ``loss.json``, ``README.md``.
@@ -26,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import shlex
 import sys
 import time
@@ -73,6 +78,12 @@ def parse_args(argv=None):
     p.add_argument("--init", default=None,
                    help="start from this saved pipeline (its VAE, UNet and text encoder) instead of from scratch; "
                         "use with --vae-steps 0 to keep its VAE")
+    p.add_argument("--vae-decoder-only", action="store_true",
+                   help="with --init: stage 1 trains only the VAE's decoder, so the encoder, the latents and the "
+                        "scaling_factor stay those the starting UNet was trained on")
+    p.add_argument("--first-batch", type=int, default=0,
+                   help="start each stage's data at this batch (with --init: continue on samples the starting "
+                        "run never drew)")
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--dtype", choices=("float32", "float16"), default="float16", help="dtype of the saved weights")
@@ -96,6 +107,8 @@ def parse_args(argv=None):
     a = p.parse_args(argv)
     if a.ckpt_minutes and not a.compact:
         p.error("--ckpt-minutes needs --compact")
+    if a.vae_decoder_only and not a.init:
+        p.error("--vae-decoder-only needs --init (a trained encoder to keep)")
     if a.smoke:
         a.width, a.text_width, a.text_layers, a.vae_width, a.batch = 16, 32, 1, 16, 4
         a.vae_steps = 3 if a.vae_steps is None else a.vae_steps
@@ -249,23 +262,32 @@ class Curve(list):
 
 
 # --- stage 1: VAE ----------------------------------------------------------------------------------
-def vae_loss(vae, x, gen):
-    post = vae.encode(x).latent_dist
+def vae_loss(vae, x, gen, decoder_only: bool = False):
+    with torch.set_grad_enabled(torch.is_grad_enabled() and not decoder_only):
+        post = vae.encode(x).latent_dist
     z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen, device=x.device)
     rec = vae.decode(z).sample.float()
     kl = 0.5 * (post.mean.float().pow(2) + post.var.float() - 1.0 - post.logvar.float()).mean()
+    if decoder_only:  # the posterior is fixed: the KL term has no gradient left
+        kl = kl.detach()
     rec_loss = F.l1_loss(rec, x) + F.mse_loss(rec, x)
     return rec_loss + 1e-6 * kl, rec_loss
 
 
+def decoder_params(vae) -> list:
+    """The parameters after the latent: the decoder and, where the config has one, post_quant_conv."""
+    return [p for m in (vae.decoder, getattr(vae, "post_quant_conv", None)) if m is not None for p in m.parameters()]
+
+
 def train_vae(a, vae, budget_s, log, device=torch.device("cpu"), amp=False):
-    opt = torch.optim.AdamW(vae.parameters(), lr=a.vae_lr, weight_decay=0.0)
+    params = decoder_params(vae) if a.vae_decoder_only else list(vae.parameters())
+    opt = torch.optim.AdamW(params, lr=a.vae_lr, weight_decay=0.0)
     gen = torch.Generator(device).manual_seed(a.seed + 1)
     total = a.vae_steps
     start = time.time()
     curve, step, probe = Curve(), 0, max(3, min(10, a.warmup, 50))  # probe steps lie in the warmup: lr independent of total
     vae.train()
-    data = batches(a, Batches(0, a.batch), device) if total != 0 else iter(())
+    data = batches(a, Batches(a.first_batch * a.batch, a.batch), device) if total != 0 else iter(())
     while total is None or step < total:
         if total is None and step == probe:  # fix the step count from the measured speed
             curve.flush()  # waits for the device: the probe's time is real
@@ -277,10 +299,10 @@ def train_vae(a, vae, budget_s, log, device=torch.device("cpu"), amp=False):
         b = next(data)
         x = torch.cat([b["source"][: a.batch // 2], b["target"][a.batch // 2 :]])  # both halves of the data
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            loss, rec = vae_loss(vae, x, gen)
+            loss, rec = vae_loss(vae, x, gen, a.vae_decoder_only)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         curve.add(rec)
         if step % a.log_every == 0 or step == (total or 0) - 1:
@@ -386,7 +408,7 @@ def train_unet(a, vae, unet, text_encoder, tokenizer, budget_s, log, device=torc
     curve, step, probe = Curve(), 0, max(3, min(10, a.warmup))
     unet.train()
     text_encoder.train()
-    data = batches(a, Batches(SEED_STRIDE, a.batch, tokenizer, content=grounding), device) if total != 0 else iter(())
+    data = batches(a, Batches(SEED_STRIDE + a.first_batch * a.batch, a.batch, tokenizer, content=grounding), device) if total != 0 else iter(())
     while total is None or step < total:
         if total is None and step == probe:
             curve.flush()  # waits for the device: the probe's time is real
@@ -534,8 +556,14 @@ def write_card(out: Path, info: dict):
     cmd = info["command"]
     if info.get("init"):  # the chain: the starting checkpoint's own command(s) first
         before = _reproduce_block(Path(info["init"]))
-        cmd = (f"# 1. the starting checkpoint ({info['init']}), as its model card states\n{before}\n"
-               f"# 2. this model\n{cmd}") if before else cmd
+        if before.startswith("# 1."):  # already a chain: its last model is this run's starting checkpoint
+            k = len(re.findall(r"^# \d+\.", before, flags=re.M))
+            head = before.rfind("\n# ")
+            last = re.sub(r"--out \S+", f"--out {shlex.quote(str(info['init']))}", before[head:])
+            before = before[:head] + last.replace(". this model\n", f". the starting checkpoint ({info['init']})\n", 1)
+            cmd = f"{before}\n# {k + 1}. this model\n{cmd}"
+        elif before:
+            cmd = f"# 1. the starting checkpoint ({info['init']}), as its model card states\n{before}\n# 2. this model\n{cmd}"
     grounding = ""
     if info["attn_loss"] > 0 or info["pad_drop"] > 0:
         grounding = f"""
@@ -547,17 +575,20 @@ def write_card(out: Path, info: dict):
   the words, not the padding, carry the instruction."""
     partial = (f"\n- **a checkpoint written at step {info['partial']} of the {info['unet_steps']}-step schedule** (the run "
                "was cut off before its end; the reproduce command runs the whole schedule)") if info.get("partial") else ""
-    start = f"\n- stage 2 started from `{info['init']}`" + (" (its VAE kept)" if info["vae_steps"] == 0 else "") if info.get("init") else ""
+    kept = " (its VAE kept)" if info["vae_steps"] == 0 else " (its VAE encoder kept)" if info.get("vae_decoder_only") else ""
+    start = f"\n- stage 2 started from `{info['init']}`{kept}" if info.get("init") else ""
+    runs = cmd.count("python scripts/train_shapes.py")
+    first = info.get("first_batch", 0) * info["batch"]
     text = f"""# shapes-ip2p: a small InstructPix2Pix-layout model trained on synthetic shapes
 
-Trained {"in two runs" if info.get("init") else "from scratch"} {"on the CPU" if "threads" in info["machine"] else "on a GPU"} by `scripts/train_shapes.py` on `lime_fast.testing.shapes` data, so that
+Trained {f"in {runs} runs" if runs > 1 else "from scratch"} {"on the CPU" if "threads" in info["machine"] else "on a GPU"} by `scripts/train_shapes.py` on `lime_fast.testing.shapes` data, so that
 lime_fast's edit quality can be checked offline. Not a general image editor.
 
 ## Data
 `lime_fast.testing.shapes.make_sample(seed, size={SIZE})`: {SIZE}x{SIZE} images of 2-4 flat-coloured shapes (circle,
 square, triangle, star, diamond) on plain or textured backgrounds; edits recolour one object, recolour all
 objects of one shape, or change the background, phrased in many ways. Fresh samples every step:
-{f"VAE stage seeds 0..{info['vae_steps'] * info['batch'] - 1}, " if info['vae_steps'] else ""}UNet stage seeds {SEED_STRIDE}..{SEED_STRIDE + info['unet_steps'] * info['batch'] - 1}.
+{f"VAE stage seeds {first}..{first + info['vae_steps'] * info['batch'] - 1}, " if info['vae_steps'] else ""}UNet stage seeds {SEED_STRIDE + first}..{SEED_STRIDE + first + info['unet_steps'] * info['batch'] - 1}.
 
 ## Model
 | component | parameters | notes |
@@ -571,7 +602,7 @@ scaled_linear 0.00085..0.012, 1000 steps. Weights saved as {info['dtype']} safet
 
 ## Training
 - seed {info['seed']}, batch {info['batch']}, AdamW, threads {info['threads']}
-- {f"stage 1 (VAE, L1 + L2 + 1e-6 KL, lr {info['vae_lr']}): {info['vae_steps']} steps, {info['vae_seconds']:.0f} s, final reconstruction loss {info['vae_final']:.4f}" if info['vae_steps'] else "stage 1 (VAE): none, the starting checkpoint's VAE is kept"}
+- {f"stage 1 (VAE{' decoder only, the encoder kept' if info.get('vae_decoder_only') else ''}, L1 + L2 + 1e-6 KL, lr {info['vae_lr']}): {info['vae_steps']} steps, {info['vae_seconds']:.0f} s, final reconstruction loss {info['vae_final']:.4f}" if info['vae_steps'] else "stage 1 (VAE): none, the starting checkpoint's VAE is kept"}
 - stage 2 (UNet + text encoder, {info['prediction']} MSE, lr {info['lr']} warmup {info['warmup']} + cosine to 10%, EMA {info['ema']},
   conditioning dropout {info['dropout']} text / {info['dropout']} both / {info['dropout']} image): {info['unet_steps']} steps,
   {info['unet_seconds']:.0f} s, final loss {info['unet_final']:.4f} (mean of the last 100 steps){start}{grounding}
@@ -689,6 +720,8 @@ def reproduce_command(a, vae_steps: int, unet_steps: int) -> str:
         f"--ema {a.ema} --dropout {a.dropout} --prediction {a.prediction} --threads {a.threads} --dtype {a.dtype}",
         f"--attn-loss {a.attn_loss} --pad-drop {a.pad_drop}",
     ]
+    if a.vae_decoder_only or a.first_batch:
+        reproduce.append(("--vae-decoder-only " if a.vae_decoder_only else "") + f"--first-batch {a.first_batch}")
     if a.init:
         reproduce.insert(3, f"--init {shlex.quote(str(a.init))}")
     device, amp = resolve_device(a)
@@ -747,7 +780,7 @@ def main(argv=None) -> Path:
     log(f"parameters: {params}; device {device}, bf16 autocast {amp}, {a.workers} data workers")
     budget = a.minutes * 60.0
     vae_curve, vae_steps, vae_s = train_vae(a, vae, budget * a.vae_frac, log, device, amp)
-    if a.init and vae_steps == 0:  # keep the loaded VAE and its measured scaling factor
+    if a.init and (vae_steps == 0 or a.vae_decoder_only):  # the loaded latents: keep their measured scaling factor
         sf = float(vae.config.scaling_factor)
     else:
         sf = measure_scaling(vae, n=64 if a.smoke else 512, device=device)

@@ -90,6 +90,18 @@ def test_automatic_roi_costs_nothing_at_the_same_guidance(ev):
         assert abs(s["lime"][key] - s["base"][key]) <= MARGIN, (key, s)
 
 
+def test_block_spread_brackets_the_means(ev):
+    """benchmarks/quality.py's per-block table: block means bracket the overall mean of each difference."""
+    s = summary(ev)
+    spread = {r["name"]: r for r in quality.block_spread(ev, size=8)}
+    assert spread["iou"]["blocks"] == N // 8 and spread["iou"]["mean"] == pytest.approx(s["lime"]["iou"])
+    for method, key in (("lime", "l1_in"), ("lime", "l1_out"), ("gt", "l1_in")):
+        r = spread[f"{NAMES[method]} ip2p {key}"]
+        assert r["mean"] == pytest.approx(s[method][key] - s["base"][key], abs=1e-9)
+        assert r["lo"] <= r["mean"] <= r["hi"] and 0 <= r["below0"] <= r["blocks"]
+    assert "| RoI IoU (automatic) |" in quality.spread_markdown(list(spread.values()), size=8)
+
+
 # LIME's mechanism, which this small model does not show (measured, not forced): at the same guidance,
 # silencing the unrelated tokens inside even the *true* region leaves the edit as it was (0.149 vs
 # 0.146 inside). Inside the region 80% of its cross-attention goes to the padding, which the causal

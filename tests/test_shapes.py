@@ -295,6 +295,36 @@ def test_smoke_fine_tune_with_grounding_from_a_checkpoint(smoke_checkpoint, tmp_
     assert json.loads((out / "vae" / "config.json").read_text())["scaling_factor"] == json.loads((base / "vae" / "config.json").read_text())["scaling_factor"]
 
 
+def test_decoder_only_continuation_keeps_the_latents_and_chains_the_card(smoke_checkpoint, tmp_path):
+    """--vae-decoder-only trains the decoder alone (encoder weights, hence latents and scaling_factor,
+    unchanged, so the UNet still fits), and a third run's card lists all three commands in order."""
+    import torch
+    from safetensors.torch import load_file
+
+    base, mid, out = smoke_checkpoint, tmp_path / "mid", tmp_path / "out"
+    proc = _train("--out", mid, "--smoke", "--init", base, "--vae-decoder-only", "--vae-steps", 3, "--unet-steps", 1,
+                  "--first-batch", 7)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    before, after = (load_file(str(d / "vae" / "diffusion_pytorch_model.safetensors")) for d in (base, mid))
+    enc = [k for k in before if k.startswith(("encoder.", "quant_conv."))]
+    dec = [k for k in before if k.startswith(("decoder.", "post_quant_conv."))]
+    assert enc and dec and len(enc) + len(dec) == len(before)
+    assert all(torch.equal(before[k], after[k]) for k in enc)
+    assert any(not torch.equal(before[k], after[k]) for k in dec)
+    config = [json.loads((d / "vae" / "config.json").read_text())["scaling_factor"] for d in (base, mid)]
+    assert config[0] == config[1]
+    proc = _train("--out", out, "--smoke", "--init", mid, "--vae-steps", 0, "--unet-steps", 1, "--first-batch", 20)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    card = (out / "README.md").read_text()
+    assert "Trained in 3 runs" in card
+    block = card[card.index("## Reproduce"):]
+    heads = [line for line in block.splitlines() if line.startswith("# ")]
+    assert heads == [f"# 1. the starting checkpoint ({base}), as its model card states",
+                     f"# 2. the starting checkpoint ({mid})", "# 3. this model"]
+    assert block.count(f"--out {mid}") == 1 and "--vae-decoder-only --first-batch 7" in block
+    assert "UNet stage seeds 1000083..1000086" in card  # batch 4 from batch 20 on: fresh samples
+
+
 def test_compact_checkpoint_assembles_into_the_same_pipeline(smoke_checkpoint, tmp_path):
     """The device path (--compact, data drawn by worker processes, then --assemble where the files come
     back) gives the same weights as writing the pipeline directly, in at most 8 files of <= 15 MiB."""
