@@ -11,7 +11,7 @@ is the same as writing the data and running the evaluation on it:
         --methods ip2p ip2p:text_guidance=7.5 lime lime-mask
 
 Data: ``lime_fast.testing.shapes.make_sample(seed, 64)`` for seeds from ``--first-seed`` (default 5,000,000;
-training drew seeds below 1,200,000, so these are held out), written in MagicBrush's test layout
+training drew seeds below 1,300,000, so these are held out), written in MagicBrush's test layout
 (``write_magicbrush``). Every sample has a source, the exact target of its instruction and the true
 edit region (its mask).
 
@@ -76,6 +76,35 @@ def unedited_l1_inside(ev) -> float:
 
     return float(np.mean([metrics.pixel_metrics(t.input, t.target, read_mask(t.mask))["l1_in"]
                           for s in ev.dataset.sessions for t in s.turns]))
+
+
+def autoencoder_floor(engine, ev, batch: int = 32) -> dict:
+    """L1 inside / outside the true region of each *target* sent through the model's VAE and back
+    (posterior mode): what no sampler can beat, since every edit is decoded by that VAE.
+
+    Returns {"all": {"l1_in", "l1_out"}, kind: {...}} (means over the samples of each kind)."""
+    import PIL.Image
+    import torch
+
+    from lime_fast.evaluate import metrics, read_mask
+
+    turns = [t for s in ev.dataset.sessions for t in s.turns]
+    kinds = [t.meta.get("kind") for t in turns]
+    rows = []
+    for i in range(0, len(turns), batch):
+        chunk = turns[i:i + batch]
+        x = torch.stack([torch.from_numpy(np.asarray(metrics.load_rgb(t.target), np.float32) / 127.5 - 1).permute(2, 0, 1)
+                         for t in chunk]).to(engine.device, engine.vae.dtype)
+        with torch.no_grad():
+            z = engine.vae.encode(x).latent_dist.mode() * engine.vae.config.scaling_factor
+        for t, img in zip(chunk, engine.decode(z)):
+            pic = PIL.Image.fromarray((img.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8))
+            rows.append(metrics.pixel_metrics(pic, t.target, read_mask(t.mask)))
+    out = {"all": {k: float(np.mean([r[k] for r in rows])) for k in ("l1_in", "l1_out")}}
+    for kind in sorted({k for k in kinds if k}):
+        sel = [r for r, k in zip(rows, kinds) if k == kind]
+        out[kind] = {k: float(np.mean([r[k] for r in sel])) for k in ("l1_in", "l1_out")}
+    return out
 
 
 def block_spread(ev, size: int = 16) -> list[dict]:
@@ -148,6 +177,9 @@ def main(argv=None) -> int:
     paths = report.write(ev, grid_rows=4 if args.grid else 0)
     print(report.markdown(ev))
     print(f"(the unedited input: L1 inside the region {unedited_l1_inside(ev):.4f})")
+    floor = autoencoder_floor(engine, ev)
+    print("(the target through the model's VAE and back, the floor for every method: L1 inside / outside "
+          + "; ".join(f"{k} {v['l1_in']:.4f} / {v['l1_out']:.4f}" for k, v in floor.items()) + ")")
     if args.n >= 16:
         print("\n" + spread_markdown(block_spread(ev)))
     print(f"\n({time.perf_counter() - t0:.0f} s on {engine.device}; model {model}; config {SHAPES_CONFIG}; "

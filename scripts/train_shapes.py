@@ -576,8 +576,13 @@ def write_card(out: Path, info: dict):
     partial = (f"\n- **a checkpoint written at step {info['partial']} of the {info['unet_steps']}-step schedule** (the run "
                "was cut off before its end; the reproduce command runs the whole schedule)") if info.get("partial") else ""
     kept = " (its VAE kept)" if info["vae_steps"] == 0 else " (its VAE encoder kept)" if info.get("vae_decoder_only") else ""
-    start = f"\n- stage 2 started from `{info['init']}`{kept}" if info.get("init") else ""
+    start = f"\n- started from `{info['init']}`{kept}" if info.get("init") else ""
     runs = cmd.count("python scripts/train_shapes.py")
+    stage2 = (f"stage 2 (UNet + text encoder, {info['prediction']} MSE, lr {info['lr']} warmup {info['warmup']} + cosine to "
+              f"10%, EMA {info['ema']},\n  conditioning dropout {info['dropout']} text / {info['dropout']} both / "
+              f"{info['dropout']} image): {info['unet_steps']} steps,\n  {info['unet_seconds']:.0f} s, final loss "
+              f"{info['unet_final']:.4f} (mean of the last 100 steps)") if info["unet_steps"] else \
+        "stage 2 (UNet + text encoder): none, the starting checkpoint's are kept"
     first = info.get("first_batch", 0) * info["batch"]
     text = f"""# shapes-ip2p: a small InstructPix2Pix-layout model trained on synthetic shapes
 
@@ -602,10 +607,8 @@ scaled_linear 0.00085..0.012, 1000 steps. Weights saved as {info['dtype']} safet
 
 ## Training
 - seed {info['seed']}, batch {info['batch']}, AdamW, threads {info['threads']}
-- {f"stage 1 (VAE{' decoder only, the encoder kept' if info.get('vae_decoder_only') else ''}, L1 + L2 + 1e-6 KL, lr {info['vae_lr']}): {info['vae_steps']} steps, {info['vae_seconds']:.0f} s, final reconstruction loss {info['vae_final']:.4f}" if info['vae_steps'] else "stage 1 (VAE): none, the starting checkpoint's VAE is kept"}
-- stage 2 (UNet + text encoder, {info['prediction']} MSE, lr {info['lr']} warmup {info['warmup']} + cosine to 10%, EMA {info['ema']},
-  conditioning dropout {info['dropout']} text / {info['dropout']} both / {info['dropout']} image): {info['unet_steps']} steps,
-  {info['unet_seconds']:.0f} s, final loss {info['unet_final']:.4f} (mean of the last 100 steps){start}{grounding}
+- {f"stage 1 (VAE{' decoder only, the encoder kept, L1 + L2' if info.get('vae_decoder_only') else ', L1 + L2 + 1e-6 KL'}, lr {info['vae_lr']}): {info['vae_steps']} steps, {info['vae_seconds']:.0f} s, final reconstruction loss {info['vae_final']:.4f}" if info['vae_steps'] else "stage 1 (VAE): none, the starting checkpoint's VAE is kept"}
+- {stage2}{start}{grounding if info['unet_steps'] else ""}
 - total time {info['total_seconds'] / 60:.1f} min on: {info['machine']}{partial}
 - VAE reconstruction PSNR (posterior mean, held-out seeds 5,000,000+): {info.get('vae_psnr', float('nan')):.2f} dB
 
@@ -699,7 +702,7 @@ def write_pipeline(a, out: Path, vae, unet, text_encoder, tokenizer, curves: dic
     out.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(out, safe_serialization=True)
     (out / "loss.json").write_text(json.dumps(curves))
-    panels = {f"stage 2: UNet {info['prediction']} MSE": curves["unet_eps"]}
+    panels = {f"stage 2: UNet {info['prediction']} MSE": curves["unet_eps"]} if curves["unet_eps"] else {}
     if curves["vae_rec"]:
         panels = {"stage 1: VAE reconstruction loss (L1 + L2)": curves["vae_rec"], **panels}
     if curves["grounding"]:

@@ -302,7 +302,7 @@ def test_decoder_only_continuation_keeps_the_latents_and_chains_the_card(smoke_c
     from safetensors.torch import load_file
 
     base, mid, out = smoke_checkpoint, tmp_path / "mid", tmp_path / "out"
-    proc = _train("--out", mid, "--smoke", "--init", base, "--vae-decoder-only", "--vae-steps", 3, "--unet-steps", 1,
+    proc = _train("--out", mid, "--smoke", "--init", base, "--vae-decoder-only", "--vae-steps", 3, "--unet-steps", 0,
                   "--first-batch", 7)
     assert proc.returncode == 0, proc.stderr[-3000:]
     before, after = (load_file(str(d / "vae" / "diffusion_pytorch_model.safetensors")) for d in (base, mid))
@@ -313,6 +313,9 @@ def test_decoder_only_continuation_keeps_the_latents_and_chains_the_card(smoke_c
     assert any(not torch.equal(before[k], after[k]) for k in dec)
     config = [json.loads((d / "vae" / "config.json").read_text())["scaling_factor"] for d in (base, mid)]
     assert config[0] == config[1]
+    unets = [load_file(str(d / "unet" / "diffusion_pytorch_model.safetensors")) for d in (base, mid)]
+    assert all(torch.equal(unets[0][k], unets[1][k]) for k in unets[0])  # --unet-steps 0: kept as loaded
+    assert "stage 2 (UNet + text encoder): none" in (mid / "README.md").read_text()
     proc = _train("--out", out, "--smoke", "--init", mid, "--vae-steps", 0, "--unet-steps", 1, "--first-batch", 20)
     assert proc.returncode == 0, proc.stderr[-3000:]
     card = (out / "README.md").read_text()
