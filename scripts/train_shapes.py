@@ -593,7 +593,7 @@ lime_fast's edit quality can be checked offline. Not a general image editor.
 `lime_fast.testing.shapes.make_sample(seed, size={SIZE})`: {SIZE}x{SIZE} images of 2-4 flat-coloured shapes (circle,
 square, triangle, star, diamond) on plain or textured backgrounds; edits recolour one object, recolour all
 objects of one shape, or change the background, phrased in many ways. Fresh samples every step:
-{f"VAE stage seeds {first}..{first + info['vae_steps'] * info['batch'] - 1}, " if info['vae_steps'] else ""}UNet stage seeds {SEED_STRIDE + first}..{SEED_STRIDE + first + info['unet_steps'] * info['batch'] - 1}.
+{f"VAE stage seeds {first}..{first + info['vae_steps'] * info['batch'] - 1}, " if info['vae_steps'] else ""}{f"UNet stage seeds {SEED_STRIDE + first}..{SEED_STRIDE + first + info['unet_steps'] * info['batch'] - 1}" if info['unet_steps'] else "no UNet stage"}.
 
 ## Model
 | component | parameters | notes |

@@ -316,6 +316,7 @@ def test_decoder_only_continuation_keeps_the_latents_and_chains_the_card(smoke_c
     unets = [load_file(str(d / "unet" / "diffusion_pytorch_model.safetensors")) for d in (base, mid)]
     assert all(torch.equal(unets[0][k], unets[1][k]) for k in unets[0])  # --unet-steps 0: kept as loaded
     assert "stage 2 (UNet + text encoder): none" in (mid / "README.md").read_text()
+    assert "VAE stage seeds 28..39, no UNet stage." in (mid / "README.md").read_text()  # batch 4 from batch 7 on
     proc = _train("--out", out, "--smoke", "--init", mid, "--vae-steps", 0, "--unet-steps", 1, "--first-batch", 20)
     assert proc.returncode == 0, proc.stderr[-3000:]
     card = (out / "README.md").read_text()
