@@ -62,18 +62,15 @@ def role_index(tokenizer, instruction: str) -> np.ndarray:
 def shares(model, n: int = 32, timesteps=(300, 700), levels=(0, 1), first_seed: int = FIRST_SEED,
            batch: int = 16) -> dict:
     """Mean share of the true region's cross-attention per token role -> {role: share} (sums to 1)."""
-    from diffusers import DDPMScheduler
     from lime_fast.clip_bpe import clip_tokenizer
     from lime_fast.testing.shapes import make_batch
-    from train_shapes import SIZE, GroundingAttn, load_models
+    from train_shapes import SIZE, install_grounding, load_models, training_alphas_cumprod
 
     vae, unet, text_encoder = load_models(model)
     tok = clip_tokenizer()
     state = {"maps": []}
-    procs = dict(unet.attn_processors)
-    unet.set_attn_processor({k: GroundingAttn(state) if k.endswith("attn2.processor") else v for k, v in procs.items()})
-    acp = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                        beta_schedule="scaled_linear").alphas_cumprod
+    install_grounding(unet, state)
+    acp = training_alphas_cumprod()
     sf = vae.config.scaling_factor
     gen = torch.Generator().manual_seed(0)
     total, count = np.zeros(len(ROLES)), 0

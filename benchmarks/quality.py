@@ -93,8 +93,7 @@ def autoencoder_floor(engine, ev, batch: int = 32) -> dict:
     rows = []
     for i in range(0, len(turns), batch):
         chunk = turns[i:i + batch]
-        x = torch.stack([torch.from_numpy(np.asarray(metrics.load_rgb(t.target), np.float32) / 127.5 - 1).permute(2, 0, 1)
-                         for t in chunk]).to(engine.device, engine.vae.dtype)
+        x = engine.preprocess([metrics.load_rgb(t.target) for t in chunk]).to(engine.vae.dtype)
         with torch.no_grad():
             z = engine.vae.encode(x).latent_dist.mode() * engine.vae.config.scaling_factor
         for t, img in zip(chunk, engine.decode(z)):

@@ -383,14 +383,26 @@ def grounding_loss(maps, mask, content) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack(losses).mean(), torch.stack(masses).mean().detach()
 
 
+def training_alphas_cumprod() -> torch.Tensor:
+    """[1000] cumulative alphas of the training noise (DDPM, scaled_linear 0.00085..0.012, SD's schedule)."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                         beta_schedule="scaled_linear").alphas_cumprod
+
+
+def install_grounding(unet, state: dict) -> None:
+    """Put a ``GroundingAttn(state)`` on every cross-attention (attn2) module, the other processors as they are."""
+    procs = dict(unet.attn_processors)
+    unet.set_attn_processor({k: GroundingAttn(state) if k.endswith("attn2.processor") else v for k, v in procs.items()})
+
+
 def train_unet(a, vae, unet, text_encoder, tokenizer, budget_s, log, device=torch.device("cpu"), amp=False, checkpoint=None):
     """Stage 2. ``checkpoint(step, total, weights, (mse, grounding, mass curves))``, if given, is called every
     ``--ckpt-minutes`` with the EMA weights (the parameters' order)."""
-    from diffusers import DDPMScheduler
     from diffusers.models.attention_processor import AttnProcessor2_0
 
-    noise_sched = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
-    acp = noise_sched.alphas_cumprod.to(device)
+    acp = training_alphas_cumprod().to(device)
     sf = vae.config.scaling_factor
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=1e-2)
@@ -400,8 +412,7 @@ def train_unet(a, vae, unet, text_encoder, tokenizer, budget_s, log, device=torc
     state = {"maps": []}
     grounding = a.attn_loss > 0 or a.pad_drop > 0
     if grounding:
-        procs = dict(unet.attn_processors)
-        unet.set_attn_processor({k: GroundingAttn(state) if k.endswith("attn2.processor") else v for k, v in procs.items()})
+        install_grounding(unet, state)
     attn_curve, mass_curve = Curve(), Curve()
     total = a.unet_steps
     start = last_ckpt = time.time()
