@@ -20,6 +20,9 @@ Continuing (how the shipped model's third run was made): ``--init DIR --vae-deco
 only the VAE's decoder (the encoder, latents and scaling_factor stay those the UNet learned), and
 ``--first-batch N`` starts the data after the batches an earlier run drew.
 
+BOS sink (tried, not shipped: benchmarks/RESULTS.md): ``--sink W --sink-share S`` pushes every pixel's
+cross-attention on BOS up to at least S, as in Stable Diffusion, where BOS is the no-op LIME silences.
+
 With ``--minutes`` the step counts are fixed after a short timing probe and written to the model card,
 together with the exact command (``--vae-steps``/``--unet-steps``) that reproduces the weights.
 Outputs in ``--out``: the diffusers folder (safetensors), ``loss.png``, ``loss.json``, ``README.md``.
@@ -75,6 +78,10 @@ def parse_args(argv=None):
                    help="weight of the grounding loss on the content words' cross-attention (0: off; see grounding_loss)")
     p.add_argument("--pad-drop", type=float, default=0.0,
                    help="share of captioned samples whose cross-attention cannot see the padding after EOS")
+    p.add_argument("--sink", type=float, default=0.0,
+                   help="weight of the BOS-sink loss (0: off; see sink_loss): teaches the UNet to park attention on BOS")
+    p.add_argument("--sink-share", type=float, default=0.7,
+                   help="the BOS share of each pixel's cross-attention below which sink_loss penalises")
     p.add_argument("--init", default=None,
                    help="start from this saved pipeline (its VAE, UNet and text encoder) instead of from scratch; "
                         "use with --vae-steps 0 to keep its VAE")
@@ -383,6 +390,23 @@ def grounding_loss(maps, mask, content) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack(losses).mean(), torch.stack(masses).mean().detach()
 
 
+def sink_loss(maps, share: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """How far each pixel's cross-attention on BOS falls short of ``share``.
+
+    maps: per cross-attention layer, head-averaged probabilities [B, N_l, T] (BOS at position 0). The loss
+    is the mean over layers and pixels of relu(share - p_BOS)^2. BOS comes out of CLIP's causal text
+    encoder the same for every instruction, so a large BOS share is a no-op the UNet can fall back on, as
+    Stable Diffusion's does (about 0.9 of its attention); LIME silences BOS inside the RoI, which
+    then hands that share to the instruction's words. Returns (loss, mean p_BOS).
+    """
+    losses, shares = [], []
+    for a in maps:
+        bos = a[..., 0]
+        losses.append(F.relu(share - bos).pow(2).mean())
+        shares.append(bos.mean())
+    return torch.stack(losses).mean(), torch.stack(shares).mean().detach()
+
+
 def training_alphas_cumprod() -> torch.Tensor:
     """[1000] cumulative alphas of the training noise (DDPM, scaled_linear 0.00085..0.012, SD's schedule)."""
     from diffusers import DDPMScheduler
@@ -410,15 +434,20 @@ def train_unet(a, vae, unet, text_encoder, tokenizer, budget_s, log, device=torc
     gen = torch.Generator(device).manual_seed(a.seed + 2)
     empty_ids = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt").input_ids.to(device)
     state = {"maps": []}
-    grounding = a.attn_loss > 0 or a.pad_drop > 0
+    grounding = a.attn_loss > 0 or a.pad_drop > 0 or a.sink > 0
     if grounding:
         install_grounding(unet, state)
-    attn_curve, mass_curve = Curve(), Curve()
+    attn_curve, mass_curve, bos_curve = Curve(), Curve(), Curve()
     total = a.unet_steps
     start = last_ckpt = time.time()
     curve, step, probe = Curve(), 0, max(3, min(10, a.warmup))
     unet.train()
     text_encoder.train()
+
+    def stage2_curves():
+        return {"unet_eps": list(curve.flush()), "grounding": list(attn_curve.flush()), "mass_in": list(mass_curve.flush()),
+                "bos_share": list(bos_curve.flush())}
+
     data = batches(a, Batches(SEED_STRIDE + a.first_batch * a.batch, a.batch, tokenizer, content=grounding), device) if total != 0 else iter(())
     while total is None or step < total:
         if total is None and step == probe:
@@ -464,12 +493,17 @@ def train_unet(a, vae, unet, text_encoder, tokenizer, budget_s, log, device=torc
         mse = F.mse_loss(pred.float(), target)
         loss = mse
         if grounding:
-            g_loss, mass = grounding_loss([m.float() for m in state["maps"]], b["mask"], content)
+            maps = [m.float() for m in state["maps"]]
             state["maps"].clear()
+            g_loss, mass = grounding_loss(maps, b["mask"], content)
+            s_loss, bos = sink_loss(maps, a.sink_share)
             attn_curve.add(g_loss)
             mass_curve.add(mass)
+            bos_curve.add(bos)
             if a.attn_loss > 0:
                 loss = loss + a.attn_loss * g_loss
+            if a.sink > 0:
+                loss = loss + a.sink * s_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -480,11 +514,12 @@ def train_unet(a, vae, unet, text_encoder, tokenizer, budget_s, log, device=torc
                 torch._foreach_lerp_(ema, [q.detach() for q in params], 1 - d)
         curve.add(mse)
         if step % a.log_every == 0 or step == (total or 0) - 1:
-            extra = f" grounding {attn_curve.recent(a.log_every):.4f} mass in {mass_curve.recent(a.log_every):.3f}" if grounding else ""
+            extra = (f" grounding {attn_curve.recent(a.log_every):.4f} mass in {mass_curve.recent(a.log_every):.3f}"
+                     f" BOS {bos_curve.recent(a.log_every):.3f}") if grounding else ""
             log(f"[unet] step {step:5d} loss {curve.recent(a.log_every):.4f}{extra} lr {opt.param_groups[0]['lr']:.2e}  {time.time() - start:7.1f}s")
         step += 1
         if checkpoint is not None and a.ckpt_minutes > 0 and time.time() - last_ckpt > 60 * a.ckpt_minutes:
-            checkpoint(step, total, ema if ema is not None else params, (curve.flush(), attn_curve.flush(), mass_curve.flush()))
+            checkpoint(step, total, ema if ema is not None else params, stage2_curves())
             last_ckpt = time.time()
     if ema is not None:
         with torch.no_grad():
@@ -494,7 +529,7 @@ def train_unet(a, vae, unet, text_encoder, tokenizer, budget_s, log, device=torc
         unet.set_attn_processor(AttnProcessor2_0())
     unet.eval()
     text_encoder.eval()
-    return list(curve.flush()), list(attn_curve.flush()), list(mass_curve.flush()), step, time.time() - start
+    return stage2_curves(), step, time.time() - start
 
 
 # --- outputs --------------------------------------------------------------------------------------
@@ -584,6 +619,12 @@ def write_card(out: Path, info: dict):
   final {info['grounding_final']:.4f}, mass inside {info['mass_final']:.3f} (last 100 steps). Padding
   after EOS hidden from the cross-attention of {info['pad_drop']:.0%} of the captioned samples, so
   the words, not the padding, carry the instruction."""
+    if info.get("sink", 0) > 0:
+        grounding += f"""
+- BOS sink: weight {info['sink']} on the mean over cross-attention layers and pixels of
+  relu({info['sink_share']} - p_BOS)^2 (`sink_loss`), so that BOS, the same for every instruction, is a
+  no-op the UNet parks attention on, as Stable Diffusion's does; BOS share at the end {info['bos_final']:.3f}
+  (last 100 steps, all pixels, layers and heads)."""
     partial = (f"\n- **a checkpoint written at step {info['partial']} of the {info['unet_steps']}-step schedule** (the run "
                "was cut off before its end; the reproduce command runs the whole schedule)") if info.get("partial") else ""
     kept = " (its VAE kept)" if info["vae_steps"] == 0 else " (its VAE encoder kept)" if info.get("vae_decoder_only") else ""
@@ -718,6 +759,8 @@ def write_pipeline(a, out: Path, vae, unet, text_encoder, tokenizer, curves: dic
         panels = {"stage 1: VAE reconstruction loss (L1 + L2)": curves["vae_rec"], **panels}
     if curves["grounding"]:
         panels["stage 2: grounding loss (content words' attention outside the edit region)"] = curves["grounding"]
+    if info.get("sink", 0) > 0 and curves.get("bos_share"):
+        panels["stage 2: BOS share of the cross-attention (all pixels, layers and heads)"] = curves["bos_share"]
     plot_losses(panels, out / "loss.png")
     write_card(out, info)
 
@@ -732,7 +775,7 @@ def reproduce_command(a, vae_steps: int, unet_steps: int) -> str:
         f"--batch {a.batch} --lr {a.lr} --vae-lr {a.vae_lr} --warmup {a.warmup}",
         f"--width {a.width} --text-width {a.text_width} --text-layers {a.text_layers} --vae-width {a.vae_width}",
         f"--ema {a.ema} --dropout {a.dropout} --prediction {a.prediction} --threads {a.threads} --dtype {a.dtype}",
-        f"--attn-loss {a.attn_loss} --pad-drop {a.pad_drop}",
+        f"--attn-loss {a.attn_loss} --pad-drop {a.pad_drop}" + (f" --sink {a.sink} --sink-share {a.sink_share}" if a.sink > 0 else ""),
     ]
     if a.vae_decoder_only or a.first_batch:
         reproduce.append(("--vae-decoder-only " if a.vae_decoder_only else "") + f"--first-batch {a.first_batch}")
@@ -818,6 +861,7 @@ def main(argv=None) -> Path:
             vae_psnr=psnr,
             grounding_final=final("grounding"),
             mass_final=final("mass_in"),
+            bos_final=final("bos_share") if "bos_share" in curves else float("nan"),
             unet_final=final("unet_eps"),
             unet_widths=tuple(unet.config.block_out_channels),
             machine=machine(a, device),
@@ -832,17 +876,17 @@ def main(argv=None) -> Path:
             over = {"unet": {}, "text_encoder": {}}
             for (m, n), w in zip(names, weights):
                 over[m][n] = w
-            curves = {"vae_rec": vae_curve, "unet_eps": stage2[0], "grounding": stage2[1], "mass_in": stage2[2]}
+            curves = {"vae_rec": vae_curve, **stage2}
             state = {"complete": False, "step": step, "curves": curves, "info": info_at(vae_steps, total, time.time() - t0 - vae_s, curves)}
             save_compact(out, {"vae": vae, "unet": (unet, over["unet"]), "text_encoder": (text_encoder, over["text_encoder"])}, state, log)
 
         checkpoint = write_checkpoint
 
-    unet_curve, attn_curve, mass_curve, unet_steps, unet_s = train_unet(
+    stage2, unet_steps, unet_s = train_unet(
         a, vae, unet, text_encoder, tokenizer, budget - (time.time() - t0), log, device, amp, checkpoint)
     psnr = vae_psnr(vae, n=32 if a.smoke else 512, device=device)
     log(f"VAE reconstruction PSNR on held-out pictures: {psnr:.2f} dB")
-    curves = {"vae_rec": vae_curve, "unet_eps": unet_curve, "grounding": attn_curve, "mass_in": mass_curve}
+    curves = {"vae_rec": vae_curve, **stage2}
     info = info_at(vae_steps, unet_steps, unet_s, curves, psnr)
     if a.compact:
         save_compact(out, {"vae": vae, "unet": unet, "text_encoder": text_encoder},

@@ -245,6 +245,22 @@ def test_grounding_loss_on_known_maps():
     assert maps.grad[1, 2:, 1].min() > maps.grad[1, :2, 1].max()
 
 
+def test_sink_loss_on_known_maps():
+    import torch
+
+    sl = _train_module().sink_loss
+    maps = torch.zeros(2, 4, 3)
+    maps[0, :, 0] = 0.9  # sample 0: BOS above the share everywhere
+    maps[1, :2, 0], maps[1, 2:, 0] = 0.5, 0.7  # sample 1: 0.2 and 0 short of 0.7
+    maps[..., 1] = 1 - maps[..., 0]
+    loss, share = sl([maps, maps], 0.7)
+    assert loss.item() == pytest.approx(2 * 0.2**2 / 8) and share.item() == pytest.approx((4 * 0.9 + 2 * 0.5 + 2 * 0.7) / 8)
+    maps = maps.clone().requires_grad_(True)
+    sl([maps], 0.7)[0].backward()
+    # only the short pixels' BOS gets a gradient, and it asks for more BOS
+    assert maps.grad[1, :2, 0].max() < 0 and maps.grad[0].abs().max() == 0 and maps.grad[1, 2:].abs().max() == 0
+
+
 def test_grounding_processor_is_plain_attention_until_padding_is_dropped():
     from types import SimpleNamespace
 
@@ -293,6 +309,18 @@ def test_smoke_fine_tune_with_grounding_from_a_checkpoint(smoke_checkpoint, tmp_
     assert all(0.0 <= m <= 1.0 for m in losses["mass_in"])
     # the VAE is the loaded one, unchanged
     assert json.loads((out / "vae" / "config.json").read_text())["scaling_factor"] == json.loads((base / "vae" / "config.json").read_text())["scaling_factor"]
+
+
+def test_smoke_fine_tune_with_a_bos_sink(smoke_checkpoint, tmp_path):
+    out = tmp_path / "sink"
+    proc = _train("--out", out, "--smoke", "--init", smoke_checkpoint, "--vae-steps", 0, "--unet-steps", 2, "--sink", 0.5,
+                  "--sink-share", 0.6)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    card = (out / "README.md").read_text()
+    assert "--sink 0.5 --sink-share 0.6" in card and "BOS sink: weight 0.5" in card and "relu(0.6 - p_BOS)^2" in card
+    losses = json.loads((out / "loss.json").read_text())
+    assert len(losses["bos_share"]) == 2 and all(0.0 < b < 1.0 for b in losses["bos_share"])
+    assert " BOS " in (out / "train.log").read_text()
 
 
 def test_decoder_only_continuation_keeps_the_latents_and_chains_the_card(smoke_checkpoint, tmp_path):
