@@ -198,6 +198,7 @@ class LimeEngine:
         if default_config is None:  # the family's LIME levels (SD 1.5: the spec's defaults)
             default_config = EditConfig(**self.family.default_levels(unet.config))
         self.default_config = default_config  # what edit() starts from (a shipped model's own)
+        self.source: str | None = None  # the folder or hub id from_pretrained loaded (None: built from a pipe)
         self.trained_size = trained_size  # pixels; larger edits warn (a shipped model never saw them)
         self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, pipe.text_encoder, pipe.tokenizer
         self.scheduler = pipe.scheduler
@@ -294,10 +295,12 @@ class LimeEngine:
                 "works everywhere a model is accepted: model='shapes-ip2p' (`lime-fast demo` shows it)."
             ) from None
         pipe.set_progress_bar_config(disable=True)
-        return cls(pipe.to(device), attention=attention, use_cuda_graphs=use_cuda_graphs, compile=compile,
-                   default_config=EditConfig(**info.config) if info else None,
-                   trained_size=info.image_size if info else None, channels_last=channels_last,
-                   fuse_qkv=fuse_qkv, precision=precision, cache_kv=cache_kv)
+        engine = cls(pipe.to(device), attention=attention, use_cuda_graphs=use_cuda_graphs, compile=compile,
+                     default_config=EditConfig(**info.config) if info else None,
+                     trained_size=info.image_size if info else None, channels_last=channels_last,
+                     fuse_qkv=fuse_qkv, precision=precision, cache_kv=cache_kv)
+        engine.source = str(path.resolve()) if path is not None else str(model)
+        return engine
 
     @classmethod
     def from_pipe(cls, pipe, attention: str = "auto", *, use_cuda_graphs: bool | None = None, compile: bool | str = False,

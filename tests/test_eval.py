@@ -324,6 +324,43 @@ def test_rerun_redoes_nothing_and_other_settings_are_refused(fixture_eval, tiny_
     assert "guidance" in capsys.readouterr().err
 
 
+def test_new_weights_in_the_same_folder_are_refused(tmp_path, tiny_dir):
+    """method.json pins a local model by a digest of its weight files, so a folder whose weights were
+    replaced (a retrained model saved over the old one) cannot reuse the old folder's edits; an engine
+    loaded from the folder pins the same digest as the folder's path."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from lime_fast.evaluate.run import EvalError, _pin, base_config, parse_method, weights_digest
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_dir, model)
+    engine = LimeEngine.from_pretrained(model, device="cpu")
+    assert engine.source == str(model.resolve())
+    digest = weights_digest(model)
+    assert digest is not None and weights_digest(engine) == digest and weights_digest(str(model)) == digest
+    cfg, method = base_config(str(model), CFG), parse_method("lime")
+    _pin(tmp_path / "by_path", model, cfg, method)
+    _pin(tmp_path / "by_path", engine, cfg, method)  # the same weights, as an engine: accepted
+    assert json.loads((tmp_path / "by_path" / "method.json").read_text())["weights"] == digest
+
+    vae = next((model / "vae").glob("*.safetensors"))
+    weights = load_file(vae)
+    name = sorted(k for k in weights if k.startswith("decoder."))[-1]  # a tensor late in the file
+    weights[name] = weights[name] + 1e-3
+    save_file(weights, vae)
+    assert weights_digest(model) != digest
+    for m in (model, LimeEngine.from_pretrained(model, device="cpu")):
+        with pytest.raises(EvalError, match="another model"):
+            _pin(tmp_path / "by_path", m, cfg, method)
+    # a pin written before digests existed has none: still accepted
+    pin = tmp_path / "by_path" / "method.json"
+    pin.write_text(json.dumps({k: v for k, v in json.loads(pin.read_text()).items() if k != "weights"}))
+    _pin(tmp_path / "by_path", model, cfg, method)
+    assert weights_digest(LimeEngine.from_pipe(engine.pipe)) is None  # built from a pipe: no folder known
+
+
 def test_killed_evaluation_resumes_without_redoing_or_losing_edits(tmp_path, tiny_dir, fixture_eval):
     root = write_fixture(tmp_path / "test")
     out = tmp_path / "out"

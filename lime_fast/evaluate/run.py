@@ -21,8 +21,9 @@ evaluation expects them: ``{id}_1``, ``{id}_inde_{t}`` (single), ``{id}_iter_{t}
 all turns 2, ...) so a multi-turn edit finds its input on disk. A killed evaluation, re-run with the
 same command, skips every edit already recorded (failed ones too, unless ``retry_failed``) and
 redoes only the rest; an edit killed before its record is simply done again. ``DIR/{method}/
-method.json`` pins the model and config a method's outputs were made with: re-running into the same
-folder with other settings is refused rather than mixing outputs. Metrics are recomputed on every
+method.json`` pins the model (a local folder, or an engine loaded from one, also by a digest of its
+weight files) and the config a method's outputs were made with: re-running into the same folder with
+another model, new weights in the same folder, or other settings is refused rather than mixing outputs. Metrics are recomputed on every
 run (they take seconds next to the edits).
 """
 
@@ -217,17 +218,52 @@ def _identity(model) -> str:
     return f"<{type(model).__name__}>"
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+_WHOLE_FILE = 64 << 20  # files up to 64 MiB are hashed whole (22 MB shapes model: ~40 ms on this CPU)
+
+
+def weights_digest(model) -> str | None:
+    """A digest of the weight files of a local model folder (a path, a shipped name, or a ``LimeEngine``
+    loaded from a folder: its ``source``), so that new weights saved into the same folder are not taken
+    for the old ones; None for a hub id or an engine built from a pipe. Each weight file counts by its
+    relative path, size and content: whole up to 64 MiB, above that its first and last 16 MiB (an SD 1.5
+    UNet is 3.4 GB)."""
+    import hashlib
+
+    from ..models import model_location
+
+    loc = model_location(model) if isinstance(model, (str, os.PathLike)) else getattr(model, "source", None)
+    folder = Path(loc) if loc is not None else None
+    if folder is None or not folder.is_dir():
+        return None
+    h = hashlib.sha1()
+    for f in sorted(p for p in folder.rglob("*") if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES)):
+        size = f.stat().st_size
+        h.update(f"{f.relative_to(folder).as_posix()}:{size};".encode())
+        with open(f, "rb") as fh:
+            if size <= _WHOLE_FILE:
+                h.update(fh.read())
+            else:
+                h.update(fh.read(16 << 20))
+                fh.seek(size - (16 << 20))
+                h.update(fh.read())
+    return h.hexdigest()[:16]
+
+
 def _pin(method_dir: Path, model, cfg: EditConfig, method: Method) -> None:
-    """Write or check DIR/{method}/method.json (the model and config its outputs were made with)."""
-    want = {"method": method.spec, "model": _identity(model),
+    """Write or check DIR/{method}/method.json (the model, its weights' digest where it is a local folder,
+    and the config its outputs were made with)."""
+    want = {"method": method.spec, "model": _identity(model), "weights": weights_digest(model),
             "config": json.loads(json.dumps(dataclasses.asdict(cfg.replace(**dict(method.overrides)))))}
     path = method_dir / "method.json"
     if path.is_file():
         have = json.loads(path.read_text())
         same_model = have.get("model") == want["model"] or "<" in have.get("model", "") + want["model"]
+        if same_model and have.get("weights") and want["weights"]:  # pins written before digests had none
+            same_model = have["weights"] == want["weights"]
         if not same_model or have.get("config") != want["config"]:
             diff = [k for k in want["config"] if have.get("config", {}).get(k) != want["config"][k]]
-            what = "model" if not same_model else "config (" + ", ".join(diff) + ")"
+            what = "model (or weights)" if not same_model else "config (" + ", ".join(diff) + ")"
             raise EvalError(f"{method_dir} holds outputs made with another {what}: use another --out, or delete "
                             f"{method_dir} to redo this method")
         return
