@@ -422,8 +422,9 @@ def install_grounding(unet, state: dict) -> None:
 
 
 def train_unet(a, vae, unet, text_encoder, tokenizer, budget_s, log, device=torch.device("cpu"), amp=False, checkpoint=None):
-    """Stage 2. ``checkpoint(step, total, weights, (mse, grounding, mass curves))``, if given, is called every
-    ``--ckpt-minutes`` with the EMA weights (the parameters' order)."""
+    """Stage 2 -> (curves {"unet_eps", "grounding", "mass_in", "bos_share"}, steps, seconds).
+    ``checkpoint(step, total, weights, curves)``, if given, is called every ``--ckpt-minutes`` with the EMA
+    weights (the parameters' order)."""
     from diffusers.models.attention_processor import AttnProcessor2_0
 
     acp = training_alphas_cumprod().to(device)

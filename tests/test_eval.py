@@ -332,7 +332,7 @@ def test_new_weights_in_the_same_folder_are_refused(tmp_path, tiny_dir):
 
     from safetensors.torch import load_file, save_file
 
-    from lime_fast.evaluate.run import EvalError, _pin, base_config, parse_method, weights_digest
+    from lime_fast.evaluate.run import EvalError, _pin, base_config, model_pin, parse_method, weights_digest
 
     model = tmp_path / "model"
     shutil.copytree(tiny_dir, model)
@@ -341,8 +341,8 @@ def test_new_weights_in_the_same_folder_are_refused(tmp_path, tiny_dir):
     digest = weights_digest(model)
     assert digest is not None and weights_digest(engine) == digest and weights_digest(str(model)) == digest
     cfg, method = base_config(str(model), CFG), parse_method("lime")
-    _pin(tmp_path / "by_path", model, cfg, method)
-    _pin(tmp_path / "by_path", engine, cfg, method)  # the same weights, as an engine: accepted
+    _pin(tmp_path / "by_path", model_pin(model), cfg, method)
+    _pin(tmp_path / "by_path", model_pin(engine), cfg, method)  # the same weights, as an engine: accepted
     assert json.loads((tmp_path / "by_path" / "method.json").read_text())["weights"] == digest
 
     vae = next((model / "vae").glob("*.safetensors"))
@@ -353,11 +353,11 @@ def test_new_weights_in_the_same_folder_are_refused(tmp_path, tiny_dir):
     assert weights_digest(model) != digest
     for m in (model, LimeEngine.from_pretrained(model, device="cpu")):
         with pytest.raises(EvalError, match="another model"):
-            _pin(tmp_path / "by_path", m, cfg, method)
+            _pin(tmp_path / "by_path", model_pin(m), cfg, method)
     # a pin written before digests existed has none: still accepted
     pin = tmp_path / "by_path" / "method.json"
     pin.write_text(json.dumps({k: v for k, v in json.loads(pin.read_text()).items() if k != "weights"}))
-    _pin(tmp_path / "by_path", model, cfg, method)
+    _pin(tmp_path / "by_path", model_pin(model), cfg, method)
     assert weights_digest(LimeEngine.from_pipe(engine.pipe)) is None  # built from a pipe: no folder known
 
 

@@ -23,8 +23,8 @@ same command, skips every edit already recorded (failed ones too, unless ``retry
 redoes only the rest; an edit killed before its record is simply done again. ``DIR/{method}/
 method.json`` pins the model (a local folder, or an engine loaded from one, also by a digest of its
 weight files) and the config a method's outputs were made with: re-running into the same folder with
-another model, new weights in the same folder, or other settings is refused rather than mixing outputs. Metrics are recomputed on every
-run (they take seconds next to the edits).
+another model, new weights in the same folder, or other settings is refused rather than mixing
+outputs. Metrics are recomputed on every run (they take seconds next to the edits).
 """
 
 from __future__ import annotations
@@ -250,10 +250,15 @@ def weights_digest(model) -> str | None:
     return h.hexdigest()[:16]
 
 
-def _pin(method_dir: Path, model, cfg: EditConfig, method: Method) -> None:
-    """Write or check DIR/{method}/method.json (the model, its weights' digest where it is a local folder,
-    and the config its outputs were made with)."""
-    want = {"method": method.spec, "model": _identity(model), "weights": weights_digest(model),
+def model_pin(model) -> tuple[str, str | None]:
+    """(identity, weights digest) of ``model``, computed once per evaluation and checked per method."""
+    return _identity(model), weights_digest(model)
+
+
+def _pin(method_dir: Path, pin: tuple[str, str | None], cfg: EditConfig, method: Method) -> None:
+    """Write or check DIR/{method}/method.json: the model's ``model_pin`` (its identity and, where it is a
+    local folder, its weights' digest) and the config its outputs were made with."""
+    want = {"method": method.spec, "model": pin[0], "weights": pin[1],
             "config": json.loads(json.dumps(dataclasses.asdict(cfg.replace(**dict(method.overrides)))))}
     path = method_dir / "method.json"
     if path.is_file():
@@ -334,9 +339,10 @@ def _edit(data: Dataset, out: Path, methods: list[Method], settings, *, model, c
         tmp.unlink(missing_ok=True)
     waves = plan(data, methods, settings)
     state = {}
+    pin = model_pin(model)  # the digest reads the weight files: once, not once per method
     for m in methods:
         d = out / m.folder
-        _pin(d, model, cfg, m)
+        _pin(d, pin, cfg, m)
         for sub in ("images", "roi"):
             (d / sub).mkdir(parents=True, exist_ok=True)
         _remove_temporaries(d)
