@@ -57,7 +57,7 @@ def run_demo(out_dir: str | Path, progress: bool = True, seed: int = DEMO_SEED, 
     write the pictures to out_dir: input, target, roi, overlay, segments, heatmap, ip2p, edited, panel.
 
     seed: which ``lime_fast.testing.shapes.make_sample`` picture and instruction (a held-out seed of the
-    quality benchmark, so the instruction is one of its edit kinds; training used seeds below 1,400,000).
+    quality benchmark, so the instruction is one of its edit kinds; training used seeds below 1,500,000).
     scale: the 64 x 64 pictures are written enlarged this many times (nearest neighbour) so they can be
     looked at. Returns the lime_fast ``EditResult``.
     """
