@@ -846,8 +846,8 @@ def main(argv=None) -> Path:
     log(f"scaling_factor {sf:.4f}")
 
     def info_at(vae_steps, unet_steps, unet_s, curves, psnr=float("nan")):
-        def final(k):
-            return float(np.mean(curves[k][-100:])) if curves[k] else float("nan")
+        def final(k):  # nan for a curve that is empty, or absent from a checkpoint older than the curve
+            return float(np.mean(curves[k][-100:])) if curves.get(k) else float("nan")
 
         return dict(
             vars(a),
@@ -862,7 +862,7 @@ def main(argv=None) -> Path:
             vae_psnr=psnr,
             grounding_final=final("grounding"),
             mass_final=final("mass_in"),
-            bos_final=final("bos_share") if "bos_share" in curves else float("nan"),
+            bos_final=final("bos_share"),
             unet_final=final("unet_eps"),
             unet_widths=tuple(unet.config.block_out_channels),
             machine=machine(a, device),

@@ -122,9 +122,9 @@ def test_block_spread_brackets_the_means(ev):
 # LIME's mechanism, which this small model does not show (measured, not forced): at the same guidance,
 # silencing the unrelated tokens inside even the *true* region does not strengthen the edit (0.062 vs
 # 0.064 inside here, short of the 0.01 margin; 0.105 vs 0.099 over 200). Inside the region the silenced
-# positions hold 61% of its cross-attention (padding 45%, BOS 15%), but the causal text encoder fills the padding with the
-# same summary of the instruction that the kept EOS (25%) carries, so silencing them removes little
-# of the instruction; silencing EOS too weakens the edit further (benchmarks/attention_shares.py,
+# positions hold 61% of its cross-attention (padding 45%, BOS 15%), but the causal text encoder fills
+# the padding with the same summary of the instruction that the kept EOS (25%) carries, so silencing
+# them removes little of the instruction; silencing EOS too weakens the edit further (benchmarks/attention_shares.py,
 # benchmarks/keep_variants.py; README, "Edit quality"). A UNet fine-tuned to park 0.9 of its attention
 # on BOS (train_shapes --sink) made it worse still (true region 0.207 vs plain 0.134 on 48 tuning
 # edits), so that model was not shipped. The outside gain above

@@ -220,6 +220,7 @@ def _identity(model) -> str:
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 _WHOLE_FILE = 64 << 20  # files up to 64 MiB are hashed whole (22 MB shapes model: ~40 ms on this CPU)
+_EDGE = 16 << 20  # above that, the first and last 16 MiB
 
 
 def weights_digest(model) -> str | None:
@@ -244,8 +245,8 @@ def weights_digest(model) -> str | None:
             if size <= _WHOLE_FILE:
                 h.update(fh.read())
             else:
-                h.update(fh.read(16 << 20))
-                fh.seek(size - (16 << 20))
+                h.update(fh.read(_EDGE))
+                fh.seek(size - _EDGE)
                 h.update(fh.read())
     return h.hexdigest()[:16]
 
