@@ -11,7 +11,7 @@ is the same as writing the data and running the evaluation on it:
         --methods ip2p ip2p:text_guidance=7.5 lime lime-mask
 
 Data: ``lime_fast.testing.shapes.make_sample(seed, 64)`` for seeds from ``--first-seed`` (default 5,000,000;
-training drew seeds below 1,500,000, so these are held out), written in MagicBrush's test layout
+training drew seeds below 1,600,000, so these are held out), written in MagicBrush's test layout
 (``write_magicbrush``). Every sample has a source, the exact target of its instruction and the true
 edit region (its mask).
 

@@ -23,6 +23,10 @@ only the VAE's decoder (the encoder, latents and scaling_factor stay those the U
 BOS sink (tried, not shipped: benchmarks/RESULTS.md): ``--sink W --sink-share S`` pushes every pixel's
 cross-attention on BOS up to at least S, as in Stable Diffusion, where BOS is the no-op LIME silences.
 
+Training under LIME (``--lime-share P``): a share P of the samples is trained the way LIME's regularized
+edit samples them: at levels 0-1, for timesteps 100-999, the pixels inside the true edit region attend
+only to the tokens LIME keeps (BOS, stop words and padding silenced; ``GroundingAttn``).
+
 With ``--minutes`` the step counts are fixed after a short timing probe and written to the model card,
 together with the exact command (``--vae-steps``/``--unet-steps``) that reproduces the weights.
 Outputs in ``--out``: the diffusers folder (safetensors), ``loss.png``, ``loss.json``, ``README.md``.
@@ -78,6 +82,9 @@ def parse_args(argv=None):
                    help="weight of the grounding loss on the content words' cross-attention (0: off; see grounding_loss)")
     p.add_argument("--pad-drop", type=float, default=0.0,
                    help="share of captioned samples whose cross-attention cannot see the padding after EOS")
+    p.add_argument("--lime-share", type=float, default=0.0,
+                   help="share of the samples trained under LIME's regularization inside the true region (0: off; "
+                        "see GroundingAttn): the keep rule silences BOS, stop words and padding there at levels 0-1")
     p.add_argument("--sink", type=float, default=0.0,
                    help="weight of the BOS-sink loss (0: off; see sink_loss): teaches the UNet to park attention on BOS")
     p.add_argument("--sink-share", type=float, default=0.7,
@@ -211,7 +218,8 @@ def resolve_device(a) -> tuple[torch.device, bool]:
 class Batches(torch.utils.data.Dataset):
     """Item i is the i-th training batch: ``make_batch`` of seeds ``base + i * batch`` onwards, plus, with a
     tokenizer, the padded token ids ``ids`` [B, 77] and, with ``content``, LIME's content positions
-    [B, 77] (1.0 where a content word is). Drawn where the loader runs it (``--workers`` processes)."""
+    [B, 77] (1.0 where a content word is) and its keep mask ``lime_keep`` [B, 77] bool (``keep_mask``).
+    Drawn where the loader runs it (``--workers`` processes)."""
 
     def __init__(self, base: int, batch: int, tokenizer=None, content: bool = False):
         self.base, self.batch, self.tokenizer, self.content = base, batch, tokenizer, content
@@ -227,12 +235,14 @@ class Batches(torch.utils.data.Dataset):
             b["ids"] = tok(b["instruction"], padding="max_length", max_length=tok.model_max_length, truncation=True,
                            return_tensors="pt").input_ids
             if self.content:
-                from lime_fast.tokens import token_roles
+                from lime_fast.tokens import keep_mask, token_roles
 
+                roles = [token_roles(tok, text) for text in b["instruction"]]
                 c = torch.zeros(b["ids"].shape)
-                for j, text in enumerate(b["instruction"]):
-                    c[j, token_roles(tok, text).content] = 1.0
+                for j, r in enumerate(roles):
+                    c[j, r.content] = 1.0
                 b["content"] = c
+                b["lime_keep"] = keep_mask(roles)
         return b
 
 
@@ -344,9 +354,15 @@ def measure_scaling(vae, n: int = 256, seed_base: int = 7 * SEED_STRIDE, device=
 
 # --- stage 2: InstructPix2Pix ---------------------------------------------------------------------
 class GroundingAttn:
-    """Training-time cross-attention processor (diffusers' ``attn2``): plain attention through the
-    shared eager reference, with an optional padding mask per sample, that keeps each layer's
-    head-averaged probabilities [B, N, T] (with their graph) for ``grounding_loss``."""
+    """Training-time cross-attention processor (diffusers' ``attn2``): attention through the shared eager
+    reference, with per-sample token silencing, that keeps each layer's head-averaged probabilities
+    [B, N, T] (with their graph) for ``grounding_loss``.
+
+    state["pad_drop"] [B] bool: the sample's every pixel sees only BOS..EOS (state["keep"] [B, T]).
+    state["lime"] [B] bool (``--lime-share``): the sample is trained as LIME edits it, at the
+    regularized levels (LIME_LEVELS: the layers with N = state["lime_n"] query pixels) the pixels inside
+    state["mask"] [B, H, W] (resized nearest to the layer's grid, as the engine resizes the RoI) see only
+    the tokens of LIME's keep rule, state["lime_keep"] [B, T]. The two sets of samples are disjoint."""
 
     def __init__(self, state: dict):
         self.state = state
@@ -361,8 +377,14 @@ class GroundingAttn:
         k = attn.to_k(encoder_hidden_states).view(B, -1, heads, q.shape[-1]).transpose(1, 2)
         v = attn.to_v(encoder_hidden_states).view(B, -1, heads, q.shape[-1]).transpose(1, 2)
         drop = self.state["pad_drop"]  # [B] bool: this sample cannot see its padding
-        roi = drop[:, None].expand(B, N)
-        out, probs = regularized_attention_ref(q, k, v, roi=roi, keep=self.state["keep"], capture=self.state["all"])
+        roi, keep = drop[:, None].expand(B, N), self.state["keep"]
+        lime = self.state.get("lime")
+        if lime is not None and N in self.state["lime_n"]:
+            side = int(round(N ** 0.5))
+            inside = F.interpolate(self.state["mask"][:, None].float(), size=(side, side), mode="nearest").flatten(1) > 0.5
+            roi = roi | (lime[:, None] & inside)
+            keep = torch.where(lime[:, None], self.state["lime_keep"], keep)
+        out, probs = regularized_attention_ref(q, k, v, roi=roi, keep=keep, capture=self.state["all"])
         self.state["maps"].append(probs)
         out = attn.to_out[1](attn.to_out[0](out.transpose(1, 2).reshape(B, N, -1)))
         return out / attn.rescale_output_factor
@@ -407,6 +429,10 @@ def sink_loss(maps, share: float) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack(losses).mean(), torch.stack(shares).mean().detach()
 
 
+LIME_LEVELS = (0, 1)  # EditConfig.reg_levels' default: the levels whose cross-attention LIME regularizes
+LIME_MIN_T = 100  # LIME regularizes the first nine tenths of the steps: timesteps 999 down to about 100
+
+
 def training_alphas_cumprod() -> torch.Tensor:
     """[1000] cumulative alphas of the training noise (DDPM, scaled_linear 0.00085..0.012, SD's schedule)."""
     from diffusers import DDPMScheduler
@@ -435,7 +461,7 @@ def train_unet(a, vae, unet, text_encoder, tokenizer, budget_s, log, device=torc
     gen = torch.Generator(device).manual_seed(a.seed + 2)
     empty_ids = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt").input_ids.to(device)
     state = {"maps": []}
-    grounding = a.attn_loss > 0 or a.pad_drop > 0 or a.sink > 0
+    grounding = a.attn_loss > 0 or a.pad_drop > 0 or a.sink > 0 or a.lime_share > 0
     if grounding:
         install_grounding(unet, state)
     attn_curve, mass_curve, bos_curve = Curve(), Curve(), Curve()
@@ -480,7 +506,13 @@ def train_unet(a, vae, unet, text_encoder, tokenizer, budget_s, log, device=torc
             T = ids.shape[1]
             eos = (ids == tokenizer.eos_token_id).int().argmax(1)  # first EOS (CLIP pads with EOS)
             state["keep"] = torch.arange(T, device=device)[None] <= eos[:, None]
-            state["pad_drop"] = (torch.rand(B, generator=gen, device=device) < a.pad_drop) & ~drop_text.view(B)
+            u = torch.rand(B, generator=gen, device=device)
+            state["pad_drop"] = (u < a.pad_drop) & ~drop_text.view(B)
+            if a.lime_share > 0:  # every branch, the text-dropped ones too: the engine regularizes all three
+                state["lime"] = (u >= a.pad_drop) & (u < a.pad_drop + a.lime_share) & (t >= LIME_MIN_T)
+                state["lime_keep"], state["mask"] = b["lime_keep"], b["mask"]
+                side = SIZE // 4  # the latent grid (VAE factor 4)
+                state["lime_n"] = {(side >> lv) ** 2 for lv in LIME_LEVELS}
             state["all"] = torch.arange(B, device=device)
             state["maps"].clear()
             content = b["content"] * (~drop_text.view(B, 1)).float()
@@ -626,6 +658,13 @@ def write_card(out: Path, info: dict):
   relu({info['sink_share']} - p_BOS)^2 (`sink_loss`), so that BOS, the same for every instruction, is a
   no-op the UNet parks attention on, as Stable Diffusion's does; BOS share at the end {info['bos_final']:.3f}
   (last 100 steps, all pixels, layers and heads)."""
+    if info.get("lime_share", 0) > 0:
+        grounding += f"""
+- trained under LIME's regularization on {info['lime_share']:.0%} of the samples (`--lime-share`): at
+  levels {', '.join(map(str, LIME_LEVELS))}, for timesteps {LIME_MIN_T}-999, the pixels inside the true edit region attend only to
+  the tokens LIME keeps (BOS, stop words and padding silenced), in every conditioning-dropout branch,
+  as the engine's regularized edit does; the rest of the samples are trained as before. LIME's
+  regularization is therefore something this model has seen, not only a change at sampling time."""
     partial = (f"\n- **a checkpoint written at step {info['partial']} of the {info['unet_steps']}-step schedule** (the run "
                "was cut off before its end; the reproduce command runs the whole schedule)") if info.get("partial") else ""
     kept = " (its VAE kept)" if info["vae_steps"] == 0 else " (its VAE encoder kept)" if info.get("vae_decoder_only") else ""
@@ -776,7 +815,8 @@ def reproduce_command(a, vae_steps: int, unet_steps: int) -> str:
         f"--batch {a.batch} --lr {a.lr} --vae-lr {a.vae_lr} --warmup {a.warmup}",
         f"--width {a.width} --text-width {a.text_width} --text-layers {a.text_layers} --vae-width {a.vae_width}",
         f"--ema {a.ema} --dropout {a.dropout} --prediction {a.prediction} --threads {a.threads} --dtype {a.dtype}",
-        f"--attn-loss {a.attn_loss} --pad-drop {a.pad_drop}" + (f" --sink {a.sink} --sink-share {a.sink_share}" if a.sink > 0 else ""),
+        f"--attn-loss {a.attn_loss} --pad-drop {a.pad_drop}" + (f" --sink {a.sink} --sink-share {a.sink_share}" if a.sink > 0 else "")
+        + (f" --lime-share {a.lime_share}" if a.lime_share > 0 else ""),
     ]
     if a.vae_decoder_only or a.first_batch:
         reproduce.append(("--vae-decoder-only " if a.vae_decoder_only else "") + f"--first-batch {a.first_batch}")

@@ -298,6 +298,60 @@ def test_grounding_processor_is_plain_attention_until_padding_is_dropped():
     torch.testing.assert_close(dropped[1], ref[1], rtol=1e-4, atol=1e-5)
 
 
+def test_grounding_processor_applies_lime_inside_the_region_at_the_regularized_levels():
+    """--lime-share: a LIME sample's pixels inside the true region see only LIME's kept tokens at levels 0-1
+    (16 and 8 cells a side here), exactly as the engine's regularized edit; its other pixels and levels,
+    and the other samples, are plain attention."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from lime_fast.clip_bpe import clip_tokenizer
+    from lime_fast.tokens import keep_mask, token_roles
+
+    mod = _train_module()
+    a = SimpleNamespace(seed=0, width=16, vae_width=16, text_width=32, text_layers=1)
+    tok = clip_tokenizer()
+    _, unet, te = mod.build_models(a, tok)
+    texts = ["make the circle red", "turn the background blue"]
+    ids = tok(texts, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    g = torch.Generator().manual_seed(3)
+    x, t = torch.randn(2, 8, 16, 16, generator=g), torch.tensor([300, 600])
+    mask = torch.zeros(2, 64, 64, dtype=torch.bool)
+    mask[:, 8:40, 20:52] = True  # 32 x 32 pixels: 8 x 8 cells at level 0, 4 x 4 at level 1
+    lime_keep = keep_mask([token_roles(tok, s) for s in texts])
+    eos = (ids == tok.eos_token_id).int().argmax(1)
+    with torch.no_grad():
+        emb = te(ids)[0]
+        state = {"maps": []}
+        unet.set_attn_processor({k: mod.GroundingAttn(state) if k.endswith("attn2.processor") else v
+                                 for k, v in unet.attn_processors.items()})
+        state.update(keep=torch.arange(77)[None] <= eos[:, None], all=torch.arange(2), pad_drop=torch.tensor([False, False]))
+        ref = unet(x, t, encoder_hidden_states=emb).sample
+        state["maps"].clear()
+        state.update(lime=torch.tensor([True, False]), lime_keep=lime_keep, mask=mask,
+                     lime_n={(16 >> lv) ** 2 for lv in mod.LIME_LEVELS})
+        out = unet(x, t, encoder_hidden_states=emb).sample
+    silenced = ~lime_keep[0]
+    assert silenced[0] and silenced[eos[0] + 1 :].all() and not silenced[eos[0]]  # BOS and padding silenced, EOS kept
+    seen = set()
+    for m in state["maps"]:
+        side = int(round(m.shape[1] ** 0.5))
+        seen.add(side)
+        src = torch.arange(side) * 64 // side  # the pixel a nearest-neighbour cell samples
+        inside = (((src >= 8) & (src < 40))[:, None] & ((src >= 20) & (src < 52))[None]).flatten()
+        if side in (16, 8):
+            assert float(m[0][inside][:, silenced].abs().max()) == 0.0
+            torch.testing.assert_close(m[0][inside].sum(-1), torch.ones(int(inside.sum())))
+            assert float(m[0][~inside][:, silenced].sum(-1).min()) > 0
+        else:
+            assert float(m[0][:, silenced].sum(-1).min()) > 0
+        assert float(m[1][:, eos[1] + 1 :].sum(-1).min()) > 0
+    assert seen == {16, 8, 4, 2}
+    assert not torch.allclose(out[0], ref[0], atol=1e-4)
+    torch.testing.assert_close(out[1], ref[1], rtol=1e-4, atol=1e-5)
+
+
 def test_smoke_fine_tune_with_grounding_from_a_checkpoint(smoke_checkpoint, tmp_path):
     base, out = smoke_checkpoint, tmp_path / "ft"
     proc = _train("--out", out, "--smoke", "--init", base, "--vae-steps", 0, "--unet-steps", 2, "--attn-loss", 0.1, "--pad-drop", 0.5)
@@ -321,6 +375,15 @@ def test_smoke_fine_tune_with_a_bos_sink(smoke_checkpoint, tmp_path):
     losses = json.loads((out / "loss.json").read_text())
     assert len(losses["bos_share"]) == 2 and all(0.0 < b < 1.0 for b in losses["bos_share"])
     assert " BOS " in (out / "train.log").read_text()
+
+
+def test_smoke_fine_tune_under_lime(smoke_checkpoint, tmp_path):
+    out = tmp_path / "lime"
+    proc = _train("--out", out, "--smoke", "--init", smoke_checkpoint, "--vae-steps", 0, "--unet-steps", 2, "--pad-drop", 0.3,
+                  "--lime-share", 0.5)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    card = (out / "README.md").read_text()
+    assert "--pad-drop 0.3 --lime-share 0.5" in card and "trained under LIME's regularization on 50% of the samples" in card
 
 
 def test_decoder_only_continuation_keeps_the_latents_and_chains_the_card(smoke_checkpoint, tmp_path):
