@@ -123,6 +123,9 @@ def parse_args(argv=None):
         p.error("--ckpt-minutes needs --compact")
     if a.vae_decoder_only and not a.init:
         p.error("--vae-decoder-only needs --init (a trained encoder to keep)")
+    if not (0 <= a.pad_drop and 0 <= a.lime_share and a.pad_drop + a.lime_share <= 1):
+        p.error(f"--pad-drop {a.pad_drop} and --lime-share {a.lime_share}: shares of disjoint sets of samples, "
+                "each at least 0 and together at most 1")
     if a.smoke:
         a.width, a.text_width, a.text_layers, a.vae_width, a.batch = 16, 32, 1, 16, 4
         a.vae_steps = 3 if a.vae_steps is None else a.vae_steps

@@ -1,6 +1,7 @@
 """The synthetic shapes data (lime_fast.testing.shapes) and the training script (scripts/train_shapes.py)."""
 
 import json
+import math
 import subprocess
 import sys
 import warnings
@@ -365,25 +366,33 @@ def test_smoke_fine_tune_with_grounding_from_a_checkpoint(smoke_checkpoint, tmp_
     assert json.loads((out / "vae" / "config.json").read_text())["scaling_factor"] == json.loads((base / "vae" / "config.json").read_text())["scaling_factor"]
 
 
-def test_smoke_fine_tune_with_a_bos_sink(smoke_checkpoint, tmp_path):
-    out = tmp_path / "sink"
-    proc = _train("--out", out, "--smoke", "--init", smoke_checkpoint, "--vae-steps", 0, "--unet-steps", 2, "--sink", 0.5,
-                  "--sink-share", 0.6)
+def _fine_tune(base, out, *flags) -> tuple[str, dict]:
+    """Two smoke UNet steps from ``base`` with ``flags``: (the model card, loss.json)."""
+    proc = _train("--out", out, "--smoke", "--init", base, "--vae-steps", 0, "--unet-steps", 2, *flags)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    card = (out / "README.md").read_text()
+    return (out / "README.md").read_text(), json.loads((out / "loss.json").read_text())
+
+
+def test_smoke_fine_tune_with_a_bos_sink(smoke_checkpoint, tmp_path):
+    card, losses = _fine_tune(smoke_checkpoint, tmp_path / "sink", "--sink", 0.5, "--sink-share", 0.6)
     assert "--sink 0.5 --sink-share 0.6" in card and "BOS sink: weight 0.5" in card and "relu(0.6 - p_BOS)^2" in card
-    losses = json.loads((out / "loss.json").read_text())
     assert len(losses["bos_share"]) == 2 and all(0.0 < b < 1.0 for b in losses["bos_share"])
-    assert " BOS " in (out / "train.log").read_text()
+    assert " BOS " in (tmp_path / "sink" / "train.log").read_text()
+
+
+def test_padding_and_lime_shares_must_fit_in_one_batch(capsys):
+    mod = _train_module()
+    with pytest.raises(SystemExit):
+        mod.parse_args(["--out", "x", "--pad-drop", "0.7", "--lime-share", "0.4"])
+    assert "together at most 1" in capsys.readouterr().err
+    a = mod.parse_args(["--out", "x", "--pad-drop", "0.3", "--lime-share", "0.4"])
+    assert (a.pad_drop, a.lime_share) == (0.3, 0.4)
 
 
 def test_smoke_fine_tune_under_lime(smoke_checkpoint, tmp_path):
-    out = tmp_path / "lime"
-    proc = _train("--out", out, "--smoke", "--init", smoke_checkpoint, "--vae-steps", 0, "--unet-steps", 2, "--pad-drop", 0.3,
-                  "--lime-share", 0.5)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    card = (out / "README.md").read_text()
+    card, losses = _fine_tune(smoke_checkpoint, tmp_path / "lime", "--pad-drop", 0.3, "--lime-share", 0.5)
     assert "--pad-drop 0.3 --lime-share 0.5" in card and "trained under LIME's regularization on 50% of the samples" in card
+    assert len(losses["unet_eps"]) == 2 and all(math.isfinite(v) for v in losses["unet_eps"] + losses["grounding"])
 
 
 def test_decoder_only_continuation_keeps_the_latents_and_chains_the_card(smoke_checkpoint, tmp_path):
