@@ -46,6 +46,18 @@ def level_grids(latent_hw: tuple[int, int], n_levels: int = 8) -> list[tuple[int
     return grids
 
 
+def level_rois(roi_grid: torch.Tensor, grids: list[tuple[int, int]], levels) -> dict[int, torch.Tensor]:
+    """roi_grid [B, gh, gw] bool -> {level: [B, h_l * w_l] bool}: the RoI resized (nearest) to each of
+    ``levels``' grids (``grids[level]`` = (h_l, w_l)). The one resize the engine and the training script's
+    LIME samples share; device ops only (it runs inside whole-pass CUDA graphs)."""
+    rois = {}
+    for level in levels:
+        h, w = grids[level]
+        m = F.interpolate(roi_grid[:, None].float(), size=(h, w), mode="nearest")[:, 0] > 0.5
+        rois[level] = m.reshape(m.shape[0], h * w)
+    return rois
+
+
 @dataclass
 class Capture:
     """What the localization pass captures, for a batch of B edits.
@@ -130,10 +142,7 @@ class AttentionController:
                 self.pass_cache[name] = _heads(attn, *_project_kv(attn, context), context.shape[0])
         if plan.regularizes and roi_grid is not None and keep is not None:
             self.keep = keep.bool().repeat(3, 1)
-            for level in plan.reg_levels:
-                h, w = plan.grids[level]
-                m = F.interpolate(roi_grid[:, None].float(), size=(h, w), mode="nearest")[:, 0] > 0.5
-                self.roi[level] = m.reshape(m.shape[0], h * w).repeat(3, 1)
+            self.roi = {level: m.repeat(3, 1) for level, m in level_rois(roi_grid, plan.grids, plan.reg_levels).items()}
         return self.capture
 
     def end_pass(self) -> None:

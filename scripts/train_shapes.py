@@ -361,11 +361,11 @@ class GroundingAttn:
     reference, with per-sample token silencing, that keeps each layer's head-averaged probabilities
     [B, N, T] (with their graph) for ``grounding_loss``.
 
-    state["pad_drop"] [B] bool: the sample's every pixel sees only BOS..EOS (state["keep"] [B, T]).
-    state["lime"] [B] bool (``--lime-share``): the sample is trained as LIME edits it, at the
-    regularized levels (LIME_LEVELS: the layers with N = state["lime_n"] query pixels) the pixels inside
-    state["mask"] [B, H, W] (resized nearest to the layer's grid, as the engine resizes the RoI) see only
-    the tokens of LIME's keep rule, state["lime_keep"] [B, T]. The two sets of samples are disjoint."""
+    A query pixel inside a sample's silencing region sees only the tokens of state["keep"] [B, T]:
+    state["pad_drop"] [B] bool: every pixel of the sample (keep: BOS..EOS);
+    state["lime_roi"] {N: [B, N] bool} (``--lime-share``, ``lime_rois``): at the layers with N query
+    pixels, the LIME samples' pixels inside the true region (keep: LIME's keep rule). The two sets of
+    samples are disjoint."""
 
     def __init__(self, state: dict):
         self.state = state
@@ -380,14 +380,11 @@ class GroundingAttn:
         k = attn.to_k(encoder_hidden_states).view(B, -1, heads, q.shape[-1]).transpose(1, 2)
         v = attn.to_v(encoder_hidden_states).view(B, -1, heads, q.shape[-1]).transpose(1, 2)
         drop = self.state["pad_drop"]  # [B] bool: this sample cannot see its padding
-        roi, keep = drop[:, None].expand(B, N), self.state["keep"]
-        lime = self.state.get("lime")
-        if lime is not None and N in self.state["lime_n"]:
-            side = int(round(N ** 0.5))
-            inside = F.interpolate(self.state["mask"][:, None].float(), size=(side, side), mode="nearest").flatten(1) > 0.5
-            roi = roi | (lime[:, None] & inside)
-            keep = torch.where(lime[:, None], self.state["lime_keep"], keep)
-        out, probs = regularized_attention_ref(q, k, v, roi=roi, keep=keep, capture=self.state["all"])
+        roi = drop[:, None].expand(B, N)
+        lime_roi = self.state.get("lime_roi", {}).get(N)
+        if lime_roi is not None:
+            roi = roi | lime_roi
+        out, probs = regularized_attention_ref(q, k, v, roi=roi, keep=self.state["keep"], capture=self.state["all"])
         self.state["maps"].append(probs)
         out = attn.to_out[1](attn.to_out[0](out.transpose(1, 2).reshape(B, N, -1)))
         return out / attn.rescale_output_factor
@@ -434,6 +431,16 @@ def sink_loss(maps, share: float) -> tuple[torch.Tensor, torch.Tensor]:
 
 LIME_LEVELS = (0, 1)  # EditConfig.reg_levels' default: the levels whose cross-attention LIME regularizes
 LIME_MIN_T = 100  # LIME regularizes the first nine tenths of the steps: timesteps 999 down to about 100
+
+
+def lime_rois(lime: torch.Tensor, mask: torch.Tensor) -> dict[int, torch.Tensor]:
+    """{N: [B, N] bool}: for each of LIME_LEVELS (N its query pixels), the pixels of the LIME samples
+    (lime [B] bool) inside their true edit region (mask [B, SIZE, SIZE] bool), resized as the engine
+    resizes the RoI (``lime_fast.attention.level_rois``). Latent grid: SIZE / 4 (the VAE's factor)."""
+    from lime_fast.attention import level_grids, level_rois
+
+    grids = level_grids((SIZE // 4, SIZE // 4))
+    return {m.shape[1]: lime[:, None] & m for m in level_rois(mask, grids, LIME_LEVELS).values()}
 
 
 def training_alphas_cumprod() -> torch.Tensor:
@@ -512,10 +519,10 @@ def train_unet(a, vae, unet, text_encoder, tokenizer, budget_s, log, device=torc
             u = torch.rand(B, generator=gen, device=device)
             state["pad_drop"] = (u < a.pad_drop) & ~drop_text.view(B)
             if a.lime_share > 0:  # every branch, the text-dropped ones too: the engine regularizes all three
-                state["lime"] = (u >= a.pad_drop) & (u < a.pad_drop + a.lime_share) & (t >= LIME_MIN_T)
-                state["lime_keep"], state["mask"] = b["lime_keep"], b["mask"]
-                side = SIZE // 4  # the latent grid (VAE factor 4)
-                state["lime_n"] = {(side >> lv) ** 2 for lv in LIME_LEVELS}
+                lime = (u >= a.pad_drop) & (u < a.pad_drop + a.lime_share) & (t >= LIME_MIN_T)
+                # a LIME sample's keep row matters only where lime_roi silences, so it can replace the padding rule
+                state["keep"] = torch.where(lime[:, None], b["lime_keep"], state["keep"])
+                state["lime_roi"] = lime_rois(lime, b["mask"])
             state["all"] = torch.arange(B, device=device)
             state["maps"].clear()
             content = b["content"] * (~drop_text.view(B, 1)).float()

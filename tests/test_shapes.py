@@ -327,11 +327,12 @@ def test_grounding_processor_applies_lime_inside_the_region_at_the_regularized_l
         state = {"maps": []}
         unet.set_attn_processor({k: mod.GroundingAttn(state) if k.endswith("attn2.processor") else v
                                  for k, v in unet.attn_processors.items()})
-        state.update(keep=torch.arange(77)[None] <= eos[:, None], all=torch.arange(2), pad_drop=torch.tensor([False, False]))
+        plain_keep = torch.arange(77)[None] <= eos[:, None]
+        state.update(keep=plain_keep, all=torch.arange(2), pad_drop=torch.tensor([False, False]))
         ref = unet(x, t, encoder_hidden_states=emb).sample
         state["maps"].clear()
-        state.update(lime=torch.tensor([True, False]), lime_keep=lime_keep, mask=mask,
-                     lime_n={(16 >> lv) ** 2 for lv in mod.LIME_LEVELS})
+        lime = torch.tensor([True, False])
+        state.update(keep=torch.where(lime[:, None], lime_keep, plain_keep), lime_roi=mod.lime_rois(lime, mask))
         out = unet(x, t, encoder_hidden_states=emb).sample
     silenced = ~lime_keep[0]
     assert silenced[0] and silenced[eos[0] + 1 :].all() and not silenced[eos[0]]  # BOS and padding silenced, EOS kept
