@@ -1,6 +1,18 @@
 from pathlib import Path
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
+
+
+class BuildPy(build_py):
+    """Copy the top-level ``kernels/`` modules into the built ``lime_fast.kernels`` package. The folder is
+    no package of its own (see lime_fast/kernels/__init__.py); an editable install reads it in place."""
+
+    def run(self):
+        super().run()
+        if not getattr(self, "editable_mode", False):
+            for source in sorted(Path("kernels").glob("*.py")):
+                self.copy_file(str(source), str(Path(self.build_lib) / "lime_fast" / "kernels" / source.name))
 
 setup(
     name="lime-fast",
@@ -11,7 +23,7 @@ setup(
     python_requires=">=3.10",
     packages=["lime_fast", "lime_fast.kernels", "lime_fast.batch", "lime_fast.testing", "lime_fast.evaluate",
               "lime_fast.serve"],
-    package_dir={"lime_fast": "lime_fast", "lime_fast.kernels": "kernels"},
+    cmdclass={"build_py": BuildPy},
     package_data={"lime_fast": ["data/*.txt", "data/*.json", "data/configs/*/*.json", "data/configs/*/*/*.json",
                                 "data/shapes-ip2p/*.json", "data/shapes-ip2p/*.md", "data/shapes-ip2p/*.png",
                                 "data/shapes-ip2p/*/*.json", "data/shapes-ip2p/*/*.safetensors"],

@@ -68,13 +68,12 @@ def setup():
 
     device = "cuda" if CUDA else "cpu"
     dtype = torch.float16 if CUDA else torch.float32
-    base = replica_pipeline() if FULL else tiny_pipeline()
-    release_pipe = copy.deepcopy(base).to(device, torch.float32) if CUDA else None  # fp32, as the release runs
+    base = replica_pipeline(device=device) if FULL else tiny_pipeline()
     pipe = base.to(device, dtype)
     pipe.set_progress_bar_config(disable=True)
     size = 512 if FULL else 128
     engine = LimeEngine.from_pipe(pipe)
-    return pipe, engine, shapes_image(size), release_pipe
+    return pipe, engine, shapes_image(size), None
 
 
 @contextlib.contextmanager
@@ -153,7 +152,8 @@ def test_lime_fast_user_mask(benchmark, setup):
 
 @pytest.mark.skipif(not CUDA, reason="the release estimate is a GPU figure (fp32 replica)")
 def test_release_pattern(benchmark, setup):
-    _, _, image, release_pipe = setup
+    pipe, _, image, _ = setup
+    release_pipe = copy.deepcopy(pipe).to(torch.float32)  # fp32, as the release runs (random weights: fp16-rounded)
     eng = LimeEngine.from_pipe(release_pipe, attention=release_attention, use_cuda_graphs=False)
     k = 3
     cfg = dict(steps=k, capture_step=1, reg_steps=(0, k - 1), segment_backend="materialized")

@@ -11,6 +11,7 @@ Rows: diffusers (StableDiffusionXLInstructPix2PixPipeline, untouched), accelerat
 ``lime_fast.accelerate(pipe)``), lime_auto (``engine.edit``, automatic RoI), lime_mask (a user mask).
 """
 
+import os
 import time
 
 import numpy as np
@@ -23,7 +24,8 @@ from lime_fast.demo import shapes_image
 from bench_edit import untouched  # diffusers' own processors for the duration
 
 CUDA = torch.cuda.is_available()
-SIZES = [768, 1024] if CUDA else [128]
+# LIME_BENCH_SDXL_SIZES=1024 picks sizes (a short device call)
+SIZES = [int(s) for s in os.environ.get("LIME_BENCH_SDXL_SIZES", "768,1024" if CUDA else "128").split(",")]
 STEPS = 30 if CUDA else 6
 INSTRUCTION = "make the red circle blue"
 TIMES: dict[tuple, float] = {}
@@ -35,7 +37,7 @@ NOTES: list[str] = []
 def setup():
     from lime_fast.testing.tiny import replica_sdxl_pipeline, tiny_sdxl_pipeline
 
-    pipe = replica_sdxl_pipeline() if CUDA else tiny_sdxl_pipeline()
+    pipe = replica_sdxl_pipeline(device="cuda") if CUDA else tiny_sdxl_pipeline()
     pipe = pipe.to("cuda", torch.float16) if CUDA else pipe
     engine = LimeEngine.from_pipe(pipe)  # the SDXL VAE moves to fp32 (force_upcast)
     return pipe, engine

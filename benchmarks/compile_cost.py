@@ -46,7 +46,7 @@ def child(args) -> dict:
 
     cuda = torch.cuda.is_available()
     t0 = time.perf_counter()
-    pipe = (tiny_pipeline() if args.tiny else replica_pipeline()).to("cuda" if cuda else "cpu",
+    pipe = (tiny_pipeline() if args.tiny else replica_pipeline(device="cuda" if cuda else None)).to("cuda" if cuda else "cpu",
                                                                      torch.float16 if cuda else torch.float32)
     build = time.perf_counter() - t0
     compile_opt = {"true": True}.get(args.compile.lower(), args.compile)

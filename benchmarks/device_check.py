@@ -3,24 +3,26 @@
 Run it as the first device call of any task that has a GPU, and paste its report (it names the GPU
 and the date) into benchmarks/RESULTS.md:
 
-    python3 benchmarks/device_check.py --out $OUT/device_check.md --json $OUT/device_check.json
+    bash scripts/device_check.sh first 440     # on the device: wheels, then --plan first within 440 s
+
+``--plan`` picks the steps and their order (``PLANS``: "first" fits a first call of a 15-minute lease,
+"second" the faster modes after it, "all" everything); ``--only`` narrows a plan.
 
 Steps (each a subprocess with its own time limit, so one slow or failing step does not hide the
-others):
-  1. tests on the device: the kernel against its reference (fp16, fp32 and bf16 on a real GPU), the
-     engine end to end through the kernel, whole-pass CUDA graphs, the native segmentation;
-  2. profile_edit.py: where one automatic and one user-mask edit spend their time (stages, host
-     time, top CUDA kernels, GPU idle time, host syncs inside each pass) on the full-size replica;
-  3. bench_attention.py: the kernel vs SDPA, SDPA + float mask, FlexAttention, the release's pattern;
-  4. bench_edit.py: diffusers vs lime_fast on the full-size random-weight replica, 512 x 512 fp16;
-     bench_sdxl.py: the same for the SDXL InstructPix2Pix replica at 768 and 1024;
-  5. bench_segment.py: native vs materialized at 512 x 512, sync-free vs early-exit k-means;
-  6. bench_batch.py: the batch runner.
-  7. the faster modes of issue 14 (``--only modes`` runs just these): their device tests (FP8, compile,
-     channels-last, step caching through real CUDA graphs), ``bench_edit.py::test_mode`` for the modes
-     without compilation (speed and fidelity against the faithful path, see benchmarks/modes.py), the
-     cold and warm compile cost (compile_cost.py), then the compiled modes, which find the compile-cost
-     step's artifacts in the same inductor cache folder (TORCHINDUCTOR_CACHE_DIR, fresh per run).
+others; ``STEPS`` lists them and ``PLANS`` orders them):
+  - tests on the device: the kernel against its reference (fp16, fp32 and bf16 on a real GPU), the
+    engine end to end through the kernel, whole-pass CUDA graphs, the native segmentation; the faster
+    modes' device tests (FP8, compile, channels-last, step caching through real CUDA graphs, SDXL);
+  - profile_edit.py: where one automatic and one user-mask edit spend their time (stages, host
+    time, top CUDA kernels, GPU idle time, host syncs inside each pass) on the full-size replica;
+  - bench_attention.py: the kernel vs SDPA, SDPA + float mask, FlexAttention, the release's pattern;
+  - bench_edit.py: diffusers vs lime_fast on the full-size random-weight replica, 512 x 512 fp16;
+    bench_sdxl.py: the same for the SDXL InstructPix2Pix replica (1024, or 768 and 1024);
+  - bench_segment.py: native vs materialized at 512 x 512; bench_batch.py: the batch runner;
+  - the faster modes: ``bench_edit.py::test_mode`` for the modes without compilation (speed and
+    fidelity against the faithful path, see benchmarks/modes.py), the cold compile cost
+    (compile_cost.py), then the compiled modes, which find the compile-cost step's artifacts in the
+    same inductor cache folder (TORCHINDUCTOR_CACHE_DIR, fresh per run).
 The report holds each step's status and time and the ratio lines the benchmarks print.
 
 On a machine without CUDA it runs the same steps (the GPU benchmarks skip themselves), which is how
@@ -32,9 +34,11 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.metadata
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -42,23 +46,48 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Most valuable first: a lease is short, and --budget cuts the tail, not the head.
-STEPS = [
-    ("tests: kernel, engine through the kernel, CUDA graphs, segmentation", ["tests/test_regularized_attention.py", "tests/test_engine_triton.py", "tests/test_graphs.py", "tests/test_segment.py", "-q", "--maxfail=5"], 150),
-    ("profile_edit", ["benchmarks/profile_edit.py"], 120),
-    ("bench_attention", ["benchmarks/bench_attention.py", "--benchmark-only", "-q"], 180),
-    ("bench_edit", ["benchmarks/bench_edit.py", "--benchmark-only", "-q", "-k", "not test_mode"], 180),  # modes: below
-    ("bench_sdxl", ["benchmarks/bench_sdxl.py", "--benchmark-only", "-q"], 150),
-    ("bench_segment", ["benchmarks/bench_segment.py", "--benchmark-only", "-q"], 90),
-    ("bench_batch", ["benchmarks/bench_batch.py", "--benchmark-only", "-q"], 90),
-    # issue 14, most valuable first: a mode step reports each mode that finished, even if cut short. The
+# One entry per step: (name, command, time limit in seconds, extra environment). A pytest step is a list of
+# pytest arguments; a script step starts with a benchmarks/*.py that is not a bench_/test_ file.
+STEPS = {
+    "tests": ("tests: kernel, engine through the kernel, CUDA graphs, segmentation",
+              ["tests/test_regularized_attention.py", "tests/test_engine_triton.py", "tests/test_graphs.py",
+               "tests/test_segment.py", "-q", "--maxfail=5"], 150),
+    "tests_modes": ("modes: device tests (fp8, compile, channels-last, step caching, SDXL)",
+                    ["tests/test_speedups.py", "tests/test_stepcache.py", "tests/test_sdxl.py", "-q", "-k", "device or cuda"], 150),
+    "profile": ("profile_edit", ["benchmarks/profile_edit.py"], 150),
+    "attention": ("bench_attention", ["benchmarks/bench_attention.py", "--benchmark-only", "-q"], 180),
+    # every whole-edit row of bench_edit but the faster modes (below), the release estimate and graphs-off
+    "edit": ("bench_edit", ["benchmarks/bench_edit.py", "--benchmark-only", "-q", "-k",
+                            "not test_mode and not release and not auto_roi_eager"], 130),
+    "edit_slow": ("bench_edit: release estimate, graphs off", ["benchmarks/bench_edit.py", "--benchmark-only", "-q", "-k",
+                                                               "release or auto_roi_eager or diffusers"], 150),
+    "sdxl": ("bench_sdxl", ["benchmarks/bench_sdxl.py", "--benchmark-only", "-q"], 150),
+    "sdxl1024": ("bench_sdxl at 1024", ["benchmarks/bench_sdxl.py", "--benchmark-only", "-q"], 130,
+                 {"LIME_BENCH_SDXL_SIZES": "1024"}),
+    "segment": ("bench_segment", ["benchmarks/bench_segment.py", "--benchmark-only", "-q"], 90),
+    "batch_runner": ("bench_batch", ["benchmarks/bench_batch.py", "--benchmark-only", "-q"], 90),
+    # the faster modes, each mode's row printed as soon as it is done (a step cut short keeps them). The
     # compiled-modes step runs in a new process on the cache the compile-cost step filled: its "compile"
     # row's first edit is the warm-cache figure, compile_cost.py's the cold one.
-    ("modes: device tests (fp8, compile, channels-last, step caching)", ["tests/test_speedups.py", "tests/test_stepcache.py", "-q", "-k", "device"], 150),
-    ("modes: eager (faithful, kv_cache, fused_qkv, channels_last, stepcache2/3, fp8)", ["benchmarks/bench_edit.py", "-k", "test_mode", "--benchmark-only", "-q", "-s"], 300, {"LIME_BENCH_MODES": "GPU_EAGER"}),
-    ("modes: compile cost (cold process)", ["benchmarks/compile_cost.py", "--runs", "cold", "--cache-dir", "{cache}"], 300),
-    ("modes: compiled (compile, fast, fastest, compile_fp8, compile_max, fp8_conv)", ["benchmarks/bench_edit.py", "-k", "test_mode", "--benchmark-only", "-q", "-s"], 480, {"LIME_BENCH_MODES": "GPU_COMPILED"}),
-]
+    "modes_eager": ("modes: eager (faithful, kv_cache, fused_qkv, channels_last, stepcache2/3, fp8)",
+                    ["benchmarks/bench_edit.py", "-k", "test_mode", "--benchmark-only", "-q", "-s"], 300,
+                    {"LIME_BENCH_MODES": "GPU_EAGER"}),
+    "compile_cost": ("modes: compile cost (cold process)", ["benchmarks/compile_cost.py", "--runs", "cold", "--cache-dir", "{cache}"], 300),
+    "modes_compiled": ("modes: compiled (compile, fast, fastest, compile_fp8, compile_max, fp8_conv)",
+                       ["benchmarks/bench_edit.py", "-k", "test_mode", "--benchmark-only", "-q", "-s"], 480,
+                       {"LIME_BENCH_MODES": "GPU_COMPILED"}),
+}
+
+# Most valuable first: a lease is short, and --budget cuts the tail, not the head. A 15-minute lease holds
+# a machine start (1-2 minutes), a first call of the "first" plan and a shorter second one.
+PLANS = {
+    "first": ["profile", "edit", "sdxl1024", "segment", "attention", "tests"],
+    "second": ["profile", "edit", "attention", "sdxl1024", "tests"],  # the first plan again, after fixes
+    "modes": ["modes_eager", "tests_modes"],
+    "compiled": ["compile_cost", "modes_compiled"],
+    "all": ["tests", "profile", "attention", "edit", "edit_slow", "sdxl", "segment", "batch_runner", "tests_modes",
+            "modes_eager", "compile_cost", "modes_compiled"],
+}
 
 
 def environment() -> list[str]:
@@ -70,10 +99,10 @@ def environment() -> list[str]:
         lines.append(f"GPU: {p.name}, {p.total_memory / 2**30:.0f} GiB, {p.multi_processor_count} SMs")
     else:
         lines.append("GPU: none (CPU smoke run: GPU benchmarks skip themselves)")
-    for name in ("triton", "diffusers", "transformers"):
+    for name in ("triton", "diffusers", "transformers", "torchao", "numpy"):
         try:
-            lines.append(f"{name} {__import__(name).__version__}")
-        except ImportError:
+            lines.append(f"{name} {importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
             lines.append(f"{name}: not installed")
     return lines
 
@@ -111,14 +140,22 @@ def run_step(args: list[str], limit: int, env: dict | None = None) -> tuple[str,
     return status, time.perf_counter() - t0, out
 
 
+def step_lines(out: str) -> list[str]:
+    """What a step's report keeps: its ratio lines, else its faster-mode rows, and its pytest tally."""
+    lines = ratio_lines(out) or [line for line in out.splitlines() if line.startswith("MODE |")]
+    tally = [line for line in out.splitlines() if re.search(r"\b\d+ (passed|failed|errors?|skipped)\b", line)][-3:]
+    return lines + tally
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--plan", choices=sorted(PLANS), default="all", help="which steps, in which order (default all)")
+    ap.add_argument("--only", nargs="+", help="of the plan's steps, run only those whose key or name contains one of these words")
     ap.add_argument("--out", help="write the markdown report here too")
-    ap.add_argument("--log-dir", help="keep each step's full output here")
-    ap.add_argument("--json", help="write the results as JSON here too (environment, steps, ratio lines)")
-    ap.add_argument("--only", nargs="+", help="run only the steps whose name contains one of these words")
+    ap.add_argument("--log", help="append every step's full output to this one file")
+    ap.add_argument("--json", help="write the results as JSON here too (environment, steps, their lines, the profile)")
     ap.add_argument("--budget", type=float, default=470.0,
-                    help="seconds for all steps together (default 470: under the 8-minute target); a step gets at most what is left")
+                    help="seconds for all steps together (default 470); a step gets at most what is left")
     args = ap.parse_args(argv)
     start = time.perf_counter()
 
@@ -132,12 +169,13 @@ def main(argv=None) -> int:
     import torch
 
     cuda = torch.cuda.is_available()
-    report = ["# lime_fast device check", "", *[f"- {line}" for line in environment()], ""]
+    report = ["# lime_fast device check", "", *[f"- {line}" for line in environment()], f"- plan: {args.plan}", ""]
     report += ["| step | status | seconds |", "|---|---|---|"]
     details, failed = [], 0
-    record = {"environment": environment(), "steps": []}
-    for name, step_args, limit, *step_env in STEPS:
-        if args.only and not any(w in name for w in args.only):
+    record = {"environment": environment(), "plan": args.plan, "steps": []}
+    for key in PLANS[args.plan]:
+        name, step_args, limit, *step_env = STEPS[key]
+        if args.only and not any(w in key or w in name for w in args.only):
             continue
         env = {"TORCHINDUCTOR_CACHE_DIR": cache}
         for k, v in (step_env[0] if step_env else {}).items():
@@ -147,12 +185,11 @@ def main(argv=None) -> int:
         left = args.budget - (time.perf_counter() - start)
         if left < 20:
             report.append(f"| {name} | skipped: budget spent | 0 |")
-            record["steps"].append({"name": name, "status": "skipped: budget spent", "seconds": 0, "ratios": []})
+            record["steps"].append({"key": key, "name": name, "status": "skipped: budget spent", "seconds": 0, "lines": []})
             continue
         print(f"== {name}", flush=True)
-        profile_json = None
-        if name == "profile_edit":
-            profile_json = Path(args.log_dir or ROOT) / "profile_edit.json"
+        profile_json = Path(tempfile.mkdtemp()) / "profile_edit.json" if key == "profile" else None
+        if profile_json is not None:
             step_args = [*step_args, "--json", str(profile_json)]
         status, secs, out = run_step(step_args, int(min(limit, left)), env)
         if profile_json is not None and profile_json.is_file():
@@ -160,13 +197,12 @@ def main(argv=None) -> int:
             details += ["### per-stage profile", "", *[line for line in out.splitlines() if line.startswith(("|", "  "))], ""]
         failed += status != "ok"
         report.append(f"| {name} | {status} | {secs:.0f} |")
-        record["steps"].append({"name": name, "status": status, "seconds": round(secs, 1), "ratios": ratio_lines(out)})
-        tail = [line for line in out.splitlines() if " passed" in line or " failed" in line or "error" in line.lower()][-3:]
-        lines = ratio_lines(out) or [line for line in out.splitlines() if line.startswith("MODE |")] or ["(no ratio lines)"]
-        details += [f"### {name}", "", "```", *lines, *tail, "```", ""]
-        if args.log_dir:
-            Path(args.log_dir).mkdir(parents=True, exist_ok=True)
-            (Path(args.log_dir) / f"{name.split(':')[0].replace(' ', '_')}.log").write_text(out)
+        lines = step_lines(out)
+        record["steps"].append({"key": key, "name": name, "status": status, "seconds": round(secs, 1), "lines": lines})
+        details += [f"### {name}", "", "```", *(lines or ["(no ratio lines)"]), "```", ""]
+        if args.log:
+            with open(args.log, "a") as f:
+                f.write(f"\n===== {name}: {status} in {secs:.0f} s\n{out}\n")
         print(f"   {status} in {secs:.0f} s", flush=True)
         if args.out:  # after every step, so a run cut short still leaves its report
             Path(args.out).write_text("\n".join(report + [""] + details))

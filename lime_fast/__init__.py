@@ -8,28 +8,7 @@ for InstructPix2Pix-family diffusers checkpoints.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
-
-def _map_source_kernels() -> None:
-    """Run from a source checkout with no install (the GPU machine, ``PYTHONPATH=.``): map the
-    top-level ``kernels/`` folder to ``lime_fast.kernels``, as setup.py's ``package_dir`` does."""
-    if importlib.util.find_spec(f"{__name__}.kernels") is not None:
-        return
-    folder = Path(__file__).resolve().parent.parent / "kernels"
-    spec = importlib.util.spec_from_file_location(
-        f"{__name__}.kernels", folder / "__init__.py", submodule_search_locations=[str(folder)]
-    )
-    if spec is None or not (folder / "__init__.py").is_file():
-        return
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-
-
-_map_source_kernels()
+import importlib
 
 # Light names import at once; torch, diffusers and the engine load on first use of a name that needs
 # them, so `lime-fast` answers a typo or a missing file in well under a second.

@@ -19,6 +19,7 @@ runs eagerly, and is what the tests compare the graphs with).
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 import warnings
@@ -200,12 +201,13 @@ class LimeEngine:
         self.default_config = default_config  # what edit() starts from (a shipped model's own)
         self.source: str | None = None  # the folder or hub id from_pretrained loaded (None: built from a pipe)
         self.trained_size = trained_size  # pixels; larger edits warn (a shipped model never saw them)
+        if self.family.upcast_vae and vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
+            # SDXL's VAE overflows in fp16 (diffusers upcasts it around every encode and decode): the engine
+            # runs its own fp32 copy (83 M parameters, 0.33 GB) and casts at its boundaries, so the caller's
+            # pipeline keeps its fp16 VAE and still runs. A fp16-safe VAE (force_upcast=False) is used as is.
+            vae = copy.deepcopy(vae).to(torch.float32)
         self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, pipe.text_encoder, pipe.tokenizer
         self.scheduler = pipe.scheduler
-        if vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
-            # SDXL's VAE overflows in fp16 (diffusers upcasts it around every encode and decode): keep it in
-            # fp32 (83 M parameters, 0.3 GB) and cast at its boundaries. A fp16-safe VAE (force_upcast=False) stays.
-            vae.to(torch.float32)
         self.vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
         self.multiple = pixel_multiple(vae.config, unet.config)
         self.speedups = apply_speedups(unet, vae, channels_last=channels_last, fuse_qkv=fuse_qkv, precision=precision)

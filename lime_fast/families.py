@@ -29,12 +29,15 @@ from pathlib import Path
 @dataclass(frozen=True)
 class Family:
     """name: "sd15" or "sdxl". pipeline: the diffusers pipeline class name. two_encoders: SDXL's pair of
-    text encoders and added conditions. feature_levels / reg_levels: the default levels by the rule above,
-    given the levels with cross-attention (``attention_levels``)."""
+    text encoders and added conditions. upcast_vae: the family's diffusers pipeline runs a fp16 VAE whose
+    config says ``force_upcast`` in fp32 (SDXL's; SD 1.5's pipelines never upcast, and its VAE configs
+    carry diffusers' default ``force_upcast=True`` without meaning it). feature_levels / reg_levels: the
+    default levels by the rule above, given the levels with cross-attention (``attention_levels``)."""
 
     name: str
     pipeline: str
     two_encoders: bool
+    upcast_vae: bool
 
     @staticmethod
     def attention_levels(unet_config) -> tuple[int, ...]:
@@ -57,8 +60,8 @@ class Family:
         return getattr(diffusers, self.pipeline)
 
 
-SD15 = Family("sd15", "StableDiffusionInstructPix2PixPipeline", two_encoders=False)
-SDXL = Family("sdxl", "StableDiffusionXLInstructPix2PixPipeline", two_encoders=True)
+SD15 = Family("sd15", "StableDiffusionInstructPix2PixPipeline", two_encoders=False, upcast_vae=False)
+SDXL = Family("sdxl", "StableDiffusionXLInstructPix2PixPipeline", two_encoders=True, upcast_vae=True)
 FAMILIES = {f.pipeline: f for f in (SD15, SDXL)}
 
 

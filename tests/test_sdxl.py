@@ -128,7 +128,20 @@ def test_accelerate_sdxl_pipeline(sdxl_dir, shapes, emulate):
 
 
 def test_sdxl_vae_runs_in_fp32(sdxl_dir):
-    """SDXL's VAE overflows in fp16 (force_upcast): the engine keeps it in fp32 around a fp16 UNet."""
+    """SDXL's VAE overflows in fp16 (force_upcast): the engine runs its own fp32 copy around a fp16 UNet,
+    and the caller's pipeline keeps its fp16 VAE (so diffusers' own call on it still runs)."""
     pipe = _diffusers(sdxl_dir).to(dtype=torch.float16)
     eng = LimeEngine.from_pipe(pipe)
     assert eng.vae.dtype == torch.float32 and eng.dtype == torch.float16
+    assert pipe.vae.dtype == torch.float16 and eng.vae is not pipe.vae
+
+
+def test_sd15_vae_keeps_the_pipelines_dtype(tmp_path):
+    """SD 1.5's VAE configs carry diffusers' default force_upcast=True, which its pipelines ignore: the
+    engine runs the VAE in the pipeline's dtype and changes nothing in the caller's pipeline."""
+    from lime_fast.testing.tiny import tiny_pipeline
+
+    pipe = tiny_pipeline().to(dtype=torch.float16)
+    assert pipe.vae.config.force_upcast
+    eng = LimeEngine.from_pipe(pipe)
+    assert eng.vae is pipe.vae and pipe.vae.dtype == torch.float16

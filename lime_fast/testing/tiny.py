@@ -95,10 +95,12 @@ def save_tiny(path: str | Path, **kwargs) -> Path:
     return path
 
 
-def replica_pipeline(seed: int = 0, tokenizer=None):
+def replica_pipeline(seed: int = 0, tokenizer=None, device=None):
     """A full-size random-weight replica of timbrooks/instruct-pix2pix (SD 1.5 UNet, VAE, CLIP ViT-L/14
     text tower), built from the configs shipped in ``lime_fast/data/configs``: for GPU timings and
-    memory figures with no download. ~1.07 B parameters, fp32 on the CPU (move it with ``.to``)."""
+    memory figures with no download. ~1.07 B parameters, fp32 (move it with ``.to``).
+    device: where the weights are made and initialized (default the CPU); "cuda" draws the 1.07 B random
+    weights on the GPU instead of the host's cores (other weights than the CPU's draw, same layout)."""
     from diffusers import AutoencoderKL, EulerAncestralDiscreteScheduler, StableDiffusionInstructPix2PixPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -108,11 +110,15 @@ def replica_pipeline(seed: int = 0, tokenizer=None):
     text_cfg = {k: v for k, v in shipped_config("text_encoder").items() if k not in ("architectures", "torch_dtype")}
     tok = tokenizer or clip_tokenizer()
     text_cfg.update(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    with torch.device(device or "cpu"):
+        vae = AutoencoderKL.from_config(shipped_config("vae"))
+        text_encoder = CLIPTextModel(CLIPTextConfig(**text_cfg))
+        unet = UNet2DConditionModel.from_config(shipped_config("unet"))
     pipe = StableDiffusionInstructPix2PixPipeline(
-        vae=AutoencoderKL.from_config(shipped_config("vae")),
-        text_encoder=CLIPTextModel(CLIPTextConfig(**text_cfg)),
+        vae=vae,
+        text_encoder=text_encoder,
         tokenizer=tok,
-        unet=UNet2DConditionModel.from_config(shipped_config("unet")),
+        unet=unet,
         scheduler=EulerAncestralDiscreteScheduler.from_config(shipped_config("scheduler")),
         safety_checker=None,
         feature_extractor=None,
@@ -175,10 +181,11 @@ def save_tiny_sdxl(path: str | Path, **kwargs) -> Path:
     return path
 
 
-def replica_sdxl_pipeline(seed: int = 0, tokenizer=None):
+def replica_sdxl_pipeline(seed: int = 0, tokenizer=None, device=None):
     """A full-size random-weight replica of an SDXL InstructPix2Pix (e.g. diffusers/sdxl-instructpix2pix-768;
     2.57 B-parameter UNet, two text encoders, the fp32-only SDXL VAE), from the configs shipped in
-    ``lime_fast/data/configs/sdxl-instructpix2pix``: for GPU figures at 768 and 1024 with no download."""
+    ``lime_fast/data/configs/sdxl-instructpix2pix``: for GPU figures at 768 and 1024 with no download.
+    device: where the weights are made and initialized, as for ``replica_pipeline``."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLInstructPix2PixPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -193,13 +200,18 @@ def replica_sdxl_pipeline(seed: int = 0, tokenizer=None):
         cfg.update(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
         return CLIPTextConfig(**cfg)
 
+    with torch.device(device or "cpu"):
+        vae = AutoencoderKL.from_config(shipped_config("vae", SDXL_CONFIG_DIR))
+        text_encoder = CLIPTextModel(text("text_encoder"))
+        text_encoder_2 = CLIPTextModelWithProjection(text("text_encoder_2"))
+        unet = UNet2DConditionModel.from_config(shipped_config("unet", SDXL_CONFIG_DIR))
     pipe = StableDiffusionXLInstructPix2PixPipeline(
-        vae=AutoencoderKL.from_config(shipped_config("vae", SDXL_CONFIG_DIR)),
-        text_encoder=CLIPTextModel(text("text_encoder")),
-        text_encoder_2=CLIPTextModelWithProjection(text("text_encoder_2")),
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
         tokenizer=tok,
         tokenizer_2=tok_2,
-        unet=UNet2DConditionModel.from_config(shipped_config("unet", SDXL_CONFIG_DIR)),
+        unet=unet,
         scheduler=EulerDiscreteScheduler.from_config(shipped_config("scheduler", SDXL_CONFIG_DIR)),
         add_watermarker=False,
     )
