@@ -28,28 +28,31 @@ setup(
                                 "data/shapes-ip2p/*.json", "data/shapes-ip2p/*.md", "data/shapes-ip2p/*.png",
                                 "data/shapes-ip2p/*/*.json", "data/shapes-ip2p/*/*.safetensors"],
                   "lime_fast.serve": ["static/*"]},
-    # torch is deliberately unpinned here; scripts/install.sh (what .ci/run calls) installs the CPU build
-    # (torch==2.13.0) first when no torch is present, so CI never pulls a CUDA build.
+    # Ranges for library users (scripts/install.sh installs the exact versions of requirements/lock.txt
+    # instead). Upper bounds: the next major of each, never tested. torch's CPU or CUDA build is the
+    # user's choice: install it first (scripts/install.sh takes the CPU build).
     install_requires=[
-        "torch>=2.4",
-        "diffusers>=0.30",
-        "accelerate",
-        "transformers>=4.44",
-        "safetensors",
-        "numpy",
-        "pillow",
-        "tqdm",
+        "torch>=2.4,<3",
+        "diffusers>=0.30,<1",
+        "accelerate>=0.30,<2",
+        "transformers>=4.44,<6",
+        "safetensors>=0.4,<1",
+        "numpy>=1.24,<3",
+        "pillow>=9,<14",
+        "tqdm>=4.60,<5",
+        "packaging>=21",
     ],
     extras_require={
-        "dev": ["pytest", "pytest-benchmark", "scikit-learn", "triton", "httpx>=0.27", "selenium>=4.11"],
-        "triton": ["triton"],
+        "dev": ["pytest>=8,<10", "pytest-benchmark>=4,<6", "scikit-learn>=1.3,<2", "triton>=3,<4", "httpx>=0.27,<1",
+                "selenium>=4.11,<5", "pip-tools>=7,<8"],
+        "triton": ["triton>=3,<4"],
         "cuml": ["cuml-cu12"],
-        "ray": ["ray[data]>=2.50"],
-        "eval": ["pyarrow>=14"],  # lime-fast eval: MagicBrush's Hugging Face parquet files
+        "ray": ["ray[data]>=2.50,<3"],
+        "eval": ["pyarrow>=14,<27"],  # lime-fast eval: MagicBrush's Hugging Face parquet files
         # precision="fp8" (Ada/Hopper GPUs only; not installed by scripts/install.sh: it refuses on a CPU)
-        "fp8": ["torchao>=0.14"],
+        "fp8": ["torchao>=0.14,<1"],
         # lime-fast serve; starlette 0.44 added Request.form(max_part_size=...), multipart 0.0.18 fixed a DoS
-        "serve": ["fastapi>=0.115.7", "starlette>=0.44", "uvicorn>=0.30", "python-multipart>=0.0.18"],
+        "serve": ["fastapi>=0.115.7,<1", "starlette>=0.44,<2", "uvicorn>=0.30,<1", "python-multipart>=0.0.18,<1"],
     },
     entry_points={"console_scripts": ["lime-fast=lime_fast.cli:main"]},
 )

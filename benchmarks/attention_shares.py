@@ -35,9 +35,8 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
-for p in (ROOT, ROOT / "scripts"):
-    if str(p) not in sys.path:
-        sys.path.insert(0, str(p))
+if str(ROOT / "scripts") not in sys.path:  # train_shapes.py, a script beside the package
+    sys.path.insert(0, str(ROOT / "scripts"))
 
 FIRST_SEED = 6_100_000
 ROLES = ("BOS", "content", "other kept", "stop", "EOS", "padding")

@@ -43,8 +43,6 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 from lime_fast import segment as seg  # noqa: E402
 from lime_fast.testing import clustered_features  # noqa: E402

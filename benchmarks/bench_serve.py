@@ -185,5 +185,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))  # run as a script from a checkout: import this checkout's lime_fast
     sys.exit(main())

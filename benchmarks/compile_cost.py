@@ -37,7 +37,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def child(args) -> dict:
-    sys.path.insert(0, str(ROOT))
     import torch
 
     from lime_fast import LimeEngine

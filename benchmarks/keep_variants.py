@@ -24,8 +24,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 FIRST_SEED = 6_000_000
 RULES = ("plain", "lime", "no_eos", "content_only")

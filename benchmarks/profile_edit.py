@@ -30,8 +30,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from lime_fast import LimeEngine  # noqa: E402
 from lime_fast.demo import shapes_image  # noqa: E402

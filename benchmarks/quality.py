@@ -40,8 +40,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 METHODS = ("ip2p", "ip2p:text_guidance=7.5", "lime", "lime-mask")
 FIRST_SEED = 5_000_000

@@ -30,8 +30,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 BLOCK = 16
 WORSE_IF_HIGHER = {"l1_in": True, "l1_out": True, "roi_iou": False}

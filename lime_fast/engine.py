@@ -39,7 +39,7 @@ from .errors import LimeWarning, ModelLoadError, NonFiniteLatentsError
 from .graphs import PassGraphs, compiled, graphed_forward
 from .inputs import EditInputs
 from .localize import heatmaps, normalized, roi_from_segments
-from .models import local_checkpoint, model_location, pixel_multiple, resolve_device, shipped
+from .models import load_error, local_checkpoint, model_location, pixel_multiple, resolve_device, shipped
 from .results import EditResult
 from .sampling import PassPlan, draw_noise, is_ancestral, make_scheduler, run_pass, stepper_of
 from .segment import _segment
@@ -280,22 +280,8 @@ class LimeEngine:
                     local_files_only=local_files_only,
                     **kwargs,
                 )
-        except Exception as e:  # hub / filesystem errors come in many types; one clear message instead
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            if path is not None:  # a local folder: downloading is not the fix
-                raise ModelLoadError(
-                    f"could not load the checkpoint folder '{model}': {reason}\n"
-                    "The folder has a model_index.json but a component is missing, incomplete or corrupt: it "
-                    "needs unet/, vae/, text_encoder/, tokenizer/ and scheduler/ with their configs and "
-                    "weights (safetensors unless use_safetensors=False). Re-copy or re-save it."
-                ) from None
-            raise ModelLoadError(
-                f"could not load the model '{model}': {reason}\n"
-                "Its weights are not in the local Hugging Face cache and could not be downloaded (no network?). "
-                f"Download them once where there is network with `hf download {model}` (huggingface_hub's "
-                "command line), or pass the path of a local diffusers folder. Offline, the shipped model "
-                "works everywhere a model is accepted: model='shapes-ip2p' (`lime-fast demo` shows it)."
-            ) from None
+        except Exception as e:  # import, filesystem, version and hub errors come in many types: one message each
+            raise load_error(e, model, path, use_safetensors) from None
         pipe.set_progress_bar_config(disable=True)
         engine = cls(pipe.to(device), attention=attention, use_cuda_graphs=use_cuda_graphs, compile=compile,
                      default_config=EditConfig(**info.config) if info else None,

@@ -135,6 +135,158 @@ def local_checkpoint(model) -> Path | None:
     return path
 
 
+def folder_problems(folder: Path, use_safetensors: bool = True) -> list[str]:
+    """What is actually missing or unreadable in a diffusers checkpoint folder, one line each (empty: every
+    component the ``model_index.json`` lists has a readable config and, for weighted components, a weight
+    file whose header reads). Checked only after a load failed, to tell a broken folder from other causes."""
+    import json
+
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+    except (OSError, ValueError) as e:
+        return [f"model_index.json: unreadable ({e})"]
+    problems = []
+    for name, spec in index.items():
+        if name.startswith("_") or not isinstance(spec, list) or spec[0] is None or name in ("safety_checker", "feature_extractor"):
+            continue
+        sub = folder / name
+        if not sub.is_dir():
+            problems.append(f"{name}/: missing")
+            continue
+        configs = [c for c in ("config.json", "scheduler_config.json", "tokenizer_config.json", "vocab.json") if (sub / c).is_file()]
+        if not configs:
+            problems.append(f"{name}/: no config file")
+        for c in configs:
+            try:
+                json.loads((sub / c).read_text())
+            except (OSError, ValueError) as e:
+                problems.append(f"{name}/{c}: unreadable ({type(e).__name__})")
+        if name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+            weights = sorted(sub.glob("*.safetensors")) + ([] if use_safetensors else sorted(sub.glob("*.bin")))
+            if not weights:
+                problems.append(f"{name}/: no weight file ({'*.safetensors' if use_safetensors else '*.safetensors or *.bin'})")
+            problems += [f"{name}/{w.name}: {why}" for w in weights if w.suffix == ".safetensors" and (why := _safetensors_problem(w))]
+    return problems
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """Why a .safetensors file cannot be read (its 8-byte header length, then the JSON header), else None."""
+    import json
+
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if size < 8 or n > size - 8:
+                return f"truncated or not safetensors ({size} bytes)"
+            json.loads(f.read(n))
+    except (OSError, ValueError) as e:
+        return f"unreadable ({type(e).__name__})"
+    return None
+
+
+def _import_error(error: BaseException) -> ImportError | None:
+    """The ImportError behind a load failure (diffusers wraps its lazy imports' errors in RuntimeError)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, ImportError):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _site_dirs() -> list[Path]:
+    import site
+    import sysconfig
+
+    dirs = {sysconfig.get_paths()[k] for k in ("purelib", "platlib")} | set(site.getsitepackages()) | {site.getusersitepackages()}
+    return [Path(d).resolve() for d in dirs]
+
+
+def _import_message(e: ImportError) -> str:
+    """One paragraph on a failed import: a module shadowed by a file outside site-packages, a missing
+    package, or an installed package that does not provide what the importer needs."""
+    import importlib.metadata as md
+
+    top = (e.name or "").split(".")[0]
+    dists = md.packages_distributions().get(top, []) if top else []
+    where = Path(e.path).resolve() if getattr(e, "path", None) else None
+    if where is not None and not any(d in where.parents for d in _site_dirs()):
+        owner = f" (the installed distribution {', '.join(dists)})" if dists else ""
+        return (f"the module '{top}' was imported from {where}, which is not the installed package{owner}: a file or "
+                f"folder named '{top}' in the working directory or on PYTHONPATH shadows it. Rename it, or run from "
+                "another folder.")
+    if isinstance(e, ModuleNotFoundError) and not dists:
+        return (f"the package providing '{e.name}' is not installed and diffusers or transformers needs it here: "
+                f"pip install {top} (or reinstall lime-fast to get its dependencies).")
+    versions = ", ".join(f"{d} {md.version(d)}" for d in dists) or top
+    return (f"the installed {versions} does not provide what diffusers or transformers imports from it "
+            "(the versions do not fit together): reinstall the dependencies lime-fast was tested with "
+            "(scripts/install.sh in a checkout, or pip install -U lime-fast).")
+
+
+def version_problems() -> list[str]:
+    """Installed versions outside lime-fast's declared requirement ranges (its package metadata), e.g.
+    ["diffusers 0.20.0 (lime-fast needs diffusers<1,>=0.30)"]; empty when all fit or when lime-fast runs
+    from a checkout that is not installed."""
+    import importlib.metadata as md
+
+    try:
+        from packaging.requirements import Requirement
+
+        requires = md.requires("lime-fast") or []
+    except (ImportError, md.PackageNotFoundError):
+        return []
+    out = []
+    for line in requires:
+        req = Requirement(line)
+        if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+            continue  # an extra's requirement
+        try:
+            have = md.version(req.name)
+        except md.PackageNotFoundError:
+            out.append(f"{req.name} is not installed (lime-fast needs {req})")
+            continue
+        if not req.specifier.contains(have, prereleases=True):
+            out.append(f"{req.name} {have} (lime-fast needs {req})")
+    return out
+
+
+def load_error(error: BaseException, model, folder: Path | None, use_safetensors: bool = True) -> ModelLoadError:
+    """The ``ModelLoadError`` for a failed ``from_pretrained``, naming the real cause, checked in this
+    order: an import failing inside diffusers or transformers (a shadowed module, a missing optional
+    package, mismatched versions); a local folder with a file actually missing or unreadable (checked
+    file by file); installed versions outside lime-fast's ranges; a hub model that is not cached."""
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    what = f"the checkpoint folder '{model}'" if folder is not None else f"the model '{model}'"
+    imported = _import_error(error)
+    if imported is not None:
+        return ModelLoadError(f"could not load {what}: a library failed to import ({imported}).\n"
+                              f"This is an installation problem, not the checkpoint: {_import_message(imported)}")
+    problems = folder_problems(folder, use_safetensors) if folder is not None else []
+    if problems:
+        return ModelLoadError(
+            f"could not load {what}: {reason}\nThe folder is incomplete or corrupt: " + "; ".join(problems[:6])
+            + ". It needs unet/, vae/, text_encoder/, tokenizer/ and scheduler/ with their configs and weights "
+            "(safetensors unless use_safetensors=False). Re-copy or re-save it.")
+    versions = version_problems()
+    if versions:
+        return ModelLoadError(f"could not load {what}: {reason}\nInstalled versions lime-fast was not tested with: "
+                              + "; ".join(versions) + ". Install versions in range (pip install -U lime-fast).")
+    if folder is not None:
+        return ModelLoadError(
+            f"could not load {what}: {type(error).__name__}: {reason}\nEvery file the folder's model_index.json "
+            "lists is present and readable, so this is not a missing file: the folder may hold another model "
+            "family's components, or settings diffusers rejects (the message above says which).")
+    return ModelLoadError(
+        f"could not load {what}: {reason}\n"
+        "Its weights are not in the local Hugging Face cache and could not be downloaded (no network?). "
+        f"Download them once where there is network with `hf download {model}` (huggingface_hub's "
+        "command line), or pass the path of a local diffusers folder. Offline, the shipped model "
+        "works everywhere a model is accepted: model='shapes-ip2p' (`lime-fast demo` shows it).")
+
+
 def quiet_libraries() -> None:
     # diffusers/transformers chatter (optional-dependency notes, weight-loading bars) would bury our own
     # progress bars and messages; their errors still surface as exceptions.

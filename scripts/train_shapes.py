@@ -39,7 +39,6 @@ import json
 import math
 import re
 import shlex
-import sys
 import time
 from pathlib import Path
 
@@ -48,8 +47,6 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 from lime_fast.testing.shapes import make_batch  # noqa: E402
 

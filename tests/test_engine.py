@@ -167,14 +167,28 @@ def test_regularization_only_inside_roi_and_only_unrelated_tokens(engine, shapes
 
 
 def test_batch_of_two_edits_matches_single_edits(engine, shapes, fast):
+    """What edit_batch guarantees: each edit is the single edit run in one UNet batch (same tokens, seeds
+    and settings), equal up to the rounding of batched kernels. The features k-means clusters agree with
+    the single edits' within 1e-4 of their largest value (fp32 convolutions batched differently round
+    differently); such a difference can flip a k-means assignment at a near-tie (seen on a fresh 2-core
+    machine), so segments are not promised equal. With the region fixed, the images agree within 2/255."""
     other = PIL.Image.fromarray(np.asarray(shapes)[:, ::-1].copy())
-    singles = [engine.edit(im, s, progress=False, **fast) for im, s in ((shapes, "make the red circle blue"), (other, "turn the blue square green"))]
-    batch = engine.edit_batch([shapes, other], ["make the red circle blue", "turn the blue square green"], progress=False, **fast)
-    assert [r.tokens for r in batch] == [["red", "circle", "blue"], ["blue", "square", "green"]]
-    for s, b in zip(singles, batch):
-        assert np.array_equal(s.segments, b.segments) and np.array_equal(s.roi_grid, b.roi_grid)
+    images, texts = [shapes, other], ["make the red circle blue", "turn the blue square green"]
+    cfg = engine.default_config.replace(**fast)
+    batch = engine.localization_pass(engine.encode(engine.preprocess(images), texts), cfg, progress=False)
+    for i, (im, text) in enumerate(zip(images, texts)):
+        single = engine.localization_pass(engine.encode(engine.preprocess([im]), [text]), cfg, progress=False)
+        for got, want in zip(batch.features + batch.maps, single.features + single.maps):
+            assert (got[i] - want[0]).abs().max() <= 1e-4 * want.abs().max()
+    singles = [engine.edit(im, text, progress=False, **fast) for im, text in zip(images, texts)]
+    masks = [s.roi_mask for s in singles]
+    fixed = [engine.edit(im, text, mask=m, progress=False, **fast) for im, text, m in zip(images, texts, masks)]
+    together = engine.edit_batch(images, texts, masks=masks, progress=False, **fast)
+    assert [r.tokens for r in together] == [["red", "circle", "blue"], ["blue", "square", "green"]]
+    for s, b in zip(fixed, together):
+        assert np.array_equal(s.roi_grid, b.roi_grid)
         diff = np.abs(np.asarray(s.image).astype(int) - np.asarray(b.image).astype(int))
-        assert diff.max() <= 2, diff.max()  # batched BLAS may round differently in fp32
+        assert diff.max() <= 2, diff.max()
 
 
 def test_user_mask_of_another_size(engine, shapes, fast):
@@ -257,19 +271,6 @@ def test_non_finite_latents_raise_naming_the_step(engine, shapes, fast, monkeypa
             engine.edit(shapes, "make the red circle blue", mask=np.ones((4, 4), bool), progress=False, **fast)
     finally:
         handle.remove()
-
-
-def test_corrupt_local_folder_gets_folder_advice(tmp_path, tiny_dir):
-    import shutil
-
-    broken = tmp_path / "broken"
-    shutil.copytree(tiny_dir, broken)
-    for f in (broken / "unet").glob("*.safetensors"):
-        f.write_bytes(b"not safetensors")
-    with pytest.raises(ModelLoadError) as e:
-        LimeEngine.from_pretrained(broken, device="cpu")
-    msg = str(e.value)
-    assert "checkpoint folder" in msg and "corrupt" in msg and "download" not in msg
 
 
 def test_user_hooks_on_the_unet_run(engine, shapes, fast):
