@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 from setuptools import setup
@@ -14,9 +15,11 @@ class BuildPy(build_py):
             for source in sorted(Path("kernels").glob("*.py")):
                 self.copy_file(str(source), str(Path(self.build_lib) / "lime_fast" / "kernels" / source.name))
 
+VERSION = re.search(r'^__version__ = "([^"]+)"', Path("lime_fast/__init__.py").read_text(), re.M)[1]  # the one home
+
 setup(
     name="lime-fast",
-    version="0.1.0",
+    version=VERSION,
     description="Fast, dependable LIME: training-free localized image editing for InstructPix2Pix-family models",
     long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8") if Path("README.md").exists() else "",
     long_description_content_type="text/markdown",

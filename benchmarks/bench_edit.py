@@ -178,8 +178,7 @@ def test_unet_step(benchmark, setup, mode):
     _, engine, image, _ = setup
     x, t, states, plan, roi, keep = fast_modes.unet_step_inputs(engine, (image.height, image.width), STEPS)
     ctl = engine.controller
-    ctl.begin_pass(plan, roi_grid=roi, keep=keep)
-    ctl.step = 0
+    ctl.begin_pass(plan, roi_grid=roi, keep=keep).at_step(0)
     unet = GraphedUNet(engine.unet, engine._unet, enabled=mode == "graph")  # one graph of one evaluation
     fn = lambda: unet(x, t, states, return_dict=False)[0]  # noqa: E731
     with torch.no_grad():

@@ -127,8 +127,7 @@ def _unet_step(engine, image_hw, rounds: int) -> float:
     from lime_fast.graphs import GraphedUNet
 
     x, t, states, plan, roi, keep = unet_step_inputs(engine, image_hw)
-    engine.controller.begin_pass(plan, roi_grid=roi, keep=keep, context=states)
-    engine.controller.step = 0
+    engine.controller.begin_pass(plan, roi_grid=roi, keep=keep, context=states).at_step(0)
     try:
         unet = GraphedUNet(engine.unet, engine._unet, enabled=torch.cuda.is_available())
         with torch.no_grad():

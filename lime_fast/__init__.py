@@ -12,8 +12,11 @@ import importlib
 
 # Light names import at once; torch, diffusers and the engine load on first use of a name that needs
 # them, so `lime-fast` answers a typo or a missing file in well under a second.
-from .config import DEFAULT_MODEL, EditConfig  # noqa: E402
-from .errors import InputWarning, LimeWarning, ModelLoadError, NonFiniteLatentsError, UnsupportedModeError  # noqa: E402
+from .config import DEFAULT_MODEL, EditConfig, EngineOptions  # noqa: E402
+from .errors import (  # noqa: E402
+    BatchError, ConfigError, InputWarning, LimeError, LimeWarning, ModelLoadError, NonFiniteLatentsError,
+    UnsupportedModeError,
+)
 
 _LAZY = {
     "LimeEngine": "engine", "Encoded": "engine", "EditResult": "results", "accelerate": "graphs",
@@ -34,11 +37,15 @@ def __getattr__(name):
 __version__ = "0.1.0"
 __all__ = [
     "DEFAULT_MODEL",
+    "BatchError",
+    "ConfigError",
     "EditConfig",
     "EditResult",
     "Encoded",
+    "EngineOptions",
     "InputWarning",
     "LimeEngine",
+    "LimeError",
     "LimeWarning",
     "ModelLoadError",
     "NonFiniteLatentsError",

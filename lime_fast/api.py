@@ -2,42 +2,60 @@
 
 from __future__ import annotations
 
+import os
 import threading
+from collections import OrderedDict
 
 import torch
 
-from .config import DEFAULT_MODEL
+from .config import DEFAULT_MODEL, EngineOptions
 from .engine import LimeEngine
 from .results import EditResult
 
-_ENGINES: dict[tuple, LimeEngine] = {}
+ENGINE_CACHE_SIZE = int(os.environ.get("LIME_FAST_ENGINE_CACHE", "2"))
+"""Engines loaded by name that ``get_engine`` keeps (least recently used dropped first). A service that
+edits with several models keeps at most this many loaded; set LIME_FAST_ENGINE_CACHE (or this attribute)."""
+
+_ENGINES: OrderedDict[tuple, LimeEngine] = OrderedDict()
 _ENGINES_LOCK = threading.Lock()
+_PIPE_ENGINES = "_lime_fast_engines"  # the attribute of a held pipeline that keeps its engines
 
 
-def get_engine(model=DEFAULT_MODEL, *, device=None, torch_dtype=None, attention: str = "auto") -> LimeEngine:
-    """The cached ``LimeEngine`` for (model, device, dtype, attention); loaded on first use.
+def get_engine(model=DEFAULT_MODEL, *, device=None, torch_dtype=None, options: EngineOptions | None = None,
+               **option_fields) -> LimeEngine:
+    """The cached ``LimeEngine`` for (model, device, dtype, ``EngineOptions``); loaded on first use.
 
-    ``model`` may also be a ``LimeEngine`` (returned as is) or a loaded InstructPix2Pix pipeline.
+    ``model`` may also be a ``LimeEngine`` (returned as is) or a loaded InstructPix2Pix pipeline, whose
+    engines live on the pipeline object itself: they go when the caller drops the pipeline, and no
+    recycled ``id`` can return another pipeline's engine. Engines loaded by name are kept in a
+    least-recently-used cache of ``ENGINE_CACHE_SIZE``. options / option_fields: an ``EngineOptions``
+    and/or its fields as keywords.
     """
     if isinstance(model, LimeEngine):
         return model
+    opts = EngineOptions.of(options, **option_fields)
     if hasattr(model, "unet") and hasattr(model, "vae"):
-        key = (id(model), attention)
         with _ENGINES_LOCK:
-            if key not in _ENGINES:
-                _ENGINES[key] = LimeEngine.from_pipe(model, attention=attention)
-            return _ENGINES[key]
-    from .models import resolve_device
+            held = model.__dict__.setdefault(_PIPE_ENGINES, {})
+            if opts not in held:
+                held[opts] = LimeEngine.from_pipe(model, opts)
+            return held[opts]
+    from .models import model_location, resolve_device
 
     dev = resolve_device(device)
     dtype = torch_dtype or (torch.float16 if dev.type == "cuda" else torch.float32)
-    from .models import model_location
-
-    key = (model_location(model), str(dev), dtype, attention)
+    key = (model_location(model), str(dev), dtype, opts)
     with _ENGINES_LOCK:
-        if key not in _ENGINES:
-            _ENGINES[key] = LimeEngine.from_pretrained(model, torch_dtype=dtype, device=dev, attention=attention)
-        return _ENGINES[key]
+        if key in _ENGINES:
+            _ENGINES.move_to_end(key)
+            return _ENGINES[key]
+    engine = LimeEngine.from_pretrained(model, torch_dtype=dtype, device=dev, options=opts)  # outside the lock: slow
+    with _ENGINES_LOCK:
+        engine = _ENGINES.setdefault(key, engine)
+        _ENGINES.move_to_end(key)
+        while len(_ENGINES) > max(0, ENGINE_CACHE_SIZE):
+            _ENGINES.popitem(last=False)
+        return engine
 
 
 def edit(
@@ -48,6 +66,7 @@ def edit(
     model=DEFAULT_MODEL,
     device=None,
     torch_dtype=None,
+    options: EngineOptions | None = None,
     progress: bool = True,
     **config,
 ) -> EditResult:
@@ -62,6 +81,9 @@ def edit(
             shipped model ("shapes-ip2p", offline), a loaded pipeline, or a ``LimeEngine``. Loaded
             engines are cached across calls.
         device, torch_dtype: default CUDA + fp16 when available, else CPU + fp32.
+        options: how the engine computes (``EngineOptions``: attention backend, CUDA graphs, compile,
+            channels-last, fused QKV, precision); its fields may also be passed as keywords
+            (``compile=True``). Each distinct options value loads its own engine.
         progress: show a progress bar per pass.
         **config: any ``EditConfig`` field (steps, seed, text_guidance, top_k, roi_words, ...); they
             override the model's defaults (the spec's, or a shipped model's own).
@@ -74,6 +96,8 @@ def edit(
     from .models import config_multiple, default_config, shipped
 
     # validate everything before loading anything
+    engine_fields = {k: config.pop(k) for k in list(config) if k in EngineOptions.__dataclass_fields__}
+    opts = EngineOptions.of(options, **engine_fields)
     if isinstance(model, LimeEngine):
         base, multiple, trained = model.default_config, model.multiple, model.trained_size
     else:
@@ -83,5 +107,5 @@ def edit(
     cfg = base.replace(**config)
     job = EditInputs.build([image], [instruction], None if mask is None else [mask], multiple=multiple, cfg=cfg,
                            trained_size=trained)
-    engine = get_engine(model, device=device, torch_dtype=torch_dtype)
+    engine = get_engine(model, device=device, torch_dtype=torch_dtype, options=opts)
     return engine.edit(job.images[0], job.instructions[0], mask=job.masks[0], progress=progress, config=cfg)

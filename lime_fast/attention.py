@@ -74,23 +74,61 @@ class Capture:
     map_levels: list[int] = field(default_factory=list)
 
 
-class AttentionController:
-    """Shared state of all ``LimeAttnProcessor``s of one UNet: the pass being run and its step.
+@dataclass
+class PassState:
+    """Everything a denoising pass reads, in one object, and the one writer of each field.
 
-    The engine brackets each denoising pass with ``begin_pass(plan, roi_grid, keep)`` /
-    ``end_pass()`` and sets ``step`` before each UNet evaluation; everything else the processors need
-    comes from the immutable ``PassPlan`` (``lime_fast.sampling``): whether this step captures, whether
-    it is regularized, at which levels. Outside a pass (``plan`` None, e.g. under ``accelerate(pipe)``)
-    every processor is plain attention.
+    ``AttentionController.begin_pass`` builds it and writes every field once, except these three:
+      step, capturing, penalizing: ``at_step``, which ``run_pass`` calls before each UNet evaluation;
+      capture: the attention processors append the capture step's features and maps to it;
+      deep: ``StepCache`` stores the deep blocks' output of the pass's last full step there.
+    The processors, ``StepCache`` and the graph runner find it as ``controller.state`` (None outside a
+    pass: every processor is then plain attention). A whole-pass CUDA graph records what one pass reads.
+
+    plan: the immutable ``PassPlan`` (``lime_fast.sampling``). roi: {level: [3B, N_l] bool} at the
+    plan's regularized levels ({} for plain plans). keep: [3B, T] bool or None. kv: {module name: (K, V)
+    [3B, H, T, D]}, the cross-attention keys and values projected once from the pass's context ({}:
+    projected at every step). capture: the ``Capture`` the capture step fills. deep: see above.
+    step: the evaluation running (-1 before the first); capturing / penalizing: derived from plan and
+    step, so that under torch.compile the processors guard on two bools (a handful of graphs per shape)
+    instead of the step number (one graph per step, and eager fallback past dynamo's recompile limit).
+    """
+
+    plan: object
+    roi: dict = field(default_factory=dict)
+    keep: torch.Tensor | None = None
+    kv: dict = field(default_factory=dict)
+    capture: Capture = field(default_factory=Capture)
+    deep: torch.Tensor | None = None
+    step: int = -1
+    capturing: bool = False
+    penalizing: bool = False
+
+    def at_step(self, i: int) -> "PassState":
+        """Before UNet evaluation ``i`` of the pass (the writer of step, capturing, penalizing)."""
+        self.step = i
+        self.capturing = self.plan.capturing(i)
+        self.penalizing = self.plan.regularized(i)
+        return self
+
+
+class AttentionController:
+    """What all ``LimeAttnProcessor``s of one UNet share: the cross-attention backend, whether K/V are
+    cached per pass, the cross-attention modules, and the running pass's ``PassState`` (``state``).
+
+    The engine brackets each denoising pass with ``begin_pass(plan, roi_grid, keep, context)`` (which
+    returns the pass's state) and ``end_pass()``; outside a pass (``state`` None, e.g. under
+    ``accelerate(pipe)``) every processor is plain attention.
 
     backend: "eager" runs cross-attention with SDPA (a boolean mask when regularizing) and with the
     eager reference when maps are captured; "triton" runs the fused kernel (``lime_fast.kernels.regularized_attention``)
     for every cross-attention call; a callable with ``regularized_attention_ref``'s signature
     (``fn(q, k, v, roi=, keep=, scale=, capture=) -> (out, probs)``) runs instead of both, e.g. the
     reference release's pattern that ``benchmarks/release.py`` times.
+    cache_kv: project cross-attention K/V once per pass (begin_pass's context); False: at every step.
     """
 
-    def __init__(self, backend="eager"):
+    def __init__(self, backend="eager", cache_kv: bool = True):
         self.backend = backend
         self._kernel = self._op = None
         if backend == "triton":  # imported once here, not per call (the hot path runs ~30x per step)
@@ -99,55 +137,34 @@ class AttentionController:
             # The launcher directly (no custom-op dispatch: ~60 us less per eager call on an H200);
             # the registered op only while torch.compile traces.
             self._kernel, self._op = regularized_attention_launch, regularized_attention
-        self.plan = None
-        self.step = -1
-        self.capture: Capture | None = None
-        self.roi: dict[int, torch.Tensor] = {}  # level -> [3B, N_l] bool, for the pass's regularized levels
-        self.keep: torch.Tensor | None = None  # [3B, T] bool
-        # Cross-attention K/V once per pass (begin_pass's context); False: every step projects them again.
-        self.cache_kv = True
-        self.cross_modules: dict[str, object] = {}  # name -> cross-attention module (install fills it)
-        self.pass_cache: dict[str, object] = {}  # per-pass tensors reused across steps; emptied per pass
-
-    @property
-    def step(self) -> int:
-        return self._step
-
-    @step.setter
-    def step(self, i: int) -> None:
-        """Set before each UNet evaluation; derives the two flags the processors read. Under torch.compile
-        the processors then guard on two bools (a handful of graphs per shape) instead of the step
-        number (one graph per step, and eager fallback past dynamo's recompile limit of 8)."""
-        self._step = i
-        plan = self.plan
-        self.capturing = plan is not None and plan.capturing(i)
-        self.penalizing = plan is not None and plan.regularized(i)
+        self.cache_kv = cache_kv
+        self.cross_modules: dict[str, object] = {}  # name -> cross-attention module (``install`` fills it)
+        self.state: PassState | None = None  # the running pass (begin_pass / end_pass write it)
 
     # --- per pass ----------------------------------------------------------------------
     def begin_pass(self, plan, roi_grid: torch.Tensor | None = None, keep: torch.Tensor | None = None,
-                   context: torch.Tensor | None = None) -> Capture:
-        """Start a pass: roi_grid [B, gh, gw] bool on the output grid and keep [B, T] bool (both or neither,
-        regularizing plans only). Returns the ``Capture`` the capture step fills. context: the pass's
-        encoder hidden states [3B, T, C]; with ``cache_kv`` every cross-attention module's K/V is
-        projected from it here, once, and reused at every step of the pass.
+                   context: torch.Tensor | None = None) -> PassState:
+        """Start a pass and return its state: roi_grid [B, gh, gw] bool on the output grid and keep [B, T]
+        bool (both or neither, regularizing plans only); context: the pass's encoder hidden states
+        [3B, T, C], from which (with ``cache_kv``) every cross-attention module's K/V is projected here,
+        once, and reused at every step of the pass.
 
         The RoI is resized (nearest) to each regularized level's grid and repeated over the three
         guidance branches here, with device ops only (inside a whole-pass CUDA graph they read the
         graph's input buffers). An element whose RoI is empty gets no penalty (an all-False row is plain
         attention), and one whose keep row is all False neither (see ``silenced_mask``)."""
-        self.plan, self.step, self.capture = plan, -1, Capture()
-        self.roi, self.keep, self.pass_cache = {}, None, {}
+        kv = {}
         if context is not None and self.cache_kv:
-            for name, attn in self.cross_modules.items():
-                self.pass_cache[name] = _heads(attn, *_project_kv(attn, context), context.shape[0])
+            kv = {name: _heads(attn, *_project_kv(attn, context), context.shape[0]) for name, attn in self.cross_modules.items()}
+        roi, kept = {}, None
         if plan.regularizes and roi_grid is not None and keep is not None:
-            self.keep = keep.bool().repeat(3, 1)
-            self.roi = {level: m.repeat(3, 1) for level, m in level_rois(roi_grid, plan.grids, plan.reg_levels).items()}
-        return self.capture
+            kept = keep.bool().repeat(3, 1)
+            roi = {level: m.repeat(3, 1) for level, m in level_rois(roi_grid, plan.grids, plan.reg_levels).items()}
+        self.state = PassState(plan, roi=roi, keep=kept, kv=kv)
+        return self.state
 
     def end_pass(self) -> None:
-        self.plan, self.step, self.capture, self.roi, self.keep = None, -1, None, {}, None
-        self.pass_cache = {}
+        self.state = None
 
     # --- the cross-attention seam ------------------------------------------------------
     def attend(self, q, k, v, roi, keep, scale, capture):
@@ -186,10 +203,11 @@ def _heads(attn, key: torch.Tensor, value: torch.Tensor, batch: int) -> tuple[to
 
 
 class LimeAttnProcessor:
-    """diffusers attention processor: SDPA self-attention, controller-steered cross-attention.
+    """diffusers attention processor: SDPA self-attention, cross-attention steered by the running pass's
+    ``PassState`` (``controller.state``), which it reads and, at the capture step, appends captures to.
 
     name: the module's name in the UNet (``install`` gives each module its own processor), the key of its
-    per-pass cached K/V in ``controller.pass_cache``; None: never cached."""
+    per-pass cached K/V in ``PassState.kv``; None: never cached."""
 
     def __init__(self, controller: AttentionController, name: str | None = None):
         self.ctl = controller
@@ -197,6 +215,7 @@ class LimeAttnProcessor:
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
         ctl = self.ctl
+        st = ctl.state
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -213,7 +232,7 @@ class LimeAttnProcessor:
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
-        cached = ctl.pass_cache.get(self.name) if is_cross and self.name is not None else None
+        cached = st.kv.get(self.name) if st is not None and is_cross and self.name is not None else None
         if not is_cross and getattr(attn, "fused_projections", False) and getattr(attn, "to_qkv", None) is not None:
             query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
             key, value = _heads(attn, key, value, batch)
@@ -230,25 +249,25 @@ class LimeAttnProcessor:
         if attn.norm_q is not None:
             query = attn.norm_q(query)
 
-        plan = ctl.plan
+        plan = st.plan if st is not None else None
         level = plan.level_of(n_queries) if plan is not None else -1
-        capturing = ctl.capturing and level in plan.feature_levels
+        capturing = st is not None and st.capturing and level in plan.feature_levels
         if is_cross and attention_mask is None:
-            penalize = ctl.penalizing and level in ctl.roi
+            penalize = st is not None and st.penalizing and level in st.roi
             n_edits = batch // 3
             out, probs = ctl.attend(
                 query,
                 key,
                 value,
-                ctl.roi[level] if penalize else None,
-                ctl.keep if penalize else None,
+                st.roi[level] if penalize else None,
+                st.keep if penalize else None,
                 None,  # 1/sqrt(D): diffusers' AttnProcessor2_0 ignores attn.scale too
                 torch.arange(n_edits, device=query.device) if capturing else None,
             )
             if probs is not None:  # [B, N, T] -> [B, T, h, w]
                 h, w = plan.grids[level]
-                ctl.capture.maps.append(probs.transpose(1, 2).reshape(n_edits, -1, h, w))
-                ctl.capture.map_levels.append(level)
+                st.capture.maps.append(probs.transpose(1, 2).reshape(n_edits, -1, h, w))
+                st.capture.map_levels.append(level)
         else:
             out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask)
 
@@ -259,8 +278,8 @@ class LimeAttnProcessor:
             n_edits = batch // 3
             h, w = plan.grids[level]
             feats = hidden_states[n_edits : 2 * n_edits]
-            ctl.capture.features.append(feats.transpose(1, 2).reshape(n_edits, -1, h, w))
-            ctl.capture.feature_levels.append(level)
+            st.capture.features.append(feats.transpose(1, 2).reshape(n_edits, -1, h, w))
+            st.capture.feature_levels.append(level)
         if input_ndim == 4:
             hidden_states = hidden_states.transpose(-1, -2).reshape(b, c, height, width)
         if attn.residual_connection:

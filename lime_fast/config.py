@@ -183,3 +183,45 @@ def field_docs() -> dict[str, str]:
             for n in names:
                 out[n] += " " + text
     return out
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """How an engine computes its edits: never which tokens LIME silences or where. One frozen value, so
+    that it can key the engine cache (``lime_fast.get_engine``) and travel as one argument; the public
+    calls (``LimeEngine.from_pretrained``, ``from_pipe``, ``lime_fast.accelerate``, ``lime_fast.edit``)
+    take these fields as plain keywords too.
+
+    attention: "auto" (the fused Triton kernel on CUDA when triton imports, else eager), "eager",
+        "triton" (forces the kernel, e.g. on the CPU under TRITON_INTERPRET=1), or a callable with the
+        signature of ``lime_fast.kernels.reference.regularized_attention_ref`` that replaces
+        cross-attention (``benchmarks/release.py`` passes the reference release's pattern this way).
+    use_cuda_graphs: run each denoising pass as one CUDA graph, recorded once per ``PassPlan`` and
+        replayed after (``lime_fast.graphs``); None: on for CUDA. Ignored on the CPU.
+    compile: ``torch.compile`` the UNet's forward (True: inductor, default mode; an inductor mode name
+        such as "max-autotune-no-cudagraphs"; another string names a dynamo backend, e.g. "aot_eager";
+        ``lime_fast.graphs.compile_options``). The first edit per shape pays the compilation.
+    channels_last, fuse_qkv, precision: opt-in faster modes (``lime_fast.speedups``): NHWC weights for the
+        UNet and VAE; fused QKV / KV projections; "fp8" (or "fp8-conv") float8 layers on Hopper/Ada with
+        torchao, refused with ``UnsupportedModeError`` elsewhere.
+    cache_kv: project every cross-attention module's keys and values once per pass instead of at every
+        step (the text embeddings do not change within a pass): the same computation, on by default.
+    """
+
+    attention: object = "auto"
+    use_cuda_graphs: bool | None = None
+    compile: bool | str = False
+    channels_last: bool = False
+    fuse_qkv: bool = False
+    precision: str | None = None
+    cache_kv: bool = True
+
+    @classmethod
+    def of(cls, options: "EngineOptions | None" = None, **fields) -> "EngineOptions":
+        """``options`` (default: all defaults) with ``fields`` replaced; TypeError naming an unknown field."""
+        base = options if options is not None else cls()
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(fields) - names)
+        if unknown:
+            raise TypeError(f"unknown engine option(s) {', '.join(unknown)}; options: {', '.join(sorted(names))}")
+        return dataclasses.replace(base, **fields) if fields else base

@@ -34,8 +34,8 @@ from tqdm.auto import tqdm
 
 from . import families
 from .attention import AttentionController, Capture, install, pick_backend
-from .config import DEFAULT_MODEL, EditConfig
-from .errors import LimeWarning, ModelLoadError, NonFiniteLatentsError
+from .config import DEFAULT_MODEL, EditConfig, EngineOptions
+from .errors import ConfigError, LimeWarning, ModelLoadError, NonFiniteLatentsError
 from .graphs import PassGraphs, compiled, graphed_forward
 from .inputs import EditInputs
 from .localize import heatmaps, normalized, roi_from_segments
@@ -155,34 +155,20 @@ class LimeEngine:
     ``StableDiffusionInstructPix2PixPipeline``; its modules are shared, not copied, and its UNet gets
     lime_fast's attention processors, which behave exactly like diffusers' SDPA processor when idle).
 
-    attention: "auto" (the fused Triton kernel on CUDA when triton imports, else eager), "eager",
-    "triton" (forces the kernel, e.g. on the CPU under TRITON_INTERPRET=1), or a callable with the
-    signature of ``lime_fast.kernels.reference.regularized_attention_ref`` that replaces cross-attention
-    (``benchmarks/release.py`` passes the reference release's pattern this way).
-    use_cuda_graphs: run each denoising pass as one CUDA graph, recorded once per ``PassPlan`` (batch,
-        latent size, dtype, steps, guidance, capture and regularization settings) and replayed after
-        (``lime_fast.graphs``); default True on CUDA. Ignored on the CPU (eager there).
-    compile: ``torch.compile`` the UNet's forward (True: inductor, default mode; an inductor mode name such as
-        "max-autotune-no-cudagraphs" selects inductor with that mode; another string names a dynamo
-        backend, e.g. "aot_eager"; ``lime_fast.graphs.compile_options``). The fused kernel is a registered
-        custom op, so it stays one opaque node. The first edit per shape then pays the compilation (three
-        graphs: plain, regularized, capture step); combined with CUDA graphs, the compiled code is captured.
-    channels_last, fuse_qkv, precision: opt-in faster modes (``lime_fast.speedups``): NHWC weights for the
-        UNet and VAE; fused QKV / KV projections; precision="fp8" for float8 linear layers on Hopper/Ada
-        with torchao (refused with ``UnsupportedModeError`` elsewhere). Each one's measured fidelity:
-        README, "Faster modes".
-    cache_kv: project every cross-attention module's keys and values once per pass instead of at every
-        step (the text embeddings do not change within a pass): the same computation, on by default.
+    options: an ``EngineOptions`` (``lime_fast.config``: attention backend, CUDA graphs, compile,
+    channels-last, fused QKV, precision, the per-pass K/V cache), or its fields as keywords
+    (``attention="eager"``, ``compile=True``, ...). With CUDA graphs (the default on CUDA) each denoising
+    pass is one CUDA graph, recorded once per ``PassPlan`` and replayed after. Each faster mode's
+    measured fidelity: README, "Faster modes".
     Step caching of the edit pass is an ``EditConfig`` field (``cache_interval``), per edit.
 
     One engine may be shared by several threads: edits are serialized by a lock, which also guards
     the CUDA-graph cache.
     """
 
-    def __init__(self, pipe, attention="auto", *, use_cuda_graphs: bool | None = None, compile: bool | str = False,
-                 default_config: EditConfig | None = None, trained_size: int | None = None,
-                 channels_last: bool = False, fuse_qkv: bool = False, precision: str | None = None,
-                 cache_kv: bool = True):
+    def __init__(self, pipe, options: EngineOptions | None = None, *, default_config: EditConfig | None = None,
+                 trained_size: int | None = None, **option_fields):
+        self.options = opts = EngineOptions.of(options, **option_fields)
         unet, vae = pipe.unet, pipe.vae
         latent_channels = vae.config.latent_channels
         if type(pipe).__name__ not in families.FAMILIES:
@@ -210,22 +196,24 @@ class LimeEngine:
         self.scheduler = pipe.scheduler
         self.vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
         self.multiple = pixel_multiple(vae.config, unet.config)
-        self.speedups = apply_speedups(unet, vae, channels_last=channels_last, fuse_qkv=fuse_qkv, precision=precision)
-        self.controller = AttentionController(pick_backend(attention, unet.device))
-        self.controller.cache_kv = cache_kv
+        self.speedups = apply_speedups(unet, vae, channels_last=opts.channels_last, fuse_qkv=opts.fuse_qkv,
+                                       precision=opts.precision)
+        self.controller = AttentionController(pick_backend(opts.attention, unet.device), cache_kv=opts.cache_kv)
         install(unet, self.controller)
+        # one attention module, to notice when another engine on the same pipeline installed its processors
+        self._probe = next(m for m in unet.modules() if hasattr(m, "processor"))
         self.unet_evals = 0
         self._lock = threading.Lock()  # the controller is per-engine state: one edit at a time
         # The UNet is called as a module, so user hooks, PEFT/LoRA adapters and offloading hooks run (inside
         # a CUDA graph they run once, at capture). After lime_fast.accelerate(pipe) its forward is a
         # per-call graph runner: the engine graphs whole passes itself and takes the plain forward.
         accelerated = graphed_forward(unet)
-        self.use_cuda_graphs = (self.device.type == "cuda") if use_cuda_graphs is None else bool(use_cuda_graphs)
-        self._unet = compiled(accelerated.forward if accelerated is not None else unet, compile,
+        self.use_cuda_graphs = (self.device.type == "cuda") if opts.use_cuda_graphs is None else bool(opts.use_cuda_graphs)
+        self._unet = compiled(accelerated.forward if accelerated is not None else unet, opts.compile,
                               graphs=self.use_cuda_graphs)
         # What each evaluation of a pass calls: self._unet, except on the steps a caching edit plan
         # runs with the deep blocks reused (lime_fast.stepcache).
-        self.stepcache = StepCache(unet, self.controller, self._unet, compile)
+        self.stepcache = StepCache(unet, self.controller, self._unet, opts.compile)
         self.graphs = PassGraphs(enabled=self.use_cuda_graphs)
 
     # --- loading --------------------------------------------------------------------------
@@ -238,24 +226,20 @@ class LimeEngine:
         device: str | torch.device | None = None,
         use_safetensors: bool = True,
         local_files_only: bool | None = None,
-        attention: str = "auto",
-        use_cuda_graphs: bool | None = None,
-        compile: bool | str = False,
-        channels_last: bool = False,
-        fuse_qkv: bool = False,
-        precision: str | None = None,
-        cache_kv: bool = True,
+        options: EngineOptions | None = None,
         **kwargs,
     ) -> "LimeEngine":
         """Load an InstructPix2Pix-layout diffusers checkpoint (local folder or hub id).
 
-        torch_dtype: default fp16 on CUDA, fp32 on CPU. device: default CUDA when available. attention,
-        use_cuda_graphs, compile, channels_last, fuse_qkv, precision, cache_kv: as for ``LimeEngine``.
+        torch_dtype: default fp16 on CUDA, fp32 on CPU. device: default CUDA when available. options: an
+        ``EngineOptions``, and/or its fields as keywords (attention, use_cuda_graphs, compile,
+        channels_last, fuse_qkv, precision, cache_kv); other keywords go to diffusers' ``from_pretrained``.
         Safetensors weights are required unless ``use_safetensors=False``. The safety checker is not
-        loaded. Missing weights raise one ``ModelLoadError`` saying what to do.
+        loaded. A failed load raises one ``ModelLoadError`` naming its cause and what to do.
         """
+        opts = EngineOptions.of(options, **{k: kwargs.pop(k) for k in list(kwargs) if k in EngineOptions.__dataclass_fields__})
         device = resolve_device(device)
-        check_precision(precision, device)  # before loading anything
+        check_precision(opts.precision, device)  # before loading anything
         if torch_dtype is None:
             torch_dtype = torch.float16 if device.type == "cuda" else torch.float32
         info = shipped(model)
@@ -283,20 +267,18 @@ class LimeEngine:
         except Exception as e:  # import, filesystem, version and hub errors come in many types: one message each
             raise load_error(e, model, path, use_safetensors) from None
         pipe.set_progress_bar_config(disable=True)
-        engine = cls(pipe.to(device), attention=attention, use_cuda_graphs=use_cuda_graphs, compile=compile,
-                     default_config=EditConfig(**info.config) if info else None,
-                     trained_size=info.image_size if info else None, channels_last=channels_last,
-                     fuse_qkv=fuse_qkv, precision=precision, cache_kv=cache_kv)
+        engine = cls(pipe.to(device), opts, default_config=EditConfig(**info.config) if info else None,
+                     trained_size=info.image_size if info else None)
         engine.source = str(path.resolve()) if path is not None else str(model)
         return engine
 
     @classmethod
-    def from_pipe(cls, pipe, attention: str = "auto", *, use_cuda_graphs: bool | None = None, compile: bool | str = False,
-                  **speedups) -> "LimeEngine":
+    def from_pipe(cls, pipe, options: EngineOptions | None = None, **option_fields) -> "LimeEngine":
         """Wrap an existing ``StableDiffusionInstructPix2PixPipeline`` or ``StableDiffusionXLInstructPix2PixPipeline``
-        (modules shared, not copied; an SDXL VAE that needs fp32 is moved to fp32; the speedups
-        ``channels_last``, ``fuse_qkv``, ``precision`` change them in place), ``cache_kv``."""
-        return cls(pipe, attention=attention, use_cuda_graphs=use_cuda_graphs, compile=compile, **speedups)
+        (modules shared, not copied; an SDXL VAE that needs fp32 runs as the engine's own fp32 copy; the
+        options ``channels_last``, ``fuse_qkv``, ``precision`` change the pipe's modules in place).
+        options / option_fields: an ``EngineOptions`` and/or its fields as keywords."""
+        return cls(pipe, options, **option_fields)
 
     @property
     def device(self) -> torch.device:
@@ -415,7 +397,7 @@ class LimeEngine:
         out = self._run(self._plan("localize", enc, cfg), enc, noise, seeds=seeds, cfg=cfg, progress=progress)
         capture = Capture(out["features"], out["feature_levels"], out["maps"], out["map_levels"])
         if not capture.features or not capture.maps:
-            raise RuntimeError(
+            raise ConfigError(
                 f"no attention layer runs at levels {cfg.feature_levels} of this UNet; "
                 "set EditConfig.feature_levels to levels the model has"
             )
@@ -520,6 +502,8 @@ class LimeEngine:
 
     @torch.no_grad()
     def _edit_locked(self, job: EditInputs, cfg: EditConfig, progress: bool, seeds: list[int]) -> list[EditResult]:
+        if getattr(self._probe.processor, "ctl", None) is not self.controller:  # another engine of this pipe ran
+            install(self.unet, self.controller)
         clock, evals0 = _Clock(self.device), self.unet_evals
         user_rois = job.mask_grids()  # host: the user masks on the output grid (None where automatic)
         auto = [b for b, m in enumerate(user_rois) if m is None]

@@ -1,4 +1,12 @@
-"""Exceptions and warnings lime_fast raises; each names the problem and what to do about it."""
+"""Exceptions and warnings lime_fast raises; each names the problem and what to do about it.
+
+Every exception the package raises on purpose derives from ``LimeError`` (``except lime_fast.LimeError``
+catches them all) and from the built-in class a caller would otherwise expect (``RuntimeError``,
+``ValueError``, ``FloatingPointError``)."""
+
+
+class LimeError(Exception):
+    """Base of every error lime_fast raises on purpose."""
 
 
 class LimeWarning(UserWarning):
@@ -11,18 +19,22 @@ class InputWarning(LimeWarning):
     turns these into errors, raised before any model work."""
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(LimeError, RuntimeError):
     """A checkpoint could not be loaded (missing weights with no network, wrong layout, ...)."""
 
 
-class NonFiniteLatentsError(FloatingPointError):
+class ConfigError(LimeError, ValueError):
+    """Settings that do not fit the model (e.g. feature levels at which the UNet has no attention)."""
+
+
+class NonFiniteLatentsError(LimeError, FloatingPointError):
     """A denoising step produced NaN or inf latents (usually fp16 overflow)."""
 
 
-class BatchError(Exception):
+class BatchError(LimeError):
     """A batch job cannot start: a bad manifest under ``strict``, Ray missing, its folder in use, ..."""
 
 
-class UnsupportedModeError(RuntimeError):
+class UnsupportedModeError(LimeError, RuntimeError):
     """A requested fast mode cannot run here (FP8 on a CPU, on a GPU without FP8 tensor cores, or without
     torchao); raised before the model is changed, saying what to use instead."""

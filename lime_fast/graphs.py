@@ -267,8 +267,9 @@ def compiled(forward, compile: bool | str, *, graphs: bool = False):
 
     graphs: lime_fast will capture the compiled code in its own CUDA graphs, so the inductor modes that
     record their own (``GRAPHING_MODES``) are refused with what to use instead. Raises dynamo's recompile
-    limit to ``RECOMPILE_LIMIT``: a LIME edit needs three graphs per batch and latent size (plain,
-    regularized, capture step), and a service sees several batch sizes."""
+    limit to ``RECOMPILE_LIMIT`` during calls of the returned function only (restored after each, so the
+    process's other compiled code keeps its own limit): a LIME edit needs three graphs per batch and
+    latent size (plain, regularized, capture step), and a service sees several batch sizes."""
     opts = compile_options(compile)
     if opts is None:
         return forward
@@ -277,9 +278,13 @@ def compiled(forward, compile: bool | str, *, graphs: bool = False):
                          f"compile='max-autotune-no-cudagraphs' (or True), or use_cuda_graphs=False")
     import torch._dynamo
 
-    cfg = torch._dynamo.config
-    cfg.recompile_limit = max(cfg.recompile_limit, RECOMPILE_LIMIT)
-    return torch.compile(forward, **opts)
+    fn = torch.compile(forward, **opts)
+
+    def call(*args, **kwargs):
+        with torch._dynamo.config.patch(recompile_limit=max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)):
+            return fn(*args, **kwargs)
+
+    return call
 
 
 def graphed_forward(unet) -> GraphedUNet | None:
@@ -288,8 +293,7 @@ def graphed_forward(unet) -> GraphedUNet | None:
     return fwd if isinstance(fwd, GraphedUNet) else None
 
 
-def accelerate(pipe, *, use_cuda_graphs: bool = True, compile: bool | str = False, attention: str = "auto",
-               channels_last: bool = False, fuse_qkv: bool = False, precision: str | None = None):
+def accelerate(pipe, options=None, **option_fields):
     """Make an existing diffusers ``StableDiffusionInstructPix2PixPipeline`` (or the SDXL one, or any
     pipeline whose UNet is a ``UNet2DConditionModel``) faster, in place; returns it.
 
@@ -299,21 +303,21 @@ def accelerate(pipe, *, use_cuda_graphs: bool = True, compile: bool | str = Fals
     replays a CUDA graph per input signature (``GraphedUNet`` installed as ``pipe.unet.forward``).
     On the CPU both fall back to eager PyTorch (SDPA), so the pipeline still runs.
 
-    use_cuda_graphs / compile / attention / channels_last / fuse_qkv / precision: as for ``LimeEngine``
-    (the last three change the pipe's modules in place; ``lime_fast.speedups``). Calling it twice is a no-op. To undo:
+    options / option_fields: an ``EngineOptions`` and/or its fields as keywords (``lime_fast.config``; channels_last,
+    fuse_qkv and precision change the pipe's modules in place; cache_kv does not apply to single calls). Calling it twice is a no-op. To undo:
     ``del pipe.unet.forward; pipe.unet.set_attn_processor(AttnProcessor2_0())`` (from
     ``diffusers.models.attention_processor``).
     """
     from .attention import AttentionController, install, pick_backend
+    from .config import EngineOptions
+    from .speedups import apply
 
+    opts = EngineOptions.of(options, **option_fields)
     unet = pipe.unet
     if graphed_forward(unet) is not None:
         return pipe
-    from .speedups import apply
-
-    apply(unet, pipe.vae, channels_last=channels_last, fuse_qkv=fuse_qkv, precision=precision)
-    controller = AttentionController(pick_backend(attention, unet.device))
-    install(unet, controller)
-    forward = compiled(unet.forward, compile, graphs=use_cuda_graphs)
-    unet.forward = GraphedUNet(unet, forward, enabled=use_cuda_graphs)
+    graphs = opts.use_cuda_graphs is not False  # None (the default): graphs wherever CUDA runs
+    apply(unet, pipe.vae, channels_last=opts.channels_last, fuse_qkv=opts.fuse_qkv, precision=opts.precision)
+    install(unet, AttentionController(pick_backend(opts.attention, unet.device)))
+    unet.forward = GraphedUNet(unet, compiled(unet.forward, opts.compile, graphs=graphs), enabled=graphs)
     return pipe

@@ -240,13 +240,13 @@ def run_pass(unet, controller, plan: PassPlan, sched, x: dict, *, generators=Non
     step_kwargs = {}
     if plan.stepper == "scheduler" and generators is not None and "generator" in inspect.signature(sched.step).parameters:
         step_kwargs["generator"] = generators
-    capture = controller.begin_pass(plan, roi_grid=x.get("roi_grid"), keep=x.get("keep"), context=x["embeds"])
+    state = controller.begin_pass(plan, roi_grid=x.get("roi_grid"), keep=x.get("keep"), context=x["embeds"])
     try:
         latents = x["latents"] * sched.init_noise_sigma
         embeds, image_latents = x["embeds"], x["image_latents"]
         finite = []
         for i, t in enumerate(sched.timesteps[: plan.n_evals]):
-            controller.step = i
+            state.at_step(i)
             sample = torch.cat([sched.scale_model_input(torch.cat([latents] * 3), t), image_latents], dim=1)
             eps = unet(sample, t, encoder_hidden_states=embeds, return_dict=False, **extra)[0]
             e_text, e_image, e_uncond = eps.chunk(3)
@@ -265,6 +265,7 @@ def run_pass(unet, controller, plan: PassPlan, sched, x: dict, *, generators=Non
                 on_step(i)
     finally:
         controller.end_pass()
+    capture = state.capture
     return {
         "latents": None if plan.kind == "localize" else latents,
         "finite": torch.stack(finite),

@@ -31,11 +31,11 @@ pass, kept in the attention controller's per-pass cache and dropped at the end o
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 
 from .graphs import compiled
 
-DEEP_KEY = "stepcache.deep"  # the controller's pass_cache entry holding the last full step's deep output
 
 
 @dataclass(frozen=True)
@@ -68,6 +68,9 @@ class Layout:
         return sum(lv >= cache_level for lv in self.down) + 1 + sum(lv >= cache_level for lv in self.up)
 
 
+PER_STEP_KEPT = 1000
+
+
 @dataclass
 class CacheStats:
     """Counters: UNet evaluations run whole (full) or with the deep blocks reused (cached), and deep-block
@@ -77,7 +80,9 @@ class CacheStats:
     cached: int = 0
     deep_block_evals: int = 0
     plain: int = 0  # calls passed to the plain UNet (no caching plan, or inputs the runner does not handle)
-    per_step: list = field(default_factory=list)  # (step, "full" | "cached") of the caching passes, in order
+    # (step, "full" | "cached") of the caching passes, in order: the last PER_STEP_KEPT only (a service runs
+    # edits for days; a list that grew forever would hold every step it ever ran)
+    per_step: deque = field(default_factory=lambda: deque(maxlen=PER_STEP_KEPT))
 
 
 def _n_residuals(block) -> int:
@@ -93,8 +98,8 @@ class StepCache:
     compiled or not), so the faithful path is untouched.
 
     unet: the ``UNet2DConditionModel`` whose blocks it runs. controller: the engine's
-    ``AttentionController`` (its ``plan`` and ``step`` say what this call is; its ``pass_cache`` holds
-    the deep output between steps). plain: the callable for every other call. compile: the engine's
+    ``AttentionController``: its running ``PassState`` says what this call is (plan, step), and its
+    ``deep`` field, which only this class writes, holds the deep output between steps. plain: the callable for every other call. compile: the engine's
     compile option, applied to the full-step and cached-step functions (lazily, on first use).
     """
 
@@ -117,7 +122,8 @@ class StepCache:
 
     def __call__(self, sample, timestep, encoder_hidden_states=None, *args, return_dict: bool = True,
                  added_cond_kwargs=None, **kwargs):
-        plan = self.ctl.plan
+        st = self.ctl.state
+        plan = st.plan if st is not None else None
         extra = args or any(v is not None for v in kwargs.values())
         if (plan is None or not plan.caches or extra or not self.supported
                 or self.layout.deep_blocks(plan.cache_level) == 0):
@@ -125,15 +131,15 @@ class StepCache:
             if added_cond_kwargs is not None:
                 kwargs["added_cond_kwargs"] = added_cond_kwargs
             return self.plain(sample, timestep, encoder_hidden_states, *args, return_dict=return_dict, **kwargs)
-        step = self.ctl.step
+        step = st.step
         if plan.full_step(step):
             out, deep = self._fn(True)(sample, timestep, encoder_hidden_states, added_cond_kwargs, plan.cache_level)
-            self.ctl.pass_cache[DEEP_KEY] = deep
+            st.deep = deep
             self.stats.full += 1
             self.stats.deep_block_evals += self.layout.deep_blocks(plan.cache_level)
             self.stats.per_step.append((step, "full"))
         else:
-            deep = self.ctl.pass_cache.get(DEEP_KEY)
+            deep = st.deep
             if deep is None:
                 raise RuntimeError(f"step {step} reuses the deep blocks' output, but no full step of this pass "
                                    "computed it (a caching pass must start at step 0)")

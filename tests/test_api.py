@@ -50,3 +50,54 @@ def test_source_checkout_without_install_finds_the_kernels(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == [str(tmp_path / "lime_fast" / "__init__.py"), str(tmp_path / "kernels" / "reference.py")]
+
+
+def test_engine_options_key_the_cache_and_reach_the_engine(tiny_dir, shapes, fast, monkeypatch):
+    """Engines loaded by name: one per (model, device, dtype, EngineOptions), least recently used dropped
+    beyond ENGINE_CACHE_SIZE; engine options given as plain keywords reach the engine."""
+    from lime_fast import api
+
+    lime_fast._ENGINES.clear()
+    monkeypatch.setattr(api, "ENGINE_CACHE_SIZE", 1)
+    a = lime_fast.get_engine(str(tiny_dir), device="cpu")
+    assert lime_fast.get_engine(str(tiny_dir), device="cpu", options=lime_fast.EngineOptions()) is a
+    lime_fast.edit(shapes, "make the red circle blue", model=str(tiny_dir), device="cpu", cache_kv=False, progress=False, **fast)
+    (b,) = lime_fast._ENGINES.values()  # the default-options engine was dropped: the cache holds one
+    assert b is not a and b.options.cache_kv is False and b.controller.cache_kv is False
+    with pytest.raises(TypeError, match="unknown engine option"):
+        lime_fast.EngineOptions.of(cash_kv=False)
+    lime_fast._ENGINES.clear()
+
+
+def test_a_held_pipelines_engines_live_on_the_pipeline(tiny_dir):
+    """No process-wide table keyed by id(pipe): the engines of a pipeline the caller holds are kept on it,
+    one per EngineOptions, and go with it."""
+    import gc
+    import weakref
+
+    from lime_fast import LimeEngine
+
+    pipe = LimeEngine.from_pretrained(tiny_dir, device="cpu").pipe
+    first = lime_fast.get_engine(pipe)
+    second = lime_fast.get_engine(pipe, cache_kv=False)
+    assert lime_fast.get_engine(pipe) is first and second is not first
+    # both edit the one UNet: each puts its own attention processors back before editing
+    fast = dict(steps=3, capture_step=0, reg_steps=(0, 2), grid_size=32, top_k=8)
+    img = np.zeros((64, 64, 3), np.uint8)
+    a = first.edit(img, "make the red circle blue", progress=False, **fast)
+    assert all(p.ctl is first.controller for p in pipe.unet.attn_processors.values())
+    b = second.edit(img, "make the red circle blue", progress=False, **fast)
+    assert all(p.ctl is second.controller for p in pipe.unet.attn_processors.values())
+    np.testing.assert_array_equal(np.asarray(a.image), np.asarray(b.image))  # the K/V cache is exact
+    assert first.controller.cache_kv and not second.controller.cache_kv
+    del second
+    gone = weakref.ref(first)
+    del pipe, first
+    gc.collect()
+    assert gone() is None
+
+
+def test_every_error_the_package_raises_on_purpose_is_a_lime_error():
+    for name in ("ModelLoadError", "ConfigError", "NonFiniteLatentsError", "BatchError", "UnsupportedModeError"):
+        assert issubclass(getattr(lime_fast, name), lime_fast.LimeError), name
+    assert issubclass(lime_fast.ConfigError, ValueError) and issubclass(lime_fast.ModelLoadError, RuntimeError)

@@ -41,12 +41,13 @@ def test_capture_and_penalty_on_one_module():
     ctl = AttentionController()
     loc = PassPlan("localize", B, (8, 8), 4, 30, (5.5, 1.5), capture_step=3, feature_levels=(1,))  # level 1: 16 queries
     x, ctx = torch.randn(3 * B, 16, 32), torch.randn(3 * B, 77, 16)
-    capture = ctl.begin_pass(loc)
-    ctl.step = 2  # not the capture step: nothing is stored
+    state = ctl.begin_pass(loc)
+    capture = state.capture
+    state.at_step(2)  # not the capture step: nothing is stored
     with torch.no_grad():
         LimeAttnProcessor(ctl)(attn, x, ctx)
     assert not capture.features and not capture.maps
-    ctl.step = 3
+    state.at_step(3)
     with torch.no_grad():
         out = LimeAttnProcessor(ctl)(attn, x, ctx)
     ctl.end_pass()
@@ -63,17 +64,17 @@ def test_capture_and_penalty_on_one_module():
     keep = torch.zeros(B, 77, dtype=torch.bool)
     keep[:, 1:4] = True
     edit = PassPlan("edit", B, (8, 8), 4, 30, (2.0, 1.5), reg_levels=(1,), reg_range=(0, 5))
-    ctl.begin_pass(edit, roi_grid=roi_grid, keep=keep)
-    assert ctl.roi[1].shape == (3 * B, 16) and ctl.roi[1][0].reshape(4, 4)[:2, :2].all() and not ctl.roi[1][1].any()
+    state = ctl.begin_pass(edit, roi_grid=roi_grid, keep=keep)
+    assert state.roi[1].shape == (3 * B, 16) and state.roi[1][0].reshape(4, 4)[:2, :2].all() and not state.roi[1][1].any()
     seen = []
     orig = ctl.attend
     ctl.attend = lambda *a: (seen.append(a), orig(*a))[1]
     for step in (5, 6):  # the last regularized step, then one after the range
-        ctl.step = step
+        state.at_step(step)
         with torch.no_grad():
             LimeAttnProcessor(ctl)(attn, x, ctx)
     (roi, kp), (roi_after, kp_after) = (a[3:5] for a in seen)
-    assert torch.equal(roi, ctl.roi[1]) and torch.equal(kp, keep.repeat(3, 1))
+    assert torch.equal(roi, state.roi[1]) and torch.equal(kp, keep.repeat(3, 1))
     assert roi_after is None and kp_after is None
 
 

@@ -120,9 +120,10 @@ def test_regularization_only_inside_roi_and_only_unrelated_tokens(engine, shapes
 
     def spy(self, q, k, v, roi_, keep, scale, capture):
         out = original(self, q, k, v, roi_, keep, scale, capture)
-        if not steps or steps[-1] != self.step:
-            steps.append(self.step)
-            calls.append(("step", self.step))
+        step = self.state.step
+        if not steps or steps[-1] != step:
+            steps.append(step)
+            calls.append(("step", step))
         calls.append((q.shape[2], q, k, roi_, keep))
         return out
 

@@ -66,14 +66,15 @@ def test_plan_keys_the_graphs_and_drives_the_controller():
     roi = torch.zeros(2, 8, 8, dtype=torch.bool)
     roi[0, :4] = True
     keep = torch.tensor([[True, False, True], [True, True, False]])
-    ctl.begin_pass(edit, roi_grid=roi, keep=keep)
+    st = ctl.begin_pass(edit, roi_grid=roi, keep=keep)
     # the RoI at every regularized level, repeated over the three guidance branches
-    assert set(ctl.roi) == {0, 1} and ctl.roi[0].shape == (6, 64) and ctl.roi[1].shape == (6, 16)
-    assert int(ctl.roi[0].sum()) == 3 * 32 and int(ctl.roi[1].sum()) == 3 * 8 and ctl.keep.shape == (6, 3)
+    assert set(st.roi) == {0, 1} and st.roi[0].shape == (6, 64) and st.roi[1].shape == (6, 16)
+    assert int(st.roi[0].sum()) == 3 * 32 and int(st.roi[1].sum()) == 3 * 8 and st.keep.shape == (6, 3)
+    assert ctl.state is st
     ctl.end_pass()
-    assert ctl.plan is None and not ctl.roi and ctl.keep is None
-    ctl.begin_pass(plain, roi_grid=roi, keep=keep)  # a plain plan ignores masks
-    assert not ctl.roi and ctl.keep is None
+    assert ctl.state is None
+    st = ctl.begin_pass(plain, roi_grid=roi, keep=keep)  # a plain plan ignores masks
+    assert not st.roi and st.keep is None
 
 
 def test_shared_engine_is_thread_safe(tiny_dir):
@@ -157,3 +158,21 @@ def test_cuda_graphs_match_eager_on_the_device(tiny_dir, dtype):
     got = _run(pipe, img)
     assert graphed_forward(pipe.unet).stats.captures == 1
     assert np.abs(got - want).max() <= 4 / 255
+
+
+def test_compile_raises_dynamos_recompile_limit_only_during_its_calls():
+    import torch._dynamo
+
+    from lime_fast.graphs import RECOMPILE_LIMIT, compiled
+
+    before = torch._dynamo.config.recompile_limit
+    seen = []
+
+    def f(x):
+        seen.append(torch._dynamo.config.recompile_limit)  # read while dynamo traces the call
+        return x + 1
+
+    fn = compiled(f, "eager")
+    assert torch._dynamo.config.recompile_limit == before
+    assert torch.equal(fn(torch.ones(2)), torch.full((2,), 2.0))
+    assert seen and seen[0] == max(before, RECOMPILE_LIMIT) and torch._dynamo.config.recompile_limit == before

@@ -72,9 +72,10 @@ def test_automatic_edit_counts_and_regularizes_level_one_only(sdxl, shapes, monk
     original = AttentionController.attend
 
     def spy(self, q, k, v, roi, keep, scale, capture):
-        if self.plan.kind == "edit":
-            steps.append(self.step)
-            calls.append((self.plan.level_of(q.shape[2]), roi is not None, keep))
+        st = self.state
+        if st.plan.kind == "edit":
+            steps.append(st.step)
+            calls.append((st.plan.level_of(q.shape[2]), roi is not None, keep))
         return original(self, q, k, v, roi, keep, scale, capture)
 
     monkeypatch.setattr(AttentionController, "attend", spy)

@@ -56,7 +56,7 @@ def test_cross_kv_once_per_pass_is_bit_identical(tiny_dir):
         passes = 1 if mask is not None else 2
         evals = FAST["steps"] + (0 if mask is not None else FAST["capture_step"] + 1)
         assert counts == {"plain": evals, "cached": passes}  # one projection per pass instead of one per step
-    assert not cached.controller.pass_cache  # dropped at the end of the pass
+    assert cached.controller.state is None  # the pass's state (its cached K/V) is dropped at the end of the pass
 
 
 def test_fused_qkv_and_channels_last(tiny_dir):
@@ -152,8 +152,7 @@ def test_registered_kernel_stays_one_node_under_aot_eager(tiny_dir):
     keep[:, 1:4] = True
     g = torch.Generator().manual_seed(4)
     x, states = torch.randn(3, 8, 8, 8, generator=g), torch.randn(3, 77, 32, generator=g)
-    eng.controller.begin_pass(plan, roi_grid=roi, keep=keep, context=states)
-    eng.controller.step = 0
+    eng.controller.begin_pass(plan, roi_grid=roi, keep=keep, context=states).at_step(0)
     try:
         with torch.no_grad():
             got = unet(x, torch.tensor(500.0), states, return_dict=False)[0]

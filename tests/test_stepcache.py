@@ -97,13 +97,13 @@ def test_schedule_regularized_levels_and_localization(tiny_dir):
         if name.endswith("attn2"):
             level = _level_of_module(name, layout)
             hooks.append(m.register_forward_hook(
-                lambda mod, a, out, lv=level: calls.append((eng.controller.plan.kind, eng.controller.step, lv))))
+                lambda mod, a, out, lv=level: calls.append((eng.controller.state.plan.kind, eng.controller.state.step, lv))))
     penalized: list[tuple[int, int]] = []  # (step, query pixels) of cross-attention calls with the penalty on
     attend = eng.controller.attend
 
     def spy(q, k, v, roi, keep, scale, capture):
         if roi is not None:
-            penalized.append((eng.controller.step, q.shape[2]))
+            penalized.append((eng.controller.state.step, q.shape[2]))
         return attend(q, k, v, roi, keep, scale, capture)
 
     eng.controller.attend = spy
@@ -115,7 +115,7 @@ def test_schedule_regularized_levels_and_localization(tiny_dir):
         del eng.controller.attend
     st = eng.stepcache.stats
     steps = FAST["steps"]
-    assert st.per_step == [(i, "full" if i % 2 == 0 else "cached") for i in range(steps)]
+    assert list(st.per_step) == [(i, "full" if i % 2 == 0 else "cached") for i in range(steps)]
     assert st.deep_block_evals == 3 * layout.deep_blocks(2)  # 3 full steps of 6, 5 deep blocks each
     # the localization pass: plain UNet calls, every level at every step up to the capture step
     assert st.plain == FAST["capture_step"] + 1
