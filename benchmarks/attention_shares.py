@@ -1,5 +1,5 @@
 """Where a model's cross-attention inside the true edit region goes, by token role: the measurement
-behind "does LIME's regularization matter on this model" (issue 18; README, "Edit quality").
+behind "does LIME's regularization matter on this model" (issue 18; docs/quality.md).
 
     python benchmarks/attention_shares.py                         # the shipped shapes-ip2p
     python benchmarks/attention_shares.py --model A --model B     # several models, one table

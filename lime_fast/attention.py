@@ -202,6 +202,21 @@ def _heads(attn, key: torch.Tensor, value: torch.Tensor, batch: int) -> tuple[to
     return key, value
 
 
+def _query_heads(attn, query: torch.Tensor, batch: int, head_dim: int) -> torch.Tensor:
+    """[B, N, H * D] query -> [B, H, N, D] (and the module's query norm, if any)."""
+    query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+    return attn.norm_q(query) if attn.norm_q is not None else query
+
+
+def project_cross(attn, hidden_states: torch.Tensor, states: torch.Tensor):
+    """A cross-attention module's query, key and value, [B, H, N or T, D] in diffusers' layout with its
+    norms applied, from hidden states [B, N, C] and encoder states [B, T, C']: what the engine's processor
+    computes on a step without cached K/V, and what the training script's grounding processor uses."""
+    batch = hidden_states.shape[0]
+    key, value = _heads(attn, *_project_kv(attn, states), batch)
+    return _query_heads(attn, attn.to_q(hidden_states), batch, key.shape[-1]), key, value
+
+
 class LimeAttnProcessor:
     """diffusers attention processor: SDPA self-attention, cross-attention steered by the running pass's
     ``PassState`` (``controller.state``), which it reads and, at the capture step, appends captures to.
@@ -245,9 +260,7 @@ class LimeAttnProcessor:
             else:
                 key, value = _heads(attn, attn.to_k(hidden_states), attn.to_v(hidden_states), batch)
         head_dim = key.shape[-1]
-        query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
+        query = _query_heads(attn, query, batch, head_dim)
 
         plan = st.plan if st is not None else None
         level = plan.level_of(n_queries) if plan is not None else -1

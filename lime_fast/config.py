@@ -42,8 +42,7 @@ class EditConfig:
         kmeans_check_every: on a GPU, Lloyd iterations between two reads of k-means' on-device
             convergence flag (one host sync each; it stops at the first read that finds it converged).
             0: never read it: exactly kmeans_max_iter iterations (those after convergence change
-            nothing) and no host sync between the two passes. Same segments either way. (The shapes
-            model converged in 13-70 iterations, mean 32, over 24 edits; this CPU, 2026-12-01.)
+            nothing) and no host sync between the two passes. Same segments either way.
         segment_backend: "native" (exact, never builds the pixels x channels matrix), "materialized"
             (the reference) or "cuml" (needs the cuml extra and a GPU).
         top_k: number of highest-attention grid cells whose segments form the RoI.
@@ -54,7 +53,7 @@ class EditConfig:
             1 (default): off, every step runs the whole UNet. N >= 2: the UNet's deep blocks (the levels
             below the deepest of reg_levels: 16 and 8 cells a side at 512 x 512) run on steps 0, N, 2N, ...
             and the steps between reuse their output, while the regularized levels run at every step.
-            The localization pass never caches. Fewer UNet FLOPs, an approximation: README, "Faster modes".
+            The localization pass never caches. Fewer UNet FLOPs, an approximation: docs/faster-modes.md.
     """
 
     steps: int = 30

@@ -159,7 +159,7 @@ class LimeEngine:
     channels-last, fused QKV, precision, the per-pass K/V cache), or its fields as keywords
     (``attention="eager"``, ``compile=True``, ...). With CUDA graphs (the default on CUDA) each denoising
     pass is one CUDA graph, recorded once per ``PassPlan`` and replayed after. Each faster mode's
-    measured fidelity: README, "Faster modes".
+    measured fidelity: docs/faster-modes.md.
     Step caching of the edit pass is an ``EditConfig`` field (``cache_interval``), per edit.
 
     One engine may be shared by several threads: edits are serialized by a lock, which also guards

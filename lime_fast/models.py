@@ -34,19 +34,11 @@ class ShippedModel:
     summary: str = ""
 
 
-# The shapes model's settings, for its 64 x 64 pictures (16 x 16 latents): fewer steps than SD's 30,
-# a 64-cell grid (one cell per pixel) and top-k scaled from the spec's 100 of 128 x 128 cells.
-# Chosen on tuning seeds 6,000,000-6,000,063 (not the benchmark's), this CPU:
-# - feature levels: level 0 alone (16 cells a side), not the spec's 1-3 (8, 4, 2 cells: too coarse to
-#   separate 2-4 shapes). 2026-12-02, 32 edits, the run-4 model, automatic-RoI IoU: levels 0-2 0.348,
-#   0-1 0.381, 0 alone 0.458. The coarse levels blur the segments: the best union of segments reaches
-#   IoU 0.47 / 0.55 / 0.71 (levels 0-2 / 0-1 / 0), and background edits, whose region k-means splits
-#   into several segments, gain most (0.19 -> 0.82);
-# - top-k 50 (1.2% of the cells; the spec's 100 is 0.6%): 0.476 vs 0.458 at 20, 0.468 at 100 (level 0,
-#   8 clusters; 6 clusters with top-k 20 gave 0.486, 10 and 12 clusters less);
-# - text guidance 3.0, not the spec's 2.0 (tuned for SD 1.5): at 2.0 this model closes too little of
-#   the gap inside the region (2026-11-27, plain sampling, 16 edits: L1 inside 0.254 vs 0.199 at 4.0);
-#   3.0-5.0 edit alike inside (0.187-0.188, 48 edits) and outside changes grow with the guidance.
+# The shapes model's settings, for its 64 x 64 pictures (16 x 16 latents): fewer steps than SD's 30, a
+# 64-cell grid (one cell per pixel), top-k scaled from the spec's 100 of 128 x 128 cells, localization
+# from level 0 (the coarser levels are too coarse to separate its 2-4 shapes) and text guidance 3.0
+# (the spec's 2.0 was tuned for SD 1.5). Chosen on tuning seeds, not the benchmark's: the measurements
+# are in benchmarks/RESULTS.md, "Settings and their measurements".
 SHAPES_IP2P = ShippedModel(
     name="shapes-ip2p",
     folder=DATA / "shapes-ip2p",

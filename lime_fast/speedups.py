@@ -2,7 +2,7 @@
 
 ``LimeEngine(..., channels_last=, fuse_qkv=, precision=)`` and ``lime_fast.accelerate(pipe, ...)`` call
 ``apply`` once, before the first evaluation; each changes the modules in place. Each option's
-fidelity against the faithful path is measured (README, "Faster modes"; benchmarks/RESULTS.md):
+fidelity against the faithful path is measured (docs/faster-modes.md; benchmarks/RESULTS.md):
 
 * ``channels_last``: UNet and VAE weights in NHWC memory order, so cuDNN (and inductor) pick their
   tensor-core NHWC convolution kernels without layout transposes. Same math, other kernels: equal to

@@ -48,6 +48,7 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 
+from lime_fast.config import EditConfig  # noqa: E402
 from lime_fast.testing.shapes import make_batch  # noqa: E402
 
 SIZE = 64
@@ -205,12 +206,14 @@ def _steps_for(seconds: float, sec_per_step: float) -> int:
 
 
 # --- where and how: device, autocast, data -------------------------------------------------------
-def resolve_device(a) -> tuple[torch.device, bool]:
-    """(device, bf16 autocast?) from --device / --amp."""
-    name = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is visible to torch")
+def device_and_amp(a) -> tuple[torch.device, bool]:
+    """(device, bf16 autocast?) from --device / --amp; the device as the package resolves it."""
+    from lime_fast.models import resolve_device
+
+    try:
+        device = resolve_device(None if a.device == "auto" else a.device)
+    except ValueError as e:
+        raise SystemExit(f"--device: {e}") from None
     amp = device.type == "cuda" if a.amp == "auto" else a.amp == "bf16"
     return device, amp
 
@@ -368,14 +371,12 @@ class GroundingAttn:
         self.state = state
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
+        from lime_fast.attention import project_cross
         from lime_fast.kernels.reference import regularized_attention_ref
 
         assert encoder_hidden_states is not None and hidden_states.ndim == 3 and not attn.residual_connection
         B, N, _ = hidden_states.shape
-        heads = attn.heads
-        q = attn.to_q(hidden_states).view(B, N, heads, -1).transpose(1, 2)
-        k = attn.to_k(encoder_hidden_states).view(B, -1, heads, q.shape[-1]).transpose(1, 2)
-        v = attn.to_v(encoder_hidden_states).view(B, -1, heads, q.shape[-1]).transpose(1, 2)
+        q, k, v = project_cross(attn, hidden_states, encoder_hidden_states)
         drop = self.state["pad_drop"]  # [B] bool: this sample cannot see its padding
         roi = drop[:, None].expand(B, N)
         lime_roi = self.state.get("lime_roi", {}).get(N)
@@ -426,7 +427,7 @@ def sink_loss(maps, share: float) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack(losses).mean(), torch.stack(shares).mean().detach()
 
 
-LIME_LEVELS = (0, 1)  # EditConfig.reg_levels' default: the levels whose cross-attention LIME regularizes
+LIME_LEVELS = EditConfig().reg_levels  # the levels whose cross-attention LIME regularizes (SD 1.5's)
 LIME_MIN_T = 100  # LIME regularizes the first nine tenths of the steps: timesteps 999 down to about 100
 
 
@@ -829,7 +830,7 @@ def reproduce_command(a, vae_steps: int, unet_steps: int) -> str:
         reproduce.append(("--vae-decoder-only " if a.vae_decoder_only else "") + f"--first-batch {a.first_batch}")
     if a.init:
         reproduce.insert(3, f"--init {shlex.quote(str(a.init))}")
-    device, amp = resolve_device(a)
+    device, amp = device_and_amp(a)
     if device.type != "cpu" or amp or a.workers or a.compact:
         reproduce.append(f"--device {device.type} --amp {'bf16' if amp else 'none'} --workers {a.workers}" + (" --compact" if a.compact else ""))
     return " \\\n  ".join(reproduce)
@@ -865,7 +866,7 @@ def main(argv=None) -> Path:
         return assemble(a)
     torch.manual_seed(a.seed)
     np.random.seed(a.seed)
-    device, amp = resolve_device(a)
+    device, amp = device_and_amp(a)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     log_file = open(out / "train.log", "w")

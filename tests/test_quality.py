@@ -129,7 +129,7 @@ def test_block_spread_brackets_the_means(ev):
 # runs before never saw it, and on run 8 the regularized edit was *weaker* (true region 0.105 vs plain
 # 0.099 inside over the 200) because the causal text encoder fills the padding with the same summary
 # of the instruction as the kept EOS (benchmarks/attention_shares.py, benchmarks/keep_variants.py;
-# README, "Edit quality"). A model that loses this trained-in response fails here.
+# docs/quality.md). A model that loses this trained-in response fails here.
 def test_regularization_strengthens_the_edit_at_the_same_guidance(ev):
     s = summary(ev)
     assert s["gt"]["l1_in"] <= s["base"]["l1_in"] - REG_GAIN, s

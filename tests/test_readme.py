@@ -1,6 +1,7 @@
-"""The README's examples run as written, offline, on a fresh machine.
+"""The examples of the README and of the pages under docs/ run as written, offline, on a fresh machine.
 
-Every fenced ``python`` block runs (in order, in one namespace, in a temporary folder), and every
+Every fenced ``python`` block runs (the README's first, then each page's, in order, in one namespace, in
+a temporary folder), and every
 ``lime-fast`` command line of a ``bash`` block runs through ``lime_fast.cli.main``. A block preceded by
 ``<!-- readme-test: offline -->`` uses a hub model in the text: the test swaps it for the shipped
 ``shapes-ip2p`` (the README says so next to it); ``<!-- readme-test: skip REASON -->`` marks a block
@@ -16,18 +17,22 @@ import numpy as np
 import PIL.Image
 import pytest
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
 HUB_MODELS = ("timbrooks/instruct-pix2pix", "./my-magicbrush-checkpoint")
 # Small settings so the examples run in seconds on this CPU; a block's own settings come after (and win).
 FAST = ["--steps", "3", "--capture-step", "0"]
 
 
-def blocks() -> list[tuple[str, str, str, int]]:
-    """(language, marker, code, line) of every fenced block of the README."""
-    text = README.read_text()
+def blocks() -> list[tuple[str, str, str, str]]:
+    """(language, marker, code, "page:line") of every fenced block of the README and the docs pages."""
     out = []
-    for m in re.finditer(r"(?:<!-- readme-test: (?P<marker>[^>]*?) -->\s*\n)?```(?P<lang>\w*)\n(?P<code>.*?)```", text, re.S):
-        out.append((m["lang"], (m["marker"] or "").strip(), m["code"], text[: m.start()].count("\n") + 1))
+    for page in PAGES:
+        text = page.read_text()
+        for m in re.finditer(r"(?:<!-- readme-test: (?P<marker>[^>]*?) -->\s*\n)?```(?P<lang>\w*)\n(?P<code>.*?)```", text, re.S):
+            where = f"{page.relative_to(ROOT)}:{text[: m.start()].count(chr(10)) + 1}"
+            out.append((m["lang"], (m["marker"] or "").strip(), m["code"], where))
     return out
 
 
@@ -66,9 +71,9 @@ def test_python_examples_run_offline(folder):
         if marker == "offline":
             code = _offline(code)
         try:
-            exec(compile(code, f"README.md:{line}", "exec"), namespace)
+            exec(compile(code, line, "exec"), namespace)
         except Exception as e:  # name the block in the failure
-            raise AssertionError(f"README.md line {line}: {type(e).__name__}: {e}") from e
+            raise AssertionError(f"{line}: {type(e).__name__}: {e}") from e
         ran += 1
     assert ran >= 2
     lime_fast._ENGINES.clear()
@@ -97,6 +102,6 @@ def test_command_lines_run_offline(folder, capsys):
             if argv[0] in ("edit", "batch"):  # fast settings first: the command's own flags come later and win
                 argv = argv[:1] + FAST + argv[1:]
             rc = main(argv + ["--quiet"])
-            assert rc == 0, f"README.md line {line}: `{cmd}` exited {rc}: {capsys.readouterr().err}"
+            assert rc == 0, f"{line}: `{cmd}` exited {rc}: {capsys.readouterr().err}"
             ran += 1
     assert ran >= 2

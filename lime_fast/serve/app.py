@@ -49,9 +49,8 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 class ServeConfig:
     """Settings of the service (``lime-fast serve`` has an option for each).
 
-    max_batch: most edits per UNet batch. On this 2-core CPU with shapes-ip2p (64 x 64, 20 steps,
-        2026-12-01) one ``edit_batch`` of 8 ran 2.2 edits/s against 1.2 alone; 16 gave 2.4, 64 only
-        1.7 (memory-bound). A GPU gains more from large batches.
+    max_batch: most edits per UNet batch (larger batches share each UNet evaluation; past a point they
+        are memory-bound: measured figures in benchmarks/RESULTS.md, "Settings and their measurements").
     batch_window_ms: how long a batch waits for more requests after its first one arrived. Under
         load batches fill while the previous batch runs, so the window only matters when idle: it
         is the latency a lone request pays for the chance to share.
