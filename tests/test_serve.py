@@ -690,3 +690,51 @@ def test_page_in_headless_chromium(live, sample_png, tmp_path):
         assert "401" in driver.find_element(By.ID, "error").text
     finally:
         driver.quit()
+
+
+# --- the service's request handling as plain functions (lime_fast.serve.app), without HTTP -------------
+
+
+def test_split_form_takes_the_parts_and_names_each_problem():
+    from starlette.datastructures import UploadFile
+
+    from lime_fast.serve.app import split_form
+    from lime_fast.serve.uploads import BadRequest
+
+    img, msk = UploadFile(io.BytesIO(b"x"), filename="a.png"), UploadFile(io.BytesIO(b"y"), filename="m.png")
+    image, mask, text, fields = split_form([("image", img), ("instruction", "make it red"), ("mask", msk), ("steps", "4")])
+    assert (image, mask, text, fields) == (img, msk, "make it red", {"steps": ["4"]})
+    cases = [
+        ([("image", img), ("instruction", "x"), ("colour", "red")], "unknown field(s): colour"),
+        ([("image", img), ("image", img), ("instruction", "x")], "image was given 2 times"),
+        ([("instruction", "x")], "image is missing"),
+        ([("image", "not a file"), ("instruction", "x")], "image must be a file upload"),
+        ([("image", img), ("instruction", "x"), ("mask", "text")], "mask must be a file upload"),
+        ([("image", img)], "instruction is missing"),
+        ([("image", img), ("instruction", msk)], "instruction must be a text field"),
+        ([("image", img), ("instruction", "x"), ("steps", msk)], "steps must be a text field"),
+    ]
+    for items, message in cases:
+        with pytest.raises(BadRequest) as e:
+            split_form(items)
+        assert e.value.status == 400 and message in e.value.message
+
+
+def test_authorize_request_id_and_format_rules():
+    from types import SimpleNamespace
+
+    from lime_fast.serve.app import authorize, request_id, wants_json
+    from lime_fast.serve.uploads import BadRequest
+
+    authorize(None, None)  # no token configured: everyone
+    authorize("s3cret", SimpleNamespace(credentials="s3cret"))
+    for given in (None, SimpleNamespace(credentials="wrong")):
+        with pytest.raises(BadRequest) as e:
+            authorize("s3cret", given)
+        assert e.value.status == 401 and e.value.headers == {"WWW-Authenticate": "Bearer"}
+    assert request_id("job-7:a.b") == "job-7:a.b"
+    assert len(request_id("no spaces allowed")) == 32 and len(request_id("x" * 65)) == 32
+    assert wants_json("json", "") and not wants_json("png", "application/json") and wants_json(None, "application/json")
+    assert not wants_json(None, "image/png")
+    with pytest.raises(BadRequest, match="format must be png or json"):
+        wants_json("gif", "")

@@ -220,33 +220,228 @@ def _result_json(result, job, request_id: str) -> dict:
     }
 
 
+def authorize(token: str | None, credentials) -> None:
+    """Nothing when the server has no token or ``credentials`` (HTTP bearer credentials, or None) carry it
+    (compared in constant time); else ``BadRequest`` 401 saying how to send it."""
+    if token is None:
+        return
+    given = credentials.credentials.encode() if credentials is not None else b""
+    if not hmac.compare_digest(given, token.encode()):
+        raise BadRequest(401, "missing or wrong token: send the header 'Authorization: Bearer <token>' with the "
+                              "token the server was started with (--token or LIME_FAST_TOKEN)",
+                         {"WWW-Authenticate": "Bearer"})
+
+
+def request_id(header: str) -> str:
+    """The client's X-Request-Id when it is a safe token (letters, digits, ._:-, up to 64), else a new one."""
+    return header if _REQUEST_ID.fullmatch(header) else uuid.uuid4().hex
+
+
+def wants_json(fmt: str | None, accept: str) -> bool:
+    """JSON or PNG: ``?format=`` (png or json) wins over the Accept header; BadRequest for another format."""
+    if fmt not in (None, "png", "json"):
+        raise BadRequest(400, f"format must be png or json, got {fmt!r}")
+    return fmt == "json" or (fmt is None and "application/json" in accept)
+
+
+def split_form(items: list[tuple[str, object]]) -> tuple:
+    """A multipart form's (name, value) items -> (image upload, mask upload or None, instruction, {EditConfig
+    field: [text values]}); ``BadRequest`` 400 naming the first problem (an unknown or repeated field, a
+    missing image or instruction, a file where text belongs or the reverse)."""
+    from starlette.datastructures import UploadFile
+
+    unknown = sorted({k for k, _ in items} - set(RESERVED) - set(CONFIG_FIELDS))
+    if unknown:
+        raise BadRequest(400, f"unknown field(s): {', '.join(unknown)}. Send image, instruction, optionally mask, "
+                              f"and EditConfig fields: {', '.join(CONFIG_FIELDS)}")
+    values: dict[str, list] = {}
+    for k, v in items:
+        values.setdefault(k, []).append(v)
+    for k in RESERVED:
+        if len(values.get(k, [])) > 1:
+            raise BadRequest(400, f"{k} was given {len(values[k])} times; give it once")
+    image, mask = values.get("image", [None])[0], values.get("mask", [None])[0]
+    instruction = values.get("instruction", [None])[0]
+    if image is None:
+        raise BadRequest(400, "image is missing: send the picture as a file field, e.g. curl -F image=@photo.png")
+    if not isinstance(image, UploadFile):
+        raise BadRequest(400, "image must be a file upload (curl -F image=@photo.png), not a text field")
+    if mask is not None and not isinstance(mask, UploadFile):
+        raise BadRequest(400, "mask must be a file upload (curl -F mask=@mask.png), not a text field")
+    if instruction is None:
+        raise BadRequest(400, "instruction is missing: say what to change, e.g. -F instruction='make the circle red'")
+    if not isinstance(instruction, str):
+        raise BadRequest(400, "instruction must be a text field, not a file")
+    fields = {k: v for k, v in values.items() if k not in RESERVED}
+    for k, vs in fields.items():
+        if any(not isinstance(v, str) for v in vs):
+            raise BadRequest(400, f"{k} must be a text field, not a file")
+    return image, mask, instruction, fields
+
+
+async def read_form(request):
+    """The request's multipart form, with bounded parts; BadRequest 415 for another content type, 400 for
+    a body python-multipart cannot parse."""
+    from starlette.exceptions import HTTPException
+    from starlette.requests import ClientDisconnect
+
+    ctype = request.headers.get("content-type", "")
+    if not ctype.lower().startswith("multipart/form-data"):
+        raise BadRequest(415, f"send multipart/form-data (got {ctype or 'no content type'!r}): e.g. "
+                              "curl -F image=@photo.png -F instruction='make the circle red' URL")
+    try:
+        return await request.form(max_files=2, max_fields=len(CONFIG_FIELDS) + 8, max_part_size=64 * 1024)
+    except (BodyTooLarge, ClientDisconnect, HTTPException):
+        raise
+    except Exception as e:  # python-multipart's parse errors
+        raise BadRequest(400, f"cannot parse the multipart body ({type(e).__name__}: {e})") from None
+
+
+async def _wait_disconnect(request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+@dataclass
+class Service:
+    """What the routes share: the settings, the engines, the batcher and metrics, and the request limits.
+    ``edit`` is the whole POST /v1/edit apart from HTTP framing (``create_app`` registers the routes)."""
+
+    cfg: ServeConfig
+    engines: list
+    name: str
+    batcher: Batcher
+    metrics: Metrics
+    limits: dict
+    has_cuml: bool
+
+    @property
+    def base(self):
+        return self.engines[0].default_config
+
+    async def edit(self, request, fmt: str | None, credentials):
+        """Authorize, parse and check the request, queue the edit, wait for it (or the client leaving, or the
+        timeout) and answer the PNG or JSON; every refusal is a ``BadRequest``."""
+        from starlette.concurrency import run_in_threadpool
+        from starlette.responses import JSONResponse, Response
+
+        authorize(self.cfg.token, credentials)
+        rid = request_id(request.headers.get("x-request-id", ""))
+        want_json = wants_json(fmt, request.headers.get("accept", ""))
+        image, mask, text, edit_cfg = await self._inputs(request)
+        job = self._submit(image, text, mask, edit_cfg)
+        result = await self._wait(request, job)
+        if result is None:
+            return Response(status_code=499)  # the client left; nobody reads it ('disconnected')
+        headers = {"X-Request-Id": rid, "X-Lime-Batch-Size": str(job.batch_size),
+                   "X-Lime-Queue-Seconds": f"{job.started - job.submitted:.4f}",
+                   "X-Lime-Edit-Seconds": f"{result.timings.get('total', 0.0):.4f}"}
+        if want_json:
+            return JSONResponse(await run_in_threadpool(_result_json, result, job, rid), headers=headers)
+        return Response(await run_in_threadpool(_png, result.image), media_type="image/png", headers=headers)
+
+    async def _inputs(self, request) -> tuple:
+        """(image, instruction, mask or None, EditConfig) from the form, decoded in the thread pool."""
+        from starlette.concurrency import run_in_threadpool
+
+        form = await read_form(request)
+        try:
+            upload, mask_upload, instruction, fields = split_form(form.multi_items())
+            edit_cfg = parse_config(self.base, fields, self.limits)
+            if edit_cfg.segment_backend == "cuml" and not self.has_cuml:
+                raise BadRequest(400, "segment_backend=cuml needs cuML, which this server does not have")
+            text = check_text(instruction)
+            image = await run_in_threadpool(decode_image, await upload.read(), "image", self.cfg.max_pixels)
+            mask = None
+            if mask_upload is not None:
+                mask = await run_in_threadpool(decode_mask, await mask_upload.read(), image.size, self.cfg.max_pixels)
+        finally:
+            await form.close()
+        return image, mask, text, edit_cfg
+
+    def _submit(self, image, text, mask, edit_cfg):
+        try:
+            return self.batcher.submit(image, text, mask, edit_cfg)
+        except QueueFull as e:
+            raise BadRequest(503, f"{e}: try again in {e.retry_after} s", {"Retry-After": str(e.retry_after)}) from None
+        except ShuttingDown as e:
+            raise BadRequest(503, str(e), {"Retry-After": "5"}) from None
+
+    async def _wait(self, request, job):
+        """The job's EditResult; None when the client disconnected first; BadRequest on the timeout or a
+        failed edit."""
+        done_fut = asyncio.wrap_future(job.future)
+        gone = asyncio.ensure_future(_wait_disconnect(request))
+        try:
+            done, _ = await asyncio.wait({done_fut, gone}, timeout=self.cfg.timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if done_fut not in done:
+            self.batcher.cancel(job)
+            done_fut.cancel()
+            if gone in done:
+                return None
+            raise BadRequest(504, f"the edit did not finish within {self.cfg.timeout_s:g} s (--timeout); "
+                                  f"{self.batcher.depth} edits are waiting: try again later")
+        try:
+            return done_fut.result()
+        except ShuttingDown as e:
+            raise BadRequest(503, str(e), {"Retry-After": "5"}) from None
+        except (TypeError, ValueError) as e:  # settings this model cannot run (checked ones never get here)
+            raise BadRequest(400, f"the edit failed with these settings: {e}") from None
+
+    def health(self) -> tuple[dict, int]:
+        b = self.batcher
+        body = {"status": "ok" if b.alive else "unavailable", "model": self.name, "workers": len(self.engines),
+                "queue_depth": b.depth, "running": b.running, "auth": self.cfg.token is not None,
+                "seconds_per_edit": b.seconds_per_edit, "seconds_per_batch": b.seconds_per_batch}
+        return body, 200 if b.alive else 503
+
+    def models(self) -> dict:
+        engine, cfg = self.engines[0], self.cfg
+        return {
+            "data": [{"id": self.name, "devices": [str(getattr(e, "device", "?")) for e in self.engines],
+                      "dtype": str(getattr(engine, "dtype", "?")).removeprefix("torch."),
+                      "size_multiple": engine.multiple, "trained_size": getattr(engine, "trained_size", None),
+                      "default_config": dataclasses.asdict(self.base)}],
+            "batching": {"max_batch": cfg.max_batch, "batch_window_ms": cfg.batch_window_ms, "max_queue": cfg.max_queue},
+            "limits": {"max_upload_bytes": cfg.max_upload_bytes, "max_pixels": cfg.max_pixels, "timeout_s": cfg.timeout_s,
+                       **self.limits},
+        }
+
+
+EDIT_RESPONSES = {  # what /docs lists for POST /v1/edit
+    200: {"content": {"image/png": {}, "application/json": {}},
+          "description": "the edited picture (PNG), or JSON with format=json / Accept: application/json"},
+    400: {"description": "a bad field, value or picture; the JSON error names it"},
+    401: {"description": "missing or wrong bearer token"},
+    413: {"description": "upload or picture too large"}, 415: {"description": "not a picture"},
+    503: {"description": "queue full (Retry-After)"}, 504: {"description": "timed out"},
+}
+CSP = ("default-src 'self'; img-src 'self' data: blob:; style-src 'self' 'unsafe-inline'; script-src 'self'; "
+       "connect-src 'self'; frame-ancestors 'none'")
+
+
 def create_app(engine_or_model, config: ServeConfig | None = None, *, device=None, torch_dtype=None):
     """The service as a FastAPI app. ``engine_or_model``: a ``LimeEngine`` (or a list, one per device)
     or a model (hub id, folder, ``shapes-ip2p``; loaded now, once per ``device``). The batcher's
     workers start and stop with the app's lifespan (uvicorn runs it; with Starlette's TestClient use
-    ``with TestClient(app)``)."""
+    ``with TestClient(app)``). The routes are thin: the work is ``Service``'s and the module's functions."""
     from fastapi import Depends, FastAPI, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
     from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
     from starlette.concurrency import run_in_threadpool
-    from starlette.datastructures import UploadFile
     from starlette.exceptions import HTTPException
     from starlette.requests import ClientDisconnect
+    from starlette.responses import Response
 
     from .. import __version__
 
     cfg = config or ServeConfig()
     engines = _load_engines(engine_or_model, device, torch_dtype)
-    engine = engines[0]
-    name = cfg.model_name or (str(engine_or_model) if isinstance(engine_or_model, (str, Path)) else type(engine).__name__)
-    base = engine.default_config
-    limits = _limits(engine, cfg)
-    has_cuml = importlib.util.find_spec("cuml") is not None
+    name = cfg.model_name or (str(engine_or_model) if isinstance(engine_or_model, (str, Path)) else type(engines[0]).__name__)
     metrics = Metrics()
     batcher = Batcher(engines, max_batch=cfg.max_batch, window_s=cfg.batch_window_ms / 1000, max_queue=cfg.max_queue, metrics=metrics)
-    page = (STATIC / "index.html").read_text(encoding="utf-8")
-    script = (STATIC / "app.js").read_text(encoding="utf-8")
+    svc = Service(cfg, engines, name, batcher, metrics, _limits(engines[0], cfg), importlib.util.find_spec("cuml") is not None)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -258,156 +453,23 @@ def create_app(engine_or_model, config: ServeConfig | None = None, *, device=Non
 
     app = FastAPI(title="lime-fast", version=__version__, lifespan=lifespan,
                   description="LIME localized image editing as a service, with dynamic batching. "
-                              "POST /v1/edit with multipart form data; see the README's Service section.")
-    app.state.batcher, app.state.metrics, app.state.config = batcher, metrics, cfg
+                              "POST /v1/edit with multipart form data; see docs/service.md.")
+    app.state.batcher, app.state.metrics, app.state.config, app.state.service = batcher, metrics, cfg, svc
     bearer = HTTPBearer(auto_error=False, description="only when the server was started with --token")
+    _error_handlers(app)
 
-    def error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
-        return JSONResponse({"error": message}, status_code=status, headers=headers)
-
-    @app.exception_handler(HTTPException)
-    async def http_error(request, exc: HTTPException):  # 404, 405, malformed multipart (400), ...
-        return error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request, exc: RequestValidationError):
-        parts = [f"{'.'.join(str(x) for x in e.get('loc', ()))}: {e.get('msg', '')}" for e in exc.errors()]
-        return error(422, "; ".join(parts) or "invalid request")
-
-    @app.exception_handler(BodyTooLarge)
-    async def too_large(request, exc: BodyTooLarge):
-        return Response(str(exc), status_code=413, media_type="application/json", headers={"Connection": "close"})
-
-    @app.exception_handler(Exception)
-    async def internal_error(request, exc: Exception):  # the traceback goes to the log, not the client
-        log.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
-        return error(500, f"internal error ({type(exc).__name__}); the server log has the details")
-
-    def authorize(credentials: HTTPAuthorizationCredentials | None) -> None:
-        if cfg.token is None:
-            return
-        given = credentials.credentials.encode() if credentials is not None else b""
-        if not hmac.compare_digest(given, cfg.token.encode()):
-            raise BadRequest(401, "missing or wrong token: send the header 'Authorization: Bearer <token>' with the "
-                                  "token the server was started with (--token or LIME_FAST_TOKEN)",
-                             {"WWW-Authenticate": "Bearer"})
-
-    async def wait_disconnect(request: Request) -> None:
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-
-    async def read_form(request: Request):
-        ctype = request.headers.get("content-type", "")
-        if not ctype.lower().startswith("multipart/form-data"):
-            raise BadRequest(415, f"send multipart/form-data (got {ctype or 'no content type'!r}): e.g. "
-                                  "curl -F image=@photo.png -F instruction='make the circle red' URL")
-        try:
-            return await request.form(max_files=2, max_fields=len(CONFIG_FIELDS) + 8, max_part_size=64 * 1024)
-        except (BodyTooLarge, ClientDisconnect, HTTPException):
-            raise
-        except Exception as e:  # python-multipart's parse errors
-            raise BadRequest(400, f"cannot parse the multipart body ({type(e).__name__}: {e})") from None
-
-    def split_form(form) -> tuple:
-        items = form.multi_items()
-        unknown = sorted({k for k, _ in items} - set(RESERVED) - set(CONFIG_FIELDS))
-        if unknown:
-            raise BadRequest(400, f"unknown field(s): {', '.join(unknown)}. Send image, instruction, optionally mask, "
-                                  f"and EditConfig fields: {', '.join(CONFIG_FIELDS)}")
-        values: dict[str, list] = {}
-        for k, v in items:
-            values.setdefault(k, []).append(v)
-        for k in RESERVED:
-            if len(values.get(k, [])) > 1:
-                raise BadRequest(400, f"{k} was given {len(values[k])} times; give it once")
-        image, mask = values.get("image", [None])[0], values.get("mask", [None])[0]
-        instruction = values.get("instruction", [None])[0]
-        if image is None:
-            raise BadRequest(400, "image is missing: send the picture as a file field, e.g. curl -F image=@photo.png")
-        if not isinstance(image, UploadFile):
-            raise BadRequest(400, "image must be a file upload (curl -F image=@photo.png), not a text field")
-        if mask is not None and not isinstance(mask, UploadFile):
-            raise BadRequest(400, "mask must be a file upload (curl -F mask=@mask.png), not a text field")
-        if instruction is None:
-            raise BadRequest(400, "instruction is missing: say what to change, e.g. -F instruction='make the circle red'")
-        if not isinstance(instruction, str):
-            raise BadRequest(400, "instruction must be a text field, not a file")
-        fields = {k: v for k, v in values.items() if k not in RESERVED}
-        for k, vs in fields.items():
-            if any(not isinstance(v, str) for v in vs):
-                raise BadRequest(400, f"{k} must be a text field, not a file")
-        return image, mask, instruction, fields
-
-    async def run_edit(request: Request, fmt: str | None, credentials) -> Response:
-        authorize(credentials)
-        rid = request.headers.get("x-request-id", "")
-        rid = rid if _REQUEST_ID.fullmatch(rid) else uuid.uuid4().hex
-        if fmt not in (None, "png", "json"):
-            raise BadRequest(400, f"format must be png or json, got {fmt!r}")
-        want_json = fmt == "json" or (fmt is None and "application/json" in request.headers.get("accept", ""))
-        form = await read_form(request)
-        try:
-            upload, mask_upload, instruction, fields = split_form(form)
-            edit_cfg = parse_config(base, fields, limits)
-            if edit_cfg.segment_backend == "cuml" and not has_cuml:
-                raise BadRequest(400, "segment_backend=cuml needs cuML, which this server does not have")
-            text = check_text(instruction)
-            image = await run_in_threadpool(decode_image, await upload.read(), "image", cfg.max_pixels)
-            mask = None
-            if mask_upload is not None:
-                mask = await run_in_threadpool(decode_mask, await mask_upload.read(), image.size, cfg.max_pixels)
-        finally:
-            await form.close()
-        try:
-            job = batcher.submit(image, text, mask, edit_cfg)
-        except QueueFull as e:
-            raise BadRequest(503, f"{e}: try again in {e.retry_after} s", {"Retry-After": str(e.retry_after)}) from None
-        except ShuttingDown as e:
-            raise BadRequest(503, str(e), {"Retry-After": "5"}) from None
-        done_fut = asyncio.wrap_future(job.future)
-        gone = asyncio.ensure_future(wait_disconnect(request))
-        try:
-            done, _ = await asyncio.wait({done_fut, gone}, timeout=cfg.timeout_s, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            gone.cancel()
-        if done_fut not in done:
-            batcher.cancel(job)
-            done_fut.cancel()
-            if gone in done:
-                return Response(status_code=499)  # nobody reads it; counted as 'disconnected'
-            raise BadRequest(504, f"the edit did not finish within {cfg.timeout_s:g} s (--timeout); "
-                                  f"{batcher.depth} edits are waiting: try again later")
-        try:
-            result = done_fut.result()
-        except ShuttingDown as e:
-            raise BadRequest(503, str(e), {"Retry-After": "5"}) from None
-        except (TypeError, ValueError) as e:  # settings this model cannot run (checked ones never get here)
-            raise BadRequest(400, f"the edit failed with these settings: {e}") from None
-        headers = {"X-Request-Id": rid, "X-Lime-Batch-Size": str(job.batch_size),
-                   "X-Lime-Queue-Seconds": f"{job.started - job.submitted:.4f}",
-                   "X-Lime-Edit-Seconds": f"{result.timings.get('total', 0.0):.4f}"}
-        if want_json:
-            return JSONResponse(await run_in_threadpool(_result_json, result, job, rid), headers=headers)
-        return Response(await run_in_threadpool(_png, result.image), media_type="image/png", headers=headers)
-
-    @app.post("/v1/edit", openapi_extra=_openapi_body(base), summary="Edit a picture as an instruction says",
-              responses={200: {"content": {"image/png": {}, "application/json": {}},
-                               "description": "the edited picture (PNG), or JSON with format=json / Accept: application/json"},
-                         400: {"description": "a bad field, value or picture; the JSON error names it"},
-                         401: {"description": "missing or wrong bearer token"},
-                         413: {"description": "upload or picture too large"}, 415: {"description": "not a picture"},
-                         503: {"description": "queue full (Retry-After)"}, 504: {"description": "timed out"}})
+    @app.post("/v1/edit", openapi_extra=_openapi_body(svc.base), summary="Edit a picture as an instruction says",
+              responses=EDIT_RESPONSES)
     async def edit(request: Request, format: str | None = None,
                    credentials: HTTPAuthorizationCredentials | None = Depends(bearer)):
-        t0 = time.monotonic()
-        status = 500
+        t0, status = time.monotonic(), 500
         try:
-            response = await run_edit(request, format, credentials)
+            response = await svc.edit(request, format, credentials)
             status = response.status_code
             return response
         except BadRequest as e:
             status = e.status
-            return error(e.status, e.message, e.headers)
+            return _error(e.status, e.message, e.headers)
         except ClientDisconnect:
             status = 499
             return Response(status_code=499)
@@ -420,43 +482,45 @@ def create_app(engine_or_model, config: ServeConfig | None = None, *, device=Non
         finally:
             metrics.observe_request(status, time.monotonic() - t0)
 
+    _read_routes(app, svc, bearer)
+    app.add_middleware(Guard, max_bytes=cfg.max_upload_bytes, metrics=metrics)
+    return app
+
+
+def _read_routes(app, svc: Service, bearer) -> None:
+    """The GET routes: health, the model and limits, metrics (those two behind the token), the page."""
+    from fastapi import Depends
+    from fastapi.security import HTTPAuthorizationCredentials
+    from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+
+    cfg, metrics, batcher = svc.cfg, svc.metrics, svc.batcher
+    page = (STATIC / "index.html").read_text(encoding="utf-8")
+    script = (STATIC / "app.js").read_text(encoding="utf-8")
+
     @app.get("/healthz", summary="Liveness, queue depth, whether a token is needed")
     async def healthz():
-        body = {"status": "ok" if batcher.alive else "unavailable", "model": name, "workers": len(engines),
-                "queue_depth": batcher.depth, "running": batcher.running, "auth": cfg.token is not None,
-                "seconds_per_edit": batcher.seconds_per_edit, "seconds_per_batch": batcher.seconds_per_batch}
-        return JSONResponse(body, status_code=200 if batcher.alive else 503)
+        body, status = svc.health()
+        return JSONResponse(body, status_code=status)
 
     @app.get("/v1/models", summary="The model served, its default EditConfig and the server's limits")
     async def models(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)):
         try:
-            authorize(credentials)
+            authorize(cfg.token, credentials)
         except BadRequest as e:
-            return error(e.status, e.message, e.headers)
-        return {
-            "data": [{"id": name, "devices": [str(getattr(e, "device", "?")) for e in engines],
-                      "dtype": str(getattr(engine, "dtype", "?")).removeprefix("torch."),
-                      "size_multiple": engine.multiple, "trained_size": getattr(engine, "trained_size", None),
-                      "default_config": dataclasses.asdict(base)}],
-            "batching": {"max_batch": cfg.max_batch, "batch_window_ms": cfg.batch_window_ms, "max_queue": cfg.max_queue},
-            "limits": {"max_upload_bytes": cfg.max_upload_bytes, "max_pixels": cfg.max_pixels, "timeout_s": cfg.timeout_s,
-                       **limits},
-        }
+            return _error(e.status, e.message, e.headers)
+        return svc.models()
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
     async def prometheus(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)):
         try:
-            authorize(credentials)
+            authorize(cfg.token, credentials)
         except BadRequest as e:
-            return error(e.status, e.message, e.headers)
+            return _error(e.status, e.message, e.headers)
         return PlainTextResponse(metrics.render(batcher.depth, batcher.running), media_type="text/plain; version=0.0.4")
-
-    csp = ("default-src 'self'; img-src 'self' data: blob:; style-src 'self' 'unsafe-inline'; script-src 'self'; "
-           "connect-src 'self'; frame-ancestors 'none'")
 
     @app.get("/", include_in_schema=False)
     async def index():
-        return HTMLResponse(page, headers={"Content-Security-Policy": csp})
+        return HTMLResponse(page, headers={"Content-Security-Policy": CSP})
 
     @app.get("/favicon.ico", include_in_schema=False)
     async def favicon():  # browsers ask for it; no content beats a 404 in their console
@@ -466,5 +530,33 @@ def create_app(engine_or_model, config: ServeConfig | None = None, *, device=Non
     async def app_js():
         return Response(script, media_type="text/javascript")
 
-    app.add_middleware(Guard, max_bytes=cfg.max_upload_bytes, metrics=metrics)
-    return app
+
+def _error(status: int, message: str, headers: dict | None = None):
+    from starlette.responses import JSONResponse
+
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def _error_handlers(app) -> None:
+    """Every refusal as a JSON ``{"error": ...}`` body; an unexpected failure as a 500 without a traceback."""
+    from fastapi.exceptions import RequestValidationError
+    from starlette.exceptions import HTTPException
+    from starlette.responses import Response
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, exc: HTTPException):  # 404, 405, malformed multipart (400), ...
+        return _error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request, exc: RequestValidationError):
+        parts = [f"{'.'.join(str(x) for x in e.get('loc', ()))}: {e.get('msg', '')}" for e in exc.errors()]
+        return _error(422, "; ".join(parts) or "invalid request")
+
+    @app.exception_handler(BodyTooLarge)
+    async def too_large(request, exc: BodyTooLarge):
+        return Response(str(exc), status_code=413, media_type="application/json", headers={"Connection": "close"})
+
+    @app.exception_handler(Exception)
+    async def internal_error(request, exc: Exception):  # the traceback goes to the log, not the client
+        log.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
+        return _error(500, f"internal error ({type(exc).__name__}); the server log has the details")
