@@ -372,3 +372,20 @@ def test_shipped_model_by_name_in_a_batch_job(tmp_path):
     assert summary.done == 1
     (rec,) = records(tmp_path / "out")
     assert rec["unet_evals"] == 3 and rec["config"]["grid_size"] == 64  # the model's grid, the row's steps
+
+
+def test_pending_selects_what_a_run_must_do(tmp_path):
+    """The resume rule on its own: never recorded, or done but its image is gone, or failed and retried."""
+    from lime_fast.batch import Summary, image_path, pending
+    from lime_fast.batch.manifest import Problem
+
+    rows = [Problem(i + 1, name, "") for i, name in enumerate(["new", "done", "done-lost", "failed"])] + [Problem(9, None, "")]
+    (tmp_path / "images").mkdir()
+    image_path(tmp_path, "done").write_bytes(b"png")
+    by_id = {"done": {"status": "done"}, "done-lost": {"status": "done"}, "failed": {"status": "failed"}}
+    records = (by_id, {9: {"status": "failed"}}, None)
+    s = Summary()
+    assert [r.id for r in pending(rows, records, tmp_path, False, s)] == ["new", "done-lost"]
+    assert s.skipped_failed == 2  # the failed row and the failed id-less line
+    s = Summary()
+    assert [r.line for r in pending(rows, records, tmp_path, True, s)] == [1, 3, 4, 9] and s.skipped_failed == 0

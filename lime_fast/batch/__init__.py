@@ -71,7 +71,7 @@ from .store import (IMAGES, LOCK, RECORD_KEYS, RESULTS, ROIS, ResultsWriter, _lo
                     _remove_temporaries, atomic_save, image_path, problem_record, read_results, roi_path)
 
 __all__ = [
-    "BatchError", "ManifestError", "Problem", "Row", "Summary", "ResultsWriter", "EditorActor", "run",
+    "BatchError", "ManifestError", "Problem", "Row", "Summary", "ResultsWriter", "EditorActor", "run", "pending",
     "read_manifest", "read_results", "check_files", "check_id", "edit_group", "plan_batches", "atomic_save",
     "image_path", "roi_path", "problem_record", "RESULTS", "IMAGES", "ROIS", "LOCK", "RECORD_KEYS", "ROW_KEYS",
     "CONFIG_FIELDS", "RAY_EXTRA_HINT",
@@ -188,6 +188,56 @@ def run(
     (``ManifestError`` under ``strict``) before anything is written if the job cannot start.
     """
     t0 = time.perf_counter()
+    ray_mod = _check_job(model, ray, workers, batch_size)
+    config = _job_config(model, config)
+    out = Path(out_dir).expanduser().absolute()
+    if out.exists() and not out.is_dir():
+        raise BatchError(f"the output folder {out} exists and is not a folder")
+    summary = Summary(out_dir=out, results=out / RESULTS)
+    rows, problems = read_manifest(manifest, config)
+    summary.rows = len(rows) + len(problems)
+
+    with contextlib.ExitStack() as stack:
+        locked = out.is_dir()
+        if locked:  # before reading results.jsonl: no other job may be appending to it
+            stack.enter_context(_locked(out))
+        records = _read_results(out / RESULTS)
+        todo, todo_problems = _check_rows(pending(rows, records, out, retry_failed, summary), strict, progress)
+        todo_problems = sorted(pending(problems, records, out, retry_failed, summary) + todo_problems, key=lambda p: p.line)
+        if strict and todo_problems:
+            raise ManifestError(todo_problems, manifest)
+
+        for sub in (IMAGES, ROIS) if save_roi else (IMAGES,):
+            (out / sub).mkdir(parents=True, exist_ok=True)
+        if not locked:  # DIR was created just now, maybe by a job started at the same time as this one:
+            stack.enter_context(_locked(out))  # once locked, drop what that job has recorded meanwhile
+            records = _read_results(out / RESULTS)
+            todo = pending(todo, records, out, retry_failed, summary)
+            todo_problems = pending(todo_problems, records, out, retry_failed, summary)
+        summary.skipped = summary.rows - len(todo) - len(todo_problems)
+        _remove_temporaries(out)
+        writer = ResultsWriter(out / RESULTS)
+        stack.callback(writer.close)
+        bar = _Progress(len(todo), progress, summary)
+        stack.callback(bar.close)
+        _record_problems(todo_problems, writer, summary, bar)
+        if todo:
+            account = _accountant(writer, summary, bar)
+            if ray:
+                _run_ray(ray_mod, todo, out, account, model=model, batch_size=batch_size, save_roi=save_roi,
+                         device=device, torch_dtype=torch_dtype, threads=threads, ray_address=ray_address,
+                         workers=workers, num_gpus=num_gpus_per_worker, num_cpus=num_cpus_per_worker)
+            else:
+                _run_local(todo, out, account, bar, model=model, batch_size=batch_size, save_roi=save_roi,
+                           device=device, torch_dtype=torch_dtype, threads=threads)
+    summary.seconds = time.perf_counter() - t0
+    summary.edits_per_second = summary.done / summary.seconds if summary.seconds > 0 else 0.0
+    return summary
+
+
+def _check_job(model, ray: bool, workers: int, batch_size: int):
+    """The job's arguments, checked before any work; returns the ray module when ``ray``."""
+    ray_mod = None
     if ray:
         ray_mod = _import_ray()  # fail fast, before any work
         if not isinstance(model, (str, os.PathLike)):
@@ -200,97 +250,79 @@ def run(
         from ..models import local_checkpoint, model_location
 
         local_checkpoint(model_location(model))  # a mistyped folder fails here, before anything is written
+    return ray_mod
+
+
+def _job_config(model, config) -> EditConfig:
+    """The job's EditConfig: ``config`` (or a dict of its fields), else the model's own defaults (a
+    shipped model's, a family's levels, or the spec's)."""
     if isinstance(config, dict):
-        config = EditConfig(**config)
-    if config is None:  # the model's own defaults (a shipped model's, a family's levels, or the spec's)
-        from ..models import default_config
+        return EditConfig(**config)
+    if config is not None:
+        return config
+    from ..models import default_config
 
-        config = model.default_config if hasattr(model, "default_config") else default_config(model)
-    out = Path(out_dir).expanduser().absolute()
-    if out.exists() and not out.is_dir():
-        raise BatchError(f"the output folder {out} exists and is not a folder")
-    summary = Summary(out_dir=out, results=out / RESULTS)
-    rows, problems = read_manifest(manifest, config)
-    summary.rows = len(rows) + len(problems)
+    return model.default_config if hasattr(model, "default_config") else default_config(model)
 
-    def pending(items, records):  # rows and problems alike: those not already recorded
-        by_id, by_line, _ = records
-        left = []
-        for x in items:
-            prev = by_id.get(x.id) if x.id is not None else by_line.get(x.line)
-            if prev is None or (prev["status"] == "done" and not (x.id is not None and image_path(out, x.id).is_file())):
+
+def pending(items: list, records, out: Path, retry_failed: bool, summary: Summary) -> list:
+    """Of ``items`` (rows or problems), those to run: never recorded, recorded done but the image is gone,
+    or recorded failed with ``retry_failed``. Failed ones left alone are counted in
+    ``summary.skipped_failed``. records: ``_read_results``'s (by id, by line, ...)."""
+    by_id, by_line, _ = records
+    left = []
+    for x in items:
+        prev = by_id.get(x.id) if x.id is not None else by_line.get(x.line)
+        if prev is None or (prev["status"] == "done" and not (x.id is not None and image_path(out, x.id).is_file())):
+            left.append(x)
+        elif prev["status"] == "failed":
+            if retry_failed:
                 left.append(x)
-            elif prev["status"] == "failed":
-                if retry_failed:
-                    left.append(x)
-                else:
-                    summary.skipped_failed += 1
-        return left
+            else:
+                summary.skipped_failed += 1
+    return left
 
-    with contextlib.ExitStack() as stack:
-        locked = out.is_dir()
-        if locked:  # before reading results.jsonl: no other job may be appending to it
-            stack.enter_context(_locked(out))
-        records = _read_results(out / RESULTS)
-        todo_problems = pending(problems, records)
-        todo: list[Row] = []
-        to_check = pending(rows, records)
-        from tqdm.auto import tqdm
 
-        from ..errors import InputWarning
+def _check_rows(rows: list[Row], strict: bool, progress: bool) -> tuple[list[Row], list[Problem]]:
+    """Rows whose files exist and decode, and a Problem for each that does not (``check_files``)."""
+    from tqdm.auto import tqdm
 
-        for r in tqdm(to_check, desc="checking", unit="row", leave=False, disable=not progress or len(to_check) < 100):
-            try:
-                check_files(r, strict=strict)
-                todo.append(r)
-            except (OSError, TypeError, ValueError, InputWarning) as e:
-                todo_problems.append(Problem(r.line, r.id, str(e)))
-        todo_problems.sort(key=lambda p: p.line)
-        if strict and todo_problems:
-            raise ManifestError(todo_problems, manifest)
+    from ..errors import InputWarning
 
-        for sub in (IMAGES, ROIS) if save_roi else (IMAGES,):
-            (out / sub).mkdir(parents=True, exist_ok=True)
-        if not locked:  # DIR was created just now, maybe by a job started at the same time as this one:
-            stack.enter_context(_locked(out))  # once locked, drop what that job has recorded meanwhile
-            records = _read_results(out / RESULTS)
-            todo, todo_problems = pending(todo, records), pending(todo_problems, records)
-        summary.skipped = summary.rows - len(todo) - len(todo_problems)
-        _remove_temporaries(out)
-        writer = ResultsWriter(out / RESULTS)
-        stack.callback(writer.close)
+    good, bad = [], []
+    for r in tqdm(rows, desc="checking", unit="row", leave=False, disable=not progress or len(rows) < 100):
+        try:
+            check_files(r, strict=strict)
+            good.append(r)
+        except (OSError, TypeError, ValueError, InputWarning) as e:
+            bad.append(Problem(r.line, r.id, str(e)))
+    return good, bad
 
-        bar = _Progress(len(todo), progress, summary)
-        stack.callback(bar.close)
-        for p in todo_problems:
-            writer.append(problem_record(p))
+
+def _record_problems(problems: list[Problem], writer: ResultsWriter, summary: Summary, bar: _Progress) -> None:
+    """Each bad row recorded as failed; the first 20 shown."""
+    for p in problems:
+        writer.append(problem_record(p))
+        summary.failed += 1
+        summary.failures.append(str(p))
+    for line in summary.failures[:20]:
+        bar.write(f"bad row: {line}")
+    if len(summary.failures) > 20:
+        bar.write(f"... and {len(summary.failures) - 20} more bad rows (see {summary.results})")
+    bar.refresh()
+
+
+def _accountant(writer: ResultsWriter, summary: Summary, bar: _Progress):
+    """The callback the runners call with each finished row's record: append it, count it, show it."""
+
+    def account(rec: dict) -> None:
+        writer.append(rec)
+        if rec["status"] == "done":
+            summary.done += 1
+        else:
             summary.failed += 1
-            summary.failures.append(str(p))
-        for line in summary.failures[:20]:
-            bar.write(f"bad row: {line}")
-        if len(summary.failures) > 20:
-            bar.write(f"... and {len(summary.failures) - 20} more bad rows (see {summary.results})")
-        bar.refresh()
+            summary.failures.append(str(Problem(rec["line"], rec["id"], rec["error"])))
+            bar.write(f"failed: {summary.failures[-1]}")
+        bar.update(1)
 
-        def account(rec: dict) -> None:
-            writer.append(rec)
-            if rec["status"] == "done":
-                summary.done += 1
-            else:
-                summary.failed += 1
-                summary.failures.append(str(Problem(rec["line"], rec["id"], rec["error"])))
-                bar.write(f"failed: {summary.failures[-1]}")
-            bar.update(1)
-
-        if todo:
-            if ray:
-                _run_ray(ray_mod, todo, out, account, model=model, batch_size=batch_size, save_roi=save_roi,
-                         device=device, torch_dtype=torch_dtype, threads=threads, ray_address=ray_address,
-                         workers=workers, num_gpus=num_gpus_per_worker, num_cpus=num_cpus_per_worker)
-            else:
-                _run_local(todo, out, account, bar, model=model, batch_size=batch_size, save_roi=save_roi,
-                           device=device, torch_dtype=torch_dtype, threads=threads)
-    summary.seconds = time.perf_counter() - t0
-    summary.edits_per_second = summary.done / summary.seconds if summary.seconds > 0 else 0.0
-    return summary
-
+    return account
