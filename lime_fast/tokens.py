@@ -283,26 +283,15 @@ def token_roles(
         TypeError: ``instruction`` is not a str.
         ValueError: blank instruction, a blank roi entry, or an roi word that is not in the instruction.
     """
-    if not isinstance(instruction, str):
-        raise TypeError(f"instruction must be a str, got {type(instruction).__name__}: {instruction!r}")
-    if not instruction.strip():
-        raise ValueError(f"instruction is empty or whitespace only ({instruction!r}); describe the edit in words.")
-    max_length = int(max_length if max_length is not None else tokenizer.model_max_length)
-    if max_length < 2:
-        raise ValueError(f"max_length must be at least 2 (BOS and EOS), got {max_length}.")
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    if bos is None or eos is None:
-        raise ValueError(f"tokenizer {type(tokenizer).__name__} has no BOS or EOS token id; LIME needs a CLIP tokenizer.")
-
+    max_length, bos, eos = _checked(tokenizer, instruction, max_length)
     body = list(tokenizer(instruction, add_special_tokens=False, verbose=False)["input_ids"])
     body_words, body_word_of = _group_words(tokenizer, body)
     room = max_length - 2
     truncated = len(body) > room
     if truncated:
-        dropped = len(body) - room
         warnings.warn(
             f"Instruction {instruction!r} has {len(body)} tokens but the text encoder reads at most {room}; "
-            f"the last {dropped} tokens were dropped.",
+            f"the last {len(body) - room} tokens were dropped.",
             LimeWarning,
             stacklevel=2,
         )
@@ -316,66 +305,86 @@ def token_roles(
     for pos, w in enumerate(body_word_of, start=1):
         positions_of.setdefault(w, []).append(pos)
     word_ids = list(positions_of)  # kept words, in order
-    prev = _context_words(body_words)
-
     stop = {w: is_stop_word(body_words[w]) for w in word_ids}
-    punct = {w: is_punctuation(body_words[w]) for w in word_ids}
-    verb = {w: is_verb(body_words[w], prev[w]) for w in word_ids}
 
     keep = [False] * max_length
-    for pos in range(1, n + 2):  # tokens and EOS
+    for pos in range(1, n + 2):  # tokens and EOS, except the stop words' positions
         keep[pos] = True
     for w in word_ids:
         if stop[w]:
             for pos in positions_of[w]:
                 keep[pos] = False
 
-    fallback: str | None = None
     if roi_words is not None and len(roi_words) > 0:
-        wanted = _roi_word_list(tokenizer, roi_words)
-        present = {body_words[w] for w in word_ids}
-        for r in wanted:
-            if r not in present:
-                listed = ", ".join(dict.fromkeys(body_words[w] for w in word_ids))
-                note = " (the instruction was truncated; later words are not available)" if truncated else ""
-                raise ValueError(
-                    f"roi word {r!r} is not in the instruction {instruction!r}{note}; its words are: {listed}"
-                )
-        chosen = [w for w in word_ids if body_words[w] in wanted]
+        chosen, fallback = _roi_word_ids(tokenizer, roi_words, body_words, word_ids, instruction, truncated), None
     else:
-        chosen = [w for w in word_ids if not (stop[w] or punct[w] or verb[w])]
-        if not chosen:
-            chosen = [w for w in word_ids if not (stop[w] or punct[w])]
-            fallback = "non_stop_words"
-            warnings.warn(
-                f"Instruction {instruction!r} has no content word (only stop words, punctuation and verbs); "
-                "falling back to its non-stop, non-punctuation words (verbs included)"
-                + (f": {[body_words[w] for w in chosen]}." if chosen else "; there are none."),
-                LimeWarning,
-                stacklevel=2,
-            )
-            if not chosen:
-                fallback = "whole_image"
-                warnings.warn(
-                    f"Instruction {instruction!r} has no non-stop word either; falling back to the whole image "
-                    "as the region of interest.",
-                    LimeWarning,
-                    stacklevel=2,
-                )
-
-    content = sorted(pos for w in chosen for pos in positions_of[w])
-    content_words = list(dict.fromkeys(body_words[w] for w in chosen))
+        chosen, fallback = _content_word_ids(body_words, word_ids, stop, instruction)
     return TokenRoles(
         instruction=instruction,
         input_ids=input_ids,
         tokens=tokens,
         words=words,
-        content=content,
+        content=sorted(pos for w in chosen for pos in positions_of[w]),
         keep=keep,
-        content_words=content_words,
+        content_words=list(dict.fromkeys(body_words[w] for w in chosen)),
         fallback=fallback,
         truncated=truncated,
     )
+
+
+def _checked(tokenizer, instruction, max_length) -> tuple[int, int, int]:
+    """(max_length, BOS id, EOS id), after checking the instruction and the tokenizer."""
+    if not isinstance(instruction, str):
+        raise TypeError(f"instruction must be a str, got {type(instruction).__name__}: {instruction!r}")
+    if not instruction.strip():
+        raise ValueError(f"instruction is empty or whitespace only ({instruction!r}); describe the edit in words.")
+    max_length = int(max_length if max_length is not None else tokenizer.model_max_length)
+    if max_length < 2:
+        raise ValueError(f"max_length must be at least 2 (BOS and EOS), got {max_length}.")
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    if bos is None or eos is None:
+        raise ValueError(f"tokenizer {type(tokenizer).__name__} has no BOS or EOS token id; LIME needs a CLIP tokenizer.")
+    return max_length, bos, eos
+
+
+def _roi_word_ids(tokenizer, roi_words, body_words, word_ids, instruction, truncated) -> list[int]:
+    """The words the user named (``roi_words``); ValueError listing the instruction's words for one it lacks."""
+    wanted = _roi_word_list(tokenizer, roi_words)
+    present = {body_words[w] for w in word_ids}
+    for r in wanted:
+        if r not in present:
+            listed = ", ".join(dict.fromkeys(body_words[w] for w in word_ids))
+            note = " (the instruction was truncated; later words are not available)" if truncated else ""
+            raise ValueError(f"roi word {r!r} is not in the instruction {instruction!r}{note}; its words are: {listed}")
+    return [w for w in word_ids if body_words[w] in wanted]
+
+
+def _content_word_ids(body_words, word_ids, stop, instruction) -> tuple[list[int], str | None]:
+    """The automatic content words (not stop words, punctuation or verbs) and the fallback used, if any:
+    "non_stop_words" (verbs included) when there are none, "whole_image" when there are none of those."""
+    prev = _context_words(body_words)
+    punct = {w: is_punctuation(body_words[w]) for w in word_ids}
+    verb = {w: is_verb(body_words[w], prev[w]) for w in word_ids}
+    chosen = [w for w in word_ids if not (stop[w] or punct[w] or verb[w])]
+    if chosen:
+        return chosen, None
+    chosen = [w for w in word_ids if not (stop[w] or punct[w])]
+    warnings.warn(
+        f"Instruction {instruction!r} has no content word (only stop words, punctuation and verbs); "
+        "falling back to its non-stop, non-punctuation words (verbs included)"
+        + (f": {[body_words[w] for w in chosen]}." if chosen else "; there are none."),
+        LimeWarning,
+        stacklevel=3,
+    )
+    if chosen:
+        return chosen, "non_stop_words"
+    warnings.warn(
+        f"Instruction {instruction!r} has no non-stop word either; falling back to the whole image "
+        "as the region of interest.",
+        LimeWarning,
+        stacklevel=3,
+    )
+    return chosen, "whole_image"
 
 
 def keep_mask(roles_list: Sequence[TokenRoles]) -> torch.Tensor:

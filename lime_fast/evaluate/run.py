@@ -330,24 +330,15 @@ def _edit(data: Dataset, out: Path, methods: list[Method], settings, *, model, c
     import torch
     from tqdm.auto import tqdm
 
-    from ..batch.manifest import Row
     from ..batch.runners import edit_group, plan_batches
-    from ..batch.store import (RESULTS, ResultsWriter, _failed, _read_results, _remove_temporaries, image_path)
+    from ..batch.store import RESULTS, ResultsWriter, image_path
     from ..errors import LimeWarning
 
     masks = _Masks(out)
     for tmp in masks.dir.glob(".*.tmp") if masks.dir.is_dir() else ():  # left by a killed run (we hold the lock)
         tmp.unlink(missing_ok=True)
     waves = plan(data, methods, settings)
-    state = {}
-    pin = model_pin(model)  # the digest reads the weight files: once, not once per method
-    for m in methods:
-        d = out / m.folder
-        _pin(d, pin, cfg, m)
-        for sub in ("images", "roi"):
-            (d / sub).mkdir(parents=True, exist_ok=True)
-        _remove_temporaries(d)
-        state[m.spec] = _read_results(d / RESULTS)[0]
+    state = _method_folders(out, methods, model, cfg)
 
     def recorded(j: Job) -> bool:
         prev = state[j.method.spec].get(j.id)
@@ -373,24 +364,7 @@ def _edit(data: Dataset, out: Path, methods: list[Method], settings, *, model, c
         for wave in waves:
             for m in methods:
                 d = out / m.folder
-                rows, fail = [], []
-                for j in wave:
-                    if j.method != m or recorded(j):
-                        continue
-                    mcfg = cfg.replace(**{**j.turn.overrides, **dict(m.overrides)})
-                    src = j.input if j.after is None else image_path(d, j.after)
-                    mask = {"empty": masks.empty, "auto": lambda: None,
-                            "dataset": lambda: masks.file(j.session, j.turn)}[m.roi]()
-                    row = Row(j.id, j.turn.index, Path(src), j.turn.instruction, mask, mcfg)
-                    if j.after is not None and not src.is_file():
-                        fail.append(_failed(row, f"turn {j.turn.index - 1} has no output ({j.after} failed), so its "
-                                                 "multi-turn chain stops here"))
-                    elif m.roi == "dataset" and mask is None:
-                        fail.append(_failed(row, f"the dataset has no mask for turn {j.turn.index}: {m.spec} needs one"))
-                    else:
-                        with PIL.Image.open(src) as im:
-                            row.size = im.size
-                        rows.append(row)
+                rows, fail = _wave_rows([j for j in wave if j.method == m and not recorded(j)], m, d, cfg, masks)
                 with warnings.catch_warnings():
                     if m.roi == "empty":  # by design: the empty RoI is plain InstructPix2Pix
                         warnings.filterwarnings("ignore", message="the mask is empty", category=LimeWarning)
@@ -405,6 +379,47 @@ def _edit(data: Dataset, out: Path, methods: list[Method], settings, *, model, c
         bar.close()
         for w in writers.values():
             w.close()
+
+
+def _method_folders(out: Path, methods: list[Method], model, cfg: EditConfig) -> dict:
+    """Each method's folder made ready (pinned to this model and config, temporaries of a killed run
+    removed); returns {method spec: its recorded results by id}."""
+    from ..batch.store import RESULTS, _read_results, _remove_temporaries
+
+    state = {}
+    pin = model_pin(model)  # the digest reads the weight files: once, not once per method
+    for m in methods:
+        d = out / m.folder
+        _pin(d, pin, cfg, m)
+        for sub in ("images", "roi"):
+            (d / sub).mkdir(parents=True, exist_ok=True)
+        _remove_temporaries(d)
+        state[m.spec] = _read_results(d / RESULTS)[0]
+    return state
+
+
+def _wave_rows(jobs: list, m: Method, d: Path, cfg: EditConfig, masks) -> tuple[list, list]:
+    """One wave's jobs of method ``m`` as batch rows to edit, and the failure records of those that cannot
+    run (a multi-turn chain whose previous turn has no output; a dataset-mask method without a mask)."""
+    from ..batch.manifest import Row
+    from ..batch.store import _failed, image_path
+
+    rows, fail = [], []
+    for j in jobs:
+        mcfg = cfg.replace(**{**j.turn.overrides, **dict(m.overrides)})
+        src = j.input if j.after is None else image_path(d, j.after)
+        mask = {"empty": masks.empty, "auto": lambda: None, "dataset": lambda: masks.file(j.session, j.turn)}[m.roi]()
+        row = Row(j.id, j.turn.index, Path(src), j.turn.instruction, mask, mcfg)
+        if j.after is not None and not src.is_file():
+            fail.append(_failed(row, f"turn {j.turn.index - 1} has no output ({j.after} failed), so its "
+                                     "multi-turn chain stops here"))
+        elif m.roi == "dataset" and mask is None:
+            fail.append(_failed(row, f"the dataset has no mask for turn {j.turn.index}: {m.spec} needs one"))
+        else:
+            with PIL.Image.open(src) as im:
+                row.size = im.size
+            rows.append(row)
+    return rows, fail
 
 
 def _account(rec: dict, writer, state: dict, ev: Evaluation, bar) -> None:
@@ -436,17 +451,47 @@ def _pairs(data: Dataset, settings) -> list[tuple[str, Session, list[Turn], str]
 
 
 def _score(ev: Evaluation, clip, dino, progress: bool, chunk: int = 16) -> None:
+    """Every (method, scored turn) pair's metrics into ``ev.samples``, and their summary into ``ev.summary``;
+    pictures are read ``chunk`` pairs at a time and the targets' and captions' embeddings are computed once."""
     from tqdm.auto import tqdm
 
-    from ..batch.store import RESULTS, _read_results, image_path
     from . import metrics as M
 
     out, masks = ev.out_dir, _Masks(ev.out_dir)
+    samples = _samples(ev)
+    known: dict[tuple, np.ndarray] = {}  # embeddings of targets and captions, shared by every method
+    done = [x for x in samples if x["status"] == "done"]
+    bar = tqdm(total=len(done), desc="eval metrics", unit="pair", disable=not progress or not done, dynamic_ncols=True)
+    for i in range(0, len(done), chunk):
+        part = done[i : i + chunk]
+        gens = {_key(x): M.load_rgb(out / x["image"]) for x in part}
+        tgts = {x["target"]: M.load_rgb(x["target"]) for x in part}
+        for x in part:
+            _pixel_scores(x, gens[_key(x)], tgts[x["target"]], masks, ev)
+        for kind, model in (("clip", clip), ("dino", dino)):
+            if model is not None:
+                _embedding_scores(part, kind, model, gens, tgts, known)
+        bar.update(len(part))
+    bar.close()
+    for x in samples:
+        x.pop("_turns"), x.pop("_session")
+    ev.samples = samples
+    ev.summary = summarize(samples, ev.methods, ev.settings)
+
+
+def _key(x: dict) -> str:
+    return x["method"] + "|" + x["id"]
+
+
+def _samples(ev: Evaluation) -> list[dict]:
+    """One record per (method, scored pair): its identity, status, paths, and empty metric fields."""
+    from ..batch.store import RESULTS, _read_results, image_path
+
+    out = ev.out_dir
     results = {m.spec: _read_results(out / m.folder / RESULTS)[0] for m in ev.methods}
-    pairs = _pairs(ev.dataset, ev.settings)
     samples = []
     for m in ev.methods:
-        for setting, s, turns, oid in pairs:
+        for setting, s, turns, oid in _pairs(ev.dataset, ev.settings):
             last = turns[-1]
             rec = results[m.spec].get(oid)
             img = image_path(out / m.folder, oid)
@@ -461,55 +506,49 @@ def _score(ev: Evaluation, clip, dino, progress: bool, chunk: int = 16) -> None:
                 **dict.fromkeys(METRICS), "mask_area": None, "roi_area": None,
                 "_turns": turns, "_session": s,
             })
-    known: dict[tuple, np.ndarray] = {}  # embeddings of targets and captions, shared by every method
+    return samples
 
-    def key(x):
-        return x["method"] + "|" + x["id"]
 
-    done = [x for x in samples if x["status"] == "done"]
-    bar = tqdm(total=len(done), desc="eval metrics", unit="pair", disable=not progress or not done, dynamic_ncols=True)
-    for i in range(0, len(done), chunk):
-        part = done[i : i + chunk]
-        gens = {key(x): M.load_rgb(out / x["image"]) for x in part}
-        tgts = {x["target"]: M.load_rgb(x["target"]) for x in part}
-        for x in part:
-            gen, tgt, turns = gens[key(x)], tgts[x["target"]], x["_turns"]
-            arrs = [masks.array(t) for t in turns]
-            region = None
-            if all(a is not None for a in arrs):  # multi-turn: every pixel some turn was meant to change
-                region = np.logical_or.reduce([M.resize_mask(a, tgt.size) for a in arrs])
-                x["mask_area"] = float(region.mean())
-            x.update(M.pixel_metrics(gen, tgt, region))
-            roi_file = out / ev.method(x["method"]).folder / "roi" / f"{x['id']}.png"
-            if roi_file.is_file():
-                roi = read_mask(roi_file)
-                x["roi_area"] = float(roi.mean())
-                if arrs[-1] is not None and ev.method(x["method"]).roi == "auto":
-                    x["roi_iou"] = M.iou(M.resize_mask(roi, tgt.size), M.resize_mask(arrs[-1], tgt.size))
-        for kind, model in (("clip", clip), ("dino", dino)):
-            if model is None:
-                continue
-            new = [p for p in tgts if (kind, p) not in known]
-            if new:
-                known.update(zip([(kind, p) for p in new], model.images([tgts[p] for p in new])))
-            gen_emb = dict(zip([key(x) for x in part], model.images([gens[key(x)] for x in part])))
-            for x in part:
-                x["clip_i" if kind == "clip" else "dino"] = M.cosine(gen_emb[key(x)], known[(kind, x["target"])])
-            if kind == "clip":
-                caps = sorted({x["_turns"][-1].caption for x in part} - {None} - {c for k, c in known if k == "text"})
-                if caps:
-                    known.update(zip([("text", c) for c in caps], model.texts(caps)))
-                for x in part:
-                    cap = x["_turns"][-1].caption
-                    if cap is not None:
-                        x["clip_t"] = M.cosine(gen_emb[key(x)], known[("text", cap)])
-                        x["clip_t_oracle"] = M.cosine(known[("clip", x["target"])], known[("text", cap)])
-        bar.update(len(part))
-    bar.close()
-    for x in samples:
-        x.pop("_turns"), x.pop("_session")
-    ev.samples = samples
-    ev.summary = summarize(samples, ev.methods, ev.settings)
+def _pixel_scores(x: dict, gen, tgt, masks, ev: Evaluation) -> None:
+    """L1/L2 (inside and outside the edited region, when the dataset has masks), the RoI's area and, for the
+    automatic RoI, its IoU with the last turn's mask, into ``x``."""
+    from . import metrics as M
+
+    arrs = [masks.array(t) for t in x["_turns"]]
+    region = None
+    if all(a is not None for a in arrs):  # multi-turn: every pixel some turn was meant to change
+        region = np.logical_or.reduce([M.resize_mask(a, tgt.size) for a in arrs])
+        x["mask_area"] = float(region.mean())
+    x.update(M.pixel_metrics(gen, tgt, region))
+    roi_file = ev.out_dir / ev.method(x["method"]).folder / "roi" / f"{x['id']}.png"
+    if roi_file.is_file():
+        roi = read_mask(roi_file)
+        x["roi_area"] = float(roi.mean())
+        if arrs[-1] is not None and ev.method(x["method"]).roi == "auto":
+            x["roi_iou"] = M.iou(M.resize_mask(roi, tgt.size), M.resize_mask(arrs[-1], tgt.size))
+
+
+def _embedding_scores(part: list[dict], kind: str, model, gens: dict, tgts: dict, known: dict) -> None:
+    """CLIP-I or DINO (and, for CLIP, CLIP-T against the caption) of a chunk of pairs, into each record;
+    ``known`` caches the targets' and captions' embeddings across chunks and methods."""
+    from . import metrics as M
+
+    new = [p for p in tgts if (kind, p) not in known]
+    if new:
+        known.update(zip([(kind, p) for p in new], model.images([tgts[p] for p in new])))
+    gen_emb = dict(zip([_key(x) for x in part], model.images([gens[_key(x)] for x in part])))
+    for x in part:
+        x["clip_i" if kind == "clip" else "dino"] = M.cosine(gen_emb[_key(x)], known[(kind, x["target"])])
+    if kind != "clip":
+        return
+    caps = sorted({x["_turns"][-1].caption for x in part} - {None} - {c for k, c in known if k == "text"})
+    if caps:
+        known.update(zip([("text", c) for c in caps], model.texts(caps)))
+    for x in part:
+        cap = x["_turns"][-1].caption
+        if cap is not None:
+            x["clip_t"] = M.cosine(gen_emb[_key(x)], known[("text", cap)])
+            x["clip_t_oracle"] = M.cosine(known[("clip", x["target"])], known[("text", cap)])
 
 
 def summarize(samples: list[dict], methods: list[Method], settings) -> dict:
