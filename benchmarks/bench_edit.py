@@ -44,6 +44,7 @@ import lime_fast
 from lime_fast import LimeEngine
 from lime_fast.graphs import GraphedUNet
 from lime_fast.demo import shapes_image
+from _common import pedantic, sync
 from release import release_attention
 import modes as fast_modes
 
@@ -57,9 +58,7 @@ PEAK: dict[str, float] = {}
 NOTES: dict[str, str] = {}
 
 
-def _sync():
-    if CUDA:
-        torch.cuda.synchronize()
+_sync = sync
 
 
 @pytest.fixture(scope="module")
@@ -92,16 +91,9 @@ def untouched(unet):
 
 
 def _run(benchmark, name, fn, rounds=3):
-    def timed():
-        fn()
-        _sync()
-
-    if CUDA:
-        torch.cuda.reset_peak_memory_stats()
-    benchmark.pedantic(timed, rounds=rounds, warmup_rounds=1, iterations=1)
-    TIMES[name] = benchmark.stats.stats.median
-    if CUDA:
-        PEAK[name] = torch.cuda.max_memory_allocated() / 2**30
+    TIMES[name], peak = pedantic(benchmark, fn, rounds)
+    if peak is not None:
+        PEAK[name] = peak
 
 
 def _pipe_call(pipe, image):

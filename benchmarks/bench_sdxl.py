@@ -12,7 +12,6 @@ Rows: diffusers (StableDiffusionXLInstructPix2PixPipeline, untouched), accelerat
 """
 
 import os
-import time
 
 import numpy as np
 import pytest
@@ -21,6 +20,7 @@ import torch
 import lime_fast
 from lime_fast import LimeEngine
 from lime_fast.demo import shapes_image
+from _common import pedantic, timed
 from bench_edit import untouched  # diffusers' own processors for the duration
 
 CUDA = torch.cuda.is_available()
@@ -44,26 +44,12 @@ def setup():
 
 
 def _run(benchmark, key, fn, rounds=3):
-    def timed():
-        fn()
-        if CUDA:
-            torch.cuda.synchronize()
-
-    if CUDA:
-        torch.cuda.reset_peak_memory_stats()
-    benchmark.pedantic(timed, rounds=rounds, warmup_rounds=1, iterations=1)
-    TIMES[key] = benchmark.stats.stats.median
-    if CUDA:
-        PEAK[key] = torch.cuda.max_memory_allocated() / 2**30
+    TIMES[key], peak = pedantic(benchmark, fn, rounds)
+    if peak is not None:
+        PEAK[key] = peak
 
 
-def _timed(fn):
-    """(seconds, result) of one call, the GPU work included."""
-    start = time.perf_counter()
-    out = fn()
-    if CUDA:
-        torch.cuda.synchronize()
-    return time.perf_counter() - start, out
+_timed = timed  # (seconds, result) of one call, the GPU work included
 
 
 def _call(pipe, image, size):

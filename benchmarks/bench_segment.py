@@ -44,6 +44,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
+from _common import sync  # noqa: E402
 from lime_fast import segment as seg  # noqa: E402
 from lime_fast.testing import clustered_features  # noqa: E402
 
@@ -113,9 +114,7 @@ def adjusted_rand_index(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((sum_ij - expected) / ((sum_a + sum_b) / 2 - expected))
 
 
-def _sync():
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
+_sync = sync  # (benchmarks/_common.py)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import copy
 import math
-import statistics
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from _common import sync, timed
 
 INSTRUCTION = "make the red circle blue"
 # 30 steps on a GPU (the issue's setting); 10 on the CPU smoke run, whose timings mean nothing anyway
@@ -85,20 +85,7 @@ def fidelity(ref, got) -> dict:
             "roi_iou": float(inter / union) if union else 1.0}
 
 
-def _sync():
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def _timed(fn, rounds: int) -> tuple[float, object]:
-    """Median seconds of ``rounds`` synchronized calls, and the last call's result."""
-    times, out = [], None
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        out = fn()
-        _sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
+_sync, _timed = sync, timed  # (benchmarks/_common.py)
 
 
 def unet_step_inputs(engine, image_hw, steps: int = STEPS):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 DEFAULT_MODEL = "timbrooks/instruct-pix2pix"
 SEGMENT_BACKENDS = ("native", "materialized", "cuml")
@@ -19,64 +19,78 @@ MAX_SEED = 2**64  # torch.Generator.manual_seed takes 64-bit seeds
 
 @dataclass
 class EditConfig:
-    """Parameters of one LIME edit.
+    """Parameters of one LIME edit: each field's ``metadata["help"]`` documents it (the one source of the
+    CLI's help and of ``field_docs``)."""
 
-    Attributes:
-        steps: denoising steps of both passes (Euler-ancestral, as the checkpoint ships), 1..1000.
-        seed: seed of the CPU generator that draws the initial noise and each step's noise, 0 <= seed < 2**64;
-            the same seed gives the same image on every run (and the same noise on CPU and GPU).
-        text_guidance, image_guidance: guidance scales of the regularized edit (s_T, s_I).
-        loc_text_guidance, loc_image_guidance: guidance scales of the localization pass.
-        capture_step: step whose attention is captured for localization; the localization pass stops
-            right after it (capture_step + 1 UNet evaluations). None: round(steps / 3) (10 of 30).
-        reg_steps: inclusive (first, last) steps during which unrelated tokens are silenced inside the
-            RoI. None: (0, ceil(0.9 * steps) - 1), i.e. (0, 26) of 30.
-        feature_levels: UNet levels whose attention outputs and maps localize (level l runs at the
-            latent size / 2**l).
-        reg_levels: levels whose cross-attention is regularized.
-        grid_size: long side, in cells, of the output grid on which segments and the RoI live
-            (128 at 512 x 512: one cell per 4 x 4 pixels); the short side keeps the aspect ratio.
-        clusters: k of the k-means segmentation.
-        kmeans_n_init, kmeans_max_iter, kmeans_tol: k-means restarts, iteration cap and tolerance
-            (scikit-learn's rule: tol relative to the mean per-dimension variance).
-        kmeans_check_every: on a GPU, Lloyd iterations between two reads of k-means' on-device
-            convergence flag (one host sync each; it stops at the first read that finds it converged).
-            0: never read it: exactly kmeans_max_iter iterations (those after convergence change
-            nothing) and no host sync between the two passes. Same segments either way.
-        segment_backend: "native" (exact, never builds the pixels x channels matrix), "materialized"
-            (the reference) or "cuml" (needs the cuml extra and a GPU).
-        top_k: number of highest-attention grid cells whose segments form the RoI.
-        roi_words: words of the instruction to localize instead of the automatic content words.
-        max_side: images whose long side exceeds this many pixels are processed at this long side
-            (with a warning) and the result is resized back to the input's size.
-        cache_interval: step caching of the edit pass (opt-in, DeepCache-style; ``lime_fast.stepcache``).
-            1 (default): off, every step runs the whole UNet. N >= 2: the UNet's deep blocks (the levels
-            below the deepest of reg_levels: 16 and 8 cells a side at 512 x 512) run on steps 0, N, 2N, ...
-            and the steps between reuse their output, while the regularized levels run at every step.
-            The localization pass never caches. Fewer UNet FLOPs, an approximation: docs/faster-modes.md.
-    """
-
-    steps: int = 30
-    seed: int = 42
-    text_guidance: float = 2.0
-    image_guidance: float = 1.5
-    loc_text_guidance: float = 5.5
-    loc_image_guidance: float = 1.5
-    capture_step: int | None = None
-    reg_steps: tuple[int, int] | None = None
-    feature_levels: tuple[int, ...] = (1, 2, 3)
-    reg_levels: tuple[int, ...] = (0, 1)
-    grid_size: int = 128
-    clusters: int = 8
-    kmeans_n_init: int = 1
-    kmeans_max_iter: int = 300
-    kmeans_tol: float = 1e-4
-    kmeans_check_every: int = 16
-    segment_backend: str = "native"
-    top_k: int = 100
-    roi_words: tuple[str, ...] | None = None
-    max_side: int = 1024
-    cache_interval: int = 1
+    steps: int = field(default=30, metadata={"help": (
+        'denoising steps of both passes (Euler-ancestral, as the checkpoint ships), 1..1000.'
+    )})
+    seed: int = field(default=42, metadata={"help": (
+        "seed of the CPU generator that draws the initial noise and each step's noise, 0 <= seed < 2**64; "
+        'the same seed gives the same image on every run (and the same noise on CPU and GPU).'
+    )})
+    text_guidance: float = field(default=2.0, metadata={"help": 'guidance scales of the regularized edit (s_T, s_I).'})
+    image_guidance: float = field(default=1.5, metadata={"help": 'guidance scales of the regularized edit (s_T, s_I).'})
+    loc_text_guidance: float = field(default=5.5, metadata={"help": 'guidance scales of the localization pass.'})
+    loc_image_guidance: float = field(default=1.5, metadata={"help": 'guidance scales of the localization pass.'})
+    capture_step: int | None = field(default=None, metadata={"help": (
+        'step whose attention is captured for localization; the localization pass stops right after it '
+        '(capture_step + 1 UNet evaluations). None: round(steps / 3) (10 of 30).'
+    )})
+    reg_steps: tuple[int, int] | None = field(default=None, metadata={"help": (
+        'inclusive (first, last) steps during which unrelated tokens are silenced inside the RoI. None: '
+        '(0, ceil(0.9 * steps) - 1), i.e. (0, 26) of 30.'
+    )})
+    feature_levels: tuple[int, ...] = field(default=(1, 2, 3), metadata={"help": (
+        'UNet levels whose attention outputs and maps localize (level l runs at the latent size / 2**l).'
+    )})
+    reg_levels: tuple[int, ...] = field(default=(0, 1), metadata={"help": (
+        'levels whose cross-attention is regularized.'
+    )})
+    grid_size: int = field(default=128, metadata={"help": (
+        'long side, in cells, of the output grid on which segments and the RoI live (128 at 512 x 512: '
+        'one cell per 4 x 4 pixels); the short side keeps the aspect ratio.'
+    )})
+    clusters: int = field(default=8, metadata={"help": 'k of the k-means segmentation.'})
+    kmeans_n_init: int = field(default=1, metadata={"help": (
+        "k-means restarts, iteration cap and tolerance (scikit-learn's rule: tol relative to the mean "
+        'per- dimension variance).'
+    )})
+    kmeans_max_iter: int = field(default=300, metadata={"help": (
+        "k-means restarts, iteration cap and tolerance (scikit-learn's rule: tol relative to the mean "
+        'per- dimension variance).'
+    )})
+    kmeans_tol: float = field(default=1e-4, metadata={"help": (
+        "k-means restarts, iteration cap and tolerance (scikit-learn's rule: tol relative to the mean "
+        'per- dimension variance).'
+    )})
+    kmeans_check_every: int = field(default=16, metadata={"help": (
+        "on a GPU, Lloyd iterations between two reads of k-means' on-device convergence flag (one host "
+        'sync each; it stops at the first read that finds it converged). 0: never read it: exactly '
+        'kmeans_max_iter iterations (those after convergence change nothing) and no host sync between the '
+        'two passes. Same segments either way.'
+    )})
+    segment_backend: str = field(default="native", metadata={"help": (
+        '"native" (exact, never builds the pixels x channels matrix), "materialized" (the reference) or '
+        '"cuml" (needs the cuml extra and a GPU).'
+    )})
+    top_k: int = field(default=100, metadata={"help": (
+        'number of highest-attention grid cells whose segments form the RoI.'
+    )})
+    roi_words: tuple[str, ...] | None = field(default=None, metadata={"help": (
+        'words of the instruction to localize instead of the automatic content words.'
+    )})
+    max_side: int = field(default=1024, metadata={"help": (
+        'images whose long side exceeds this many pixels are processed at this long side (with a warning) '
+        "and the result is resized back to the input's size."
+    )})
+    cache_interval: int = field(default=1, metadata={"help": (
+        'step caching of the edit pass (opt-in, DeepCache-style; ``lime_fast.stepcache``). 1 (default): '
+        "off, every step runs the whole UNet. N >= 2: the UNet's deep blocks (the levels below the "
+        'deepest of reg_levels: 16 and 8 cells a side at 512 x 512) run on steps 0, N, 2N, ... and the '
+        'steps between reuse their output, while the regularized levels run at every step. The '
+        'localization pass never caches. Fewer UNet FLOPs, an approximation: docs/faster-modes.md.'
+    )})
 
     def __post_init__(self):
         if isinstance(self.roi_words, str):
@@ -165,23 +179,9 @@ class EditConfig:
 
 
 def field_docs() -> dict[str, str]:
-    """Each ``EditConfig`` field's description, from the class docstring (the one source the CLI's help,
-    the batch runner's and the service's field checks read)."""
-    doc = EditConfig.__doc__.split("Attributes:", 1)[1]
-    out: dict[str, str] = {}
-    names: list[str] = []
-    for line in doc.splitlines():
-        text = line.strip()
-        head, sep, rest = text.partition(": ")
-        fields = [n.strip() for n in head.split(",")]
-        if sep and line.startswith(" " * 8) and not line.startswith(" " * 12) and all(f.isidentifier() for f in fields):
-            names = fields
-            for n in names:
-                out[n] = rest
-        elif text and names:
-            for n in names:
-                out[n] += " " + text
-    return out
+    """Each ``EditConfig`` field's description (its ``metadata["help"]``): what the CLI's help, the batch
+    runner's and the service's field checks read."""
+    return {f.name: f.metadata["help"] for f in dataclasses.fields(EditConfig)}
 
 
 @dataclass(frozen=True)
