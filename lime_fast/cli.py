@@ -144,6 +144,37 @@ def _dtype(name):
     return getattr(torch, name) if name else None
 
 
+def plan_outputs(outs: list[Path], roi_dirs: list[Path], *, user_mask: bool, inputs=()) -> dict[Path, tuple[int, str]]:
+    """Every file ``lime-fast edit`` will write -> (turn, picture name), decided before any model work:
+    the edited image of each turn and, with --save-roi, the pictures that turn produces (a turn edited
+    with the user's mask, the first one, has no segments or heatmap: there was no localization).
+    OutputError when two outputs share a path or an output is one of the inputs."""
+    from .io import OutputError
+
+    planned: dict[Path, tuple[int, str]] = {}
+    wanted = [(path, (k, "image")) for k, path in enumerate(outs)]
+    for k, d in enumerate(roi_dirs):
+        names = [n for n in PICTURES if not (user_mask and k == 0 and n in ("segments", "heatmap"))]
+        wanted += [(d / f"{n}.png", (k, n)) for n in names]
+    sources = {Path(p).expanduser().resolve(): str(p) for p in inputs if isinstance(p, (str, Path))}
+    for path, what in wanted:
+        key = path.expanduser().resolve()
+        if key in sources:
+            raise OutputError(f"the output '{path}' is the input '{sources[key]}': it would be overwritten; "
+                              "write the result elsewhere")
+        clash = next((p for p in planned if p.expanduser().resolve() == key), None)
+        if clash is not None:
+            raise OutputError(f"two outputs would be written to '{path}' ({_label(planned[clash])} and {_label(what)}); "
+                              "give -o and --save-roi different paths")
+        planned[path] = what
+    return planned
+
+
+def _label(what: tuple[int, str]) -> str:
+    k, name = what
+    return f"the edited image of turn {k + 1}" if name == "image" else f"the {name} picture of turn {k + 1}"
+
+
 def _edit(args) -> int:
     from .inputs import EditInputs, check_instruction
     from .io import check_outputs, save_all
@@ -156,8 +187,7 @@ def _edit(args) -> int:
     roi_dirs = []
     if args.save_roi:  # one turn: DIR/roi.png ...; several: DIR/turn1/roi.png, DIR/turn2/roi.png, ...
         roi_dirs = [Path(args.save_roi)] if len(outs) == 1 else [Path(args.save_roi) / f"turn{k}" for k in range(1, len(outs) + 1)]
-    planned = {path: (k, "image") for k, path in enumerate(outs)}
-    planned |= {d / f"{n}.png": (k, n) for k, d in enumerate(roi_dirs) for n in PICTURES}
+    planned = plan_outputs(outs, roi_dirs, user_mask=bool(args.mask), inputs=[args.image, args.mask])
     check_outputs(planned, args.force)
     cfg = model_config(args.model, config_overrides(args))
     info = shipped(args.model)

@@ -16,8 +16,10 @@ from pathlib import Path
 
 import PIL.Image
 
+from .errors import LimeError
 
-class OutputError(ValueError):
+
+class OutputError(LimeError, ValueError):
     """An output location cannot be written (exists without --force, is a folder, is read-only, ...)."""
 
 

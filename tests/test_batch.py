@@ -389,3 +389,27 @@ def test_pending_selects_what_a_run_must_do(tmp_path):
     assert s.skipped_failed == 2  # the failed row and the failed id-less line
     s = Summary()
     assert [r.line for r in pending(rows, records, tmp_path, True, s)] == [1, 3, 4, 9] and s.skipped_failed == 0
+
+
+@pytest.mark.parametrize("save_roi", [False, True])
+def test_a_job_never_writes_over_its_own_inputs(tmp_path, save_roi, capsys):
+    """A job whose --out holds its inputs under the names it would write (images/{id}.png, roi/{id}.png) is
+    refused before anything is written, through the API and the CLI; the pictures stay as they were."""
+    job = tmp_path / "job"
+    (job / "images").mkdir(parents=True)
+    (job / "roi").mkdir()
+    rows = []
+    for i in range(2):
+        shapes_image(64).save(job / "images" / f"000{i}.png")
+        PIL.Image.fromarray(np.full((64, 64), 255, np.uint8)).save(job / "roi" / f"m{i}.png")
+        rows.append({"id": f"000{i}", "image": f"images/000{i}.png", "instruction": "make it red"})
+    rows.append({"id": "m1", "image": "images/0000.png", "instruction": "make it red", "mask": "roi/m1.png"})
+    manifest = write_manifest(job / "edits.jsonl", rows)
+    before = {p: p.read_bytes() for p in job.rglob("*.png")}
+    with pytest.raises(batch.BatchError, match="would overwrite the job's own inputs") as e:
+        batch.run(manifest, job, model="shapes-ip2p", save_roi=save_roi, progress=False)
+    assert "line 1 (id 0000)" in str(e.value)
+    assert ("id m1) would write " + str(job / "roi" / "m1.png")) in str(e.value) if save_roi else "/roi/" not in str(e.value)
+    assert main(["batch", str(manifest), "--out", str(job), "--model", "shapes-ip2p", "--quiet"]) != 0
+    assert "overwrite" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in job.rglob("*.png")} == before and not (job / "results.jsonl").exists()

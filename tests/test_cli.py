@@ -216,3 +216,41 @@ def test_shipped_model_by_name_warns_on_large_pictures(tmp_path, capsys):
     assert rc == 0 and "trained on 64 x 64" in err
     rc = main(["edit", str(big), "make the background blue", "-o", str(tmp_path / "o2.png"), "--model", "shapes-ip2p", "--strict"])
     assert rc == 2 and not (tmp_path / "o2.png").exists()
+
+
+@pytest.mark.parametrize("mask", ["full", "empty", "soft"])
+@pytest.mark.parametrize("then", [False, True])
+def test_a_user_mask_with_save_roi_writes_what_the_edit_produces(tmp_path, photo, tiny_dir, mask, then, capsys):
+    """With --mask the first turn has no localization: --save-roi writes its roi, overlay and panel (no
+    segments or heatmap, so nothing is promised that cannot be written); a --then turn localizes."""
+    m = {"full": np.full((32, 32), 255, np.uint8), "empty": np.zeros((32, 32), np.uint8),
+         "soft": np.tile(np.linspace(0, 255, 32).astype(np.uint8), (32, 1))}[mask]
+    PIL.Image.fromarray(m).save(tmp_path / "m.png")
+    out, roi_dir = tmp_path / "out.png", tmp_path / "roi"
+    argv = ["edit", str(photo), "make the red circle blue", "-o", str(out), "--model", str(tiny_dir), "--mask",
+            str(tmp_path / "m.png"), "--save-roi", str(roi_dir), *FAST_ARGS] + (["--then", "turn it green"] if then else [])
+    assert main(argv) == 0, capsys.readouterr().err
+    first = roi_dir / "turn1" if then else roi_dir
+    assert sorted(p.name for p in first.iterdir()) == ["overlay.png", "panel.png", "roi.png"]
+    if then:
+        assert sorted(p.name for p in (roi_dir / "turn2").iterdir()) == [f"{n}.png" for n in sorted(("roi", "overlay", "segments", "heatmap", "panel"))]
+        assert (tmp_path / "out.turn1.png").is_file()
+    assert out.is_file()
+
+
+@pytest.mark.parametrize("case", ["output is the save-roi roi.png", "output is the input", "output is the mask"])
+def test_outputs_that_collide_are_refused_before_any_work(tmp_path, photo, case, capsys, monkeypatch):
+    import lime_fast.api
+
+    monkeypatch.setattr(lime_fast.api, "get_engine", lambda *a, **k: pytest.fail("the model must not load"))
+    mask = tmp_path / "m.png"
+    PIL.Image.fromarray(np.full((32, 32), 255, np.uint8)).save(mask)
+    out = {"output is the save-roi roi.png": tmp_path / "roi" / "roi.png", "output is the input": photo,
+           "output is the mask": mask}[case]
+    before = {p: p.read_bytes() for p in (photo, mask)}
+    argv = ["edit", str(photo), "make it red", "-o", str(out), "--mask", str(mask), "--save-roi", str(tmp_path / "roi"),
+            "--force", "--model", "shapes-ip2p", *FAST_ARGS]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert ("two outputs" in err) if case.endswith("roi.png") else ("is the input" in err)
+    assert all(p.read_bytes() == b for p, b in before.items()) and not (tmp_path / "roi").exists()

@@ -196,6 +196,7 @@ def run(
     summary = Summary(out_dir=out, results=out / RESULTS)
     rows, problems = read_manifest(manifest, config)
     summary.rows = len(rows) + len(problems)
+    check_outputs_spare_inputs(rows, out, save_roi)
 
     with contextlib.ExitStack() as stack:
         locked = out.is_dir()
@@ -233,6 +234,26 @@ def run(
     summary.seconds = time.perf_counter() - t0
     summary.edits_per_second = summary.done / summary.seconds if summary.seconds > 0 else 0.0
     return summary
+
+
+def check_outputs_spare_inputs(rows: list[Row], out: Path, save_roi: bool = False) -> None:
+    """BatchError, before anything is written, when any row's output (``DIR/images/{id}.png``, and with
+    ``save_roi`` ``DIR/roi/{id}.png``) is the image or mask of any row of the job: the edit would overwrite
+    its input."""
+    inputs = {}
+    for r in rows:
+        for p in (r.image, r.mask):
+            if isinstance(p, (str, os.PathLike)):
+                inputs.setdefault(Path(p).resolve(), r)
+    clashes = []
+    for r in rows:
+        for path in (image_path(out, r.id), roi_path(out, r.id)) if save_roi else (image_path(out, r.id),):
+            owner = inputs.get(path.resolve())
+            if owner is not None:
+                clashes.append(f"line {r.line} (id {r.id}) would write {path}, the input of line {owner.line}")
+    if clashes:
+        raise BatchError(f"{len(clashes)} output(s) would overwrite the job's own inputs: " + "; ".join(clashes[:5])
+                         + (" ..." if len(clashes) > 5 else "") + ". Choose another --out folder.")
 
 
 def _check_job(model, ray: bool, workers: int, batch_size: int):
