@@ -170,7 +170,9 @@ class EditConfig:
             raise ValueError(f"segment_backend must be one of {SEGMENT_BACKENDS}, got {self.segment_backend!r}")
         for name in ("feature_levels", "reg_levels"):
             levels = getattr(self, name)
-            if not all(isinstance(x, int) and x >= 0 for x in levels):
+            if not isinstance(levels, (tuple, list)):
+                raise ValueError(f"{name} must be a tuple of levels, e.g. {name}=(1,), got {levels!r}")
+            if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in levels):
                 raise ValueError(f"{name} must be non-negative ints, got {levels!r}")
         if not self.feature_levels:
             raise ValueError("feature_levels must name at least one level")

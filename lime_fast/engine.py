@@ -468,6 +468,24 @@ class LimeEngine:
         x = self.vae.decode(latents, return_dict=False)[0]
         return (x.float() / 2 + 0.5).clamp(0, 1)
 
+    def check_config(self, cfg: EditConfig) -> None:
+        """``ConfigError`` naming the field when ``cfg`` asks for what this model or device cannot do: levels
+        without attention (features and maps are captured there; the penalty acts on cross-attention), or
+        the cuML segmentation without cuML and a GPU. Runs before any work of an edit."""
+        have = families.Family.attention_levels(self.unet.config)
+        listed = ", ".join(map(str, have))
+        for name in ("feature_levels", "reg_levels"):
+            bad = [lvl for lvl in getattr(cfg, name) if lvl not in have]
+            if bad:
+                raise ConfigError(f"{name}={tuple(getattr(cfg, name))}: this UNet has no attention at level(s) "
+                                  f"{', '.join(map(str, bad))}; its levels with attention are {listed}")
+        if cfg.segment_backend == "cuml":
+            import importlib.util
+
+            if self.device.type != "cuda" or importlib.util.find_spec("cuml") is None:
+                raise ConfigError("segment_backend='cuml' needs RAPIDS cuML and a CUDA device (pip install "
+                                  "'lime-fast[cuml]'); use segment_backend='native', which gives the same segments")
+
     # --- the whole edit -------------------------------------------------------------------
     def edit(self, image, instruction: str, *, mask=None, progress: bool = True, **config) -> EditResult:
         """One LIME edit. ``config`` holds ``EditConfig`` fields (steps, seed, top_k, roi_words, ...) that
@@ -491,6 +509,7 @@ class LimeEngine:
         cfg = config.pop("config", None) or self.default_config
         cfg = cfg.replace(**config) if config else cfg
         # everything is checked before any model work
+        self.check_config(cfg)
         job = EditInputs.build(images, instructions, masks, multiple=self.multiple, cfg=cfg, trained_size=self.trained_size)
         if seeds is None:
             seeds = [cfg.seed] * len(job.images)

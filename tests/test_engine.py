@@ -1,5 +1,6 @@
 """End-to-end behaviour of LimeEngine on tiny random checkpoints loaded through from_pretrained."""
 
+import re
 import warnings
 
 import numpy as np
@@ -352,3 +353,23 @@ def test_other_schedulers_run_through_their_own_step(tiny_dir, shapes):
     np.testing.assert_array_equal(np.asarray(ours.image), np.asarray(ref))
     r = eng.edit(shapes, "make the red circle blue", steps=5, capture_step=1, grid_size=16, top_k=4, progress=False)
     assert r.unet_evals == 2 + 5 and r.roi_grid.any()
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(feature_levels=(7,)), "no attention at level(s) 7"),
+    (dict(reg_levels=(0, 9)), "reg_levels=(0, 9): this UNet has no attention at level(s) 9"),
+    (dict(segment_backend="cuml"), "needs RAPIDS cuML and a CUDA device"),
+])
+def test_settings_the_model_cannot_run_are_refused_before_any_work(engine, shapes, fast, settings, message, monkeypatch):
+    """Levels the UNet lacks and the cuML backend without a GPU used to fail after the model work had begun
+    (a RuntimeError, an IndexError inside the RoI resize, an ImportError after the localization pass)."""
+    from lime_fast import ConfigError
+
+    monkeypatch.setattr(type(engine), "encode", lambda *a, **k: pytest.fail("no model work may start"))
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        engine.edit(shapes, "make the red circle blue", progress=False, **{**fast, **settings})
+
+
+def test_a_level_field_given_as_a_number_names_the_field():
+    with pytest.raises(ValueError, match=r"feature_levels must be a tuple of levels, e\.g\. feature_levels=\(1,\)"):
+        EditConfig(feature_levels=3)
