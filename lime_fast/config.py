@@ -15,6 +15,11 @@ DEFAULT_MODEL = "timbrooks/instruct-pix2pix"
 SEGMENT_BACKENDS = ("native", "materialized", "cuml")
 MAX_STEPS = 1000  # the schedulers' training timesteps: more steps than that repeat timesteps
 MAX_SEED = 2**64  # torch.Generator.manual_seed takes 64-bit seeds
+# Upper bounds of EditConfig's fields: past them an edit does unbounded work (memory, time) or overflows,
+# for nothing a real edit needs (InstructPix2Pix guidance is 1-20; k-means on more than 64 segments or
+# 16 restarts localizes no better).
+LIMITS = {"text_guidance": 100.0, "image_guidance": 100.0, "loc_text_guidance": 100.0, "loc_image_guidance": 100.0,
+          "grid_size": 1024, "clusters": 64, "kmeans_n_init": 16, "kmeans_max_iter": 10_000, "max_side": 4096}
 
 
 @dataclass
@@ -135,6 +140,8 @@ class EditConfig:
                 raise TypeError(f"{name} must be a finite number, got {v!r}")
             if v < 0:
                 raise ValueError(f"{name} must be >= 0 (guidance scales cannot be negative), got {v}")
+            if v > LIMITS[name]:
+                raise ValueError(f"{name} must be <= {LIMITS[name]:g} (InstructPix2Pix guidance is 1-20), got {v}")
 
         _int("steps", 1)
         if self.steps > MAX_STEPS:
@@ -162,6 +169,11 @@ class EditConfig:
         for name in ("grid_size", "clusters", "kmeans_n_init", "kmeans_max_iter", "top_k"):
             _int(name, 1)
         _int("max_side", 64)
+        for name in ("grid_size", "clusters", "kmeans_n_init", "kmeans_max_iter", "max_side"):
+            if getattr(self, name) > LIMITS[name]:
+                raise ValueError(f"{name} must be <= {LIMITS[name]} (more is unbounded work), got {getattr(self, name)}")
+        if self.top_k > self.grid_size**2:
+            raise ValueError(f"top_k={self.top_k} exceeds the {self.grid_size}x{self.grid_size} grid's cells")
         _int("kmeans_check_every", 0)
         _int("cache_interval", 1)
         if not (isinstance(self.kmeans_tol, (int, float)) and self.kmeans_tol >= 0):

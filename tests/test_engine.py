@@ -373,3 +373,20 @@ def test_settings_the_model_cannot_run_are_refused_before_any_work(engine, shape
 def test_a_level_field_given_as_a_number_names_the_field():
     with pytest.raises(ValueError, match=r"feature_levels must be a tuple of levels, e\.g\. feature_levels=\(1,\)"):
         EditConfig(feature_levels=3)
+
+
+@pytest.mark.parametrize("field, at, past", [
+    ("text_guidance", 100.0, 1e30), ("loc_image_guidance", 100.0, 1e308), ("grid_size", 1024, 100_000),
+    ("clusters", 64, 65), ("kmeans_n_init", 16, 1_000_000), ("kmeans_max_iter", 10_000, 10_001), ("max_side", 4096, 4097),
+])
+def test_every_bounded_field_accepts_its_bound_and_refuses_past_it(field, at, past):
+    """Unbounded settings used to run (grid_size=100000: > 6 GB in 21 s) or overflow (guidance 1e30 turned into
+    a NaN error advising float32 while running float32); each now has a documented upper bound."""
+    from lime_fast.config import LIMITS
+
+    assert LIMITS[field] == at
+    EditConfig(**{field: at})
+    with pytest.raises(ValueError, match=f"{field} must be <="):
+        EditConfig(**{field: past})
+    with pytest.raises(ValueError, match="top_k=17 exceeds"):
+        EditConfig(grid_size=4, top_k=17)

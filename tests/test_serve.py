@@ -738,3 +738,17 @@ def test_authorize_request_id_and_format_rules():
     assert not wants_json(None, "image/png")
     with pytest.raises(BadRequest, match="format must be png or json"):
         wants_json("gif", "")
+
+
+def test_cross_origin_edits_need_a_token():
+    """A page of another origin cannot make a tokenless server edit (it used to answer 200)."""
+    from lime_fast.serve.app import check_origin
+    from lime_fast.serve.uploads import BadRequest
+
+    check_origin(None, None, "127.0.0.1:8000")  # curl, scripts: no Origin header
+    check_origin(None, "http://127.0.0.1:8000", "127.0.0.1:8000")  # the server's own page
+    check_origin("s3cret", "https://evil.example", "127.0.0.1:8000")  # a token guards it instead
+    for origin in ("https://evil.example", "http://127.0.0.1:9999", "null"):
+        with pytest.raises(BadRequest) as e:
+            check_origin(None, origin, "127.0.0.1:8000")
+        assert e.value.status == 403 and "--token" in e.value.message

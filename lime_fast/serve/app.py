@@ -232,6 +232,20 @@ def authorize(token: str | None, credentials) -> None:
                          {"WWW-Authenticate": "Bearer"})
 
 
+def check_origin(token: str | None, origin: str | None, host: str | None) -> None:
+    """Without a token, only same-origin browser requests may edit: a page from another origin (its Origin
+    header's host differs from the Host the request was sent to) gets 403, so a web page a local user opens
+    cannot start edits on their server. Requests without an Origin (curl, scripts) and servers with a token
+    are not affected."""
+    if token is not None or not origin:
+        return
+    from urllib.parse import urlsplit
+
+    if origin == "null" or urlsplit(origin).netloc.lower() != (host or "").lower():
+        raise BadRequest(403, f"cross-origin request from {origin!r} refused: this server has no token, so only its own "
+                              "page may call it from a browser; start it with --token to allow other origins")
+
+
 def request_id(header: str) -> str:
     """The client's X-Request-Id when it is a safe token (letters, digits, ._:-, up to 64), else a new one."""
     return header if _REQUEST_ID.fullmatch(header) else uuid.uuid4().hex
@@ -326,6 +340,7 @@ class Service:
         from starlette.responses import JSONResponse, Response
 
         authorize(self.cfg.token, credentials)
+        check_origin(self.cfg.token, request.headers.get("origin"), request.headers.get("host"))
         rid = request_id(request.headers.get("x-request-id", ""))
         want_json = wants_json(fmt, request.headers.get("accept", ""))
         image, mask, text, edit_cfg = await self._inputs(request)
