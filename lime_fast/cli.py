@@ -13,6 +13,7 @@ and nothing is written until the edit is done.
 
 from __future__ import annotations
 
+from .errors import LimeError
 import argparse
 import dataclasses
 import sys
@@ -24,7 +25,7 @@ from .config import DEFAULT_MODEL, EditConfig, field_docs
 PICTURES = ("roi", "overlay", "segments", "heatmap", "panel")
 
 
-class UsageError(Exception):
+class UsageError(LimeError):
     pass
 
 

@@ -411,3 +411,14 @@ def test_shapes_with_the_shipped_model_single_and_multi_turn(tmp_path, capsys):
             assert r["n"] == n and 0 < r["l1"] < 0.5 and r["l2"] < r["l1"] and r["clip_i"] is None
         assert 0 <= js["summary"][setting]["lime"]["roi_iou"] <= 1
     assert "by edit kind" in text and (tmp_path / "out" / "grid.png").is_file()
+
+
+@pytest.mark.parametrize("content, message", [('["a", "b"]', "holds a JSON list; expected an object"),
+                                              ("{not json", "cannot read")])
+def test_a_caption_file_of_the_wrong_shape_is_one_line(tmp_path, content, message):
+    """--captions holding a JSON list used to end in an AttributeError traceback."""
+    write_fixture(tmp_path / "test")
+    bad = tmp_path / "caps.json"
+    bad.write_text(content)
+    with pytest.raises(evaluate.DatasetError, match=message):
+        evaluate.load(tmp_path, tmp_path / "out", captions=str(bad))

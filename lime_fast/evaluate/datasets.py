@@ -39,6 +39,7 @@ first run (MagicBrush's edits are local: areas well under one half).
 
 from __future__ import annotations
 
+from ..errors import LimeError
 import json
 import os
 import tempfile
@@ -52,7 +53,7 @@ SESSIONS = "edit_sessions.json"
 CAPTION_FILES = ("local_descriptions.json", "local_captions.json")
 
 
-class DatasetError(ValueError):
+class DatasetError(LimeError, ValueError):
     """The data cannot be read as any supported layout; the message says what was expected."""
 
 
@@ -150,6 +151,18 @@ def _caption_file(root: Path, captions) -> Path | None:
     return next((root / n for n in CAPTION_FILES if (root / n).is_file()), None)
 
 
+def _read_captions(path: Path) -> dict:
+    """The caption file: a JSON object {img_id: {target file name: caption}}; DatasetError in one line otherwise."""
+    try:
+        caps = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise DatasetError(f"captions: cannot read {path} as JSON ({e})") from None
+    if not isinstance(caps, dict):
+        raise DatasetError(f"captions: {path} holds a JSON {type(caps).__name__}; expected an object "
+                           "{img_id: {target file name: caption}} like MagicBrush's local_descriptions.json")
+    return caps
+
+
 def read_magicbrush(path, captions=None) -> Dataset:
     """Read MagicBrush's test layout (see the module docstring) from ``path`` (or ``path/test``).
 
@@ -170,7 +183,7 @@ def read_magicbrush(path, captions=None) -> Dataset:
     if not isinstance(sessions_json, dict):
         raise DatasetError(f"{root / SESSIONS}: expected an object {{img_id: [turn, ...]}}")
     cap_path = _caption_file(root, captions)
-    caps = json.loads(cap_path.read_text(encoding="utf-8")) if cap_path else {}
+    caps = _read_captions(cap_path) if cap_path else {}
     data = Dataset("magicbrush", root, [], cap_path)
     for sid, turns in sessions_json.items():
         try:

@@ -35,6 +35,7 @@ mask, and the IoU of a method's RoI with that mask.
 
 from __future__ import annotations
 
+from ..errors import LimeError
 import math
 from pathlib import Path
 
@@ -133,7 +134,7 @@ def dino_pixels(img) -> np.ndarray:
 # --- embedding models -------------------------------------------------------------------------------
 
 
-class EmbeddingError(ValueError):
+class EmbeddingError(LimeError, ValueError):
     """An embedding model folder cannot be loaded; the message names the folder and what it needs."""
 
 

@@ -23,6 +23,7 @@ at a time, so one failing edit fails alone.
 
 from __future__ import annotations
 
+from ..errors import LimeError
 import concurrent.futures
 import dataclasses
 import itertools
@@ -42,7 +43,7 @@ from ..inputs import working_size
 log = logging.getLogger("lime_fast.serve")
 
 
-class QueueFull(Exception):
+class QueueFull(LimeError):
     """The queue holds ``max_queue`` jobs; ``retry_after`` is the estimated wait in seconds."""
 
     def __init__(self, message: str, retry_after: int):
@@ -50,7 +51,7 @@ class QueueFull(Exception):
         self.retry_after = retry_after
 
 
-class ShuttingDown(Exception):
+class ShuttingDown(LimeError):
     """The batcher is stopping and takes no new jobs."""
 
 
