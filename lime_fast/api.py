@@ -96,8 +96,7 @@ def edit(
     from .models import config_multiple, default_config, shipped
 
     # validate everything before loading anything
-    engine_fields = {k: config.pop(k) for k in list(config) if k in EngineOptions.__dataclass_fields__}
-    opts = EngineOptions.of(options, **engine_fields)
+    opts = EngineOptions.take(options, config)
     if isinstance(model, LimeEngine):
         base, multiple, trained = model.default_config, model.multiple, model.trained_size
     else:

@@ -158,16 +158,16 @@ def plan_outputs(outs: list[Path], roi_dirs: list[Path], *, user_mask: bool, inp
         names = [n for n in PICTURES if not (user_mask and k == 0 and n in ("segments", "heatmap"))]
         wanted += [(d / f"{n}.png", (k, n)) for n in names]
     sources = {Path(p).expanduser().resolve(): str(p) for p in inputs if isinstance(p, (str, Path))}
+    seen: dict[Path, tuple[int, str]] = {}  # resolved output -> what goes there
     for path, what in wanted:
         key = path.expanduser().resolve()
         if key in sources:
             raise OutputError(f"the output '{path}' is the input '{sources[key]}': it would be overwritten; "
                               "write the result elsewhere")
-        clash = next((p for p in planned if p.expanduser().resolve() == key), None)
-        if clash is not None:
-            raise OutputError(f"two outputs would be written to '{path}' ({_label(planned[clash])} and {_label(what)}); "
+        if key in seen:
+            raise OutputError(f"two outputs would be written to '{path}' ({_label(seen[key])} and {_label(what)}); "
                               "give -o and --save-roi different paths")
-        planned[path] = what
+        seen[key] = planned[path] = what
     return planned
 
 

@@ -238,3 +238,9 @@ class EngineOptions:
         if unknown:
             raise TypeError(f"unknown engine option(s) {', '.join(unknown)}; options: {', '.join(sorted(names))}")
         return dataclasses.replace(base, **fields) if fields else base
+
+    @classmethod
+    def take(cls, options: "EngineOptions | None", kwargs: dict) -> "EngineOptions":
+        """``of(options, ...)`` with the engine-option fields popped out of ``kwargs`` (a call's mixed
+        keywords: engine options beside EditConfig fields or diffusers' loading arguments)."""
+        return cls.of(options, **{k: kwargs.pop(k) for k in list(kwargs) if k in cls.__dataclass_fields__})

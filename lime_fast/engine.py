@@ -237,7 +237,7 @@ class LimeEngine:
         Safetensors weights are required unless ``use_safetensors=False``. The safety checker is not
         loaded. A failed load raises one ``ModelLoadError`` naming its cause and what to do.
         """
-        opts = EngineOptions.of(options, **{k: kwargs.pop(k) for k in list(kwargs) if k in EngineOptions.__dataclass_fields__})
+        opts = EngineOptions.take(options, kwargs)
         device = resolve_device(device)
         check_precision(opts.precision, device)  # before loading anything
         if torch_dtype is None:
