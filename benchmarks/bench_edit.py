@@ -58,9 +58,6 @@ PEAK: dict[str, float] = {}
 NOTES: dict[str, str] = {}
 
 
-_sync = sync
-
-
 @pytest.fixture(scope="module")
 def setup():
     from lime_fast.testing.tiny import replica_pipeline, tiny_pipeline
@@ -155,7 +152,7 @@ def test_release_pattern(benchmark, setup):
         out["r"] = eng.edit(image, INSTRUCTION, progress=False, **cfg)
 
     torch.cuda.reset_peak_memory_stats()
-    benchmark.pedantic(lambda: (run(), _sync()), rounds=2, warmup_rounds=1, iterations=1)
+    benchmark.pedantic(lambda: (run(), sync()), rounds=2, warmup_rounds=1, iterations=1)
     PEAK["release"] = torch.cuda.max_memory_allocated() / 2**30
     tm = out["r"].timings
     per_eval = tm["edit"] / k
@@ -210,7 +207,7 @@ def test_mode(benchmark, setup, name):
 
     def time_auto(fn, rounds):
         out = {}
-        benchmark.pedantic(lambda: (out.__setitem__("r", fn()), _sync()), rounds=rounds, warmup_rounds=0, iterations=1)
+        benchmark.pedantic(lambda: (out.__setitem__("r", fn()), sync()), rounds=rounds, warmup_rounds=0, iterations=1)
         return benchmark.stats.stats.median, out["r"]
 
     try:

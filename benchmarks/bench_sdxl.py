@@ -49,9 +49,6 @@ def _run(benchmark, key, fn, rounds=3):
         PEAK[key] = peak
 
 
-_timed = timed  # (seconds, result) of one call, the GPU work included
-
-
 def _call(pipe, image, size):
     return pipe(INSTRUCTION, image=image, num_inference_steps=STEPS, guidance_scale=2.0, image_guidance_scale=1.5,
                 generator=torch.Generator().manual_seed(0), height=size, width=size, output_type="np").images
@@ -68,7 +65,7 @@ def test_diffusers_and_accelerate(benchmark, setup, size):
         try:
             for _ in range(2):
                 got = _call(pipe, image, size)  # warm-up: graphs and autotuning
-            TIMES[("accelerate", size)], got = _timed(lambda: _call(pipe, image, size))
+            TIMES[("accelerate", size)], got = timed(lambda: _call(pipe, image, size))
         finally:
             del pipe.unet.forward
     NOTES.append(f"{size}: max |accelerate - diffusers| {np.abs(got - want).max():.4f} (0-1 scale)")
@@ -86,7 +83,7 @@ def test_lime_fast(benchmark, setup, size):
     assert engine.unet_evals - start == STEPS
     if CUDA:
         torch.cuda.reset_peak_memory_stats()
-    TIMES[("lime_mask", size)], _ = _timed(lambda: engine.edit(image, INSTRUCTION, mask=mask, steps=STEPS, progress=False))
+    TIMES[("lime_mask", size)], _ = timed(lambda: engine.edit(image, INSTRUCTION, mask=mask, steps=STEPS, progress=False))
     if CUDA:
         PEAK[("lime_mask", size)] = torch.cuda.max_memory_allocated() / 2**30
 

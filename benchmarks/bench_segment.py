@@ -114,9 +114,6 @@ def adjusted_rand_index(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((sum_ij - expected) / ((sum_a + sum_b) / 2 - expected))
 
 
-_sync = sync  # (benchmarks/_common.py)
-
-
 # ----------------------------------------------------------------------------------------------------
 # peak-memory probes
 # ----------------------------------------------------------------------------------------------------
@@ -152,12 +149,12 @@ def _probe_cpu(name):
 
 def peak_memory(name, maps):
     if DEVICE == "cuda":
-        _sync()
+        sync()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         run_backend(name, maps, max_iter=PROBE_MAX_ITER)
-        _sync()
+        sync()
         return torch.cuda.max_memory_allocated() - base
     proc = subprocess.run([sys.executable, __file__, "--probe", name], capture_output=True, text=True, cwd=ROOT)
     if proc.returncode != 0:
@@ -239,10 +236,10 @@ def test_segment_backend(benchmark, maps, name):
     times, labels = [], []
 
     def target():
-        _sync()
+        sync()
         t0 = time.perf_counter()
         labels.append(run_backend(name, maps))
-        _sync()
+        sync()
         times.append(time.perf_counter() - t0)
 
     rounds, warmup = ROUNDS[name]

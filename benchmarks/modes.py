@@ -85,9 +85,6 @@ def fidelity(ref, got) -> dict:
             "roi_iou": float(inter / union) if union else 1.0}
 
 
-_sync, _timed = sync, timed  # (benchmarks/_common.py)
-
-
 def unet_step_inputs(engine, image_hw, steps: int = STEPS):
     """Seeded inputs of one three-branch edit-pass UNet evaluation at ``image_hw`` (pixels): latents x
     [3, 2C, h, w], timestep t, text states [3, 77, D], and the pass's plan, RoI grid [1, 16, 16] and kept
@@ -119,7 +116,7 @@ def _unet_step(engine, image_hw, rounds: int) -> float:
         unet = GraphedUNet(engine.unet, engine._unet, enabled=torch.cuda.is_available())
         with torch.no_grad():
             unet(x, t, states, return_dict=False)  # capture (and compile) outside the timing
-            return _timed(lambda: unet(x, t, states, return_dict=False)[0], rounds)[0]
+            return timed(lambda: unet(x, t, states, return_dict=False)[0], rounds)[0]
     finally:
         engine.controller.end_pass()
 
@@ -148,23 +145,23 @@ def run_mode(mode: Mode, base, image, ref: dict | None, *, batches, rounds: int 
     row["setup_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     engine.edit(image, INSTRUCTION, **cfg)  # compiles (compile modes) and records the graphs of both passes
-    _sync()
+    sync()
     row["first_edit_s"] = time.perf_counter() - t0
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    timer = time_auto or _timed
+    timer = time_auto or timed
     row["auto_s"], auto = timer(lambda: engine.edit(image, INSTRUCTION, **cfg), rounds)
     row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
     row["compile_s"] = row["first_edit_s"] - row["auto_s"]  # compilation + graph capture + autotuning (+ noise)
     row["edit_pass_per_step_ms"] = 1e3 * auto.timings["edit"] / STEPS
     engine.edit(image, INSTRUCTION, mask=mask, **cfg)
-    row["mask_s"], masked = _timed(lambda: engine.edit(image, INSTRUCTION, mask=mask, **cfg), rounds)
+    row["mask_s"], masked = timed(lambda: engine.edit(image, INSTRUCTION, mask=mask, **cfg), rounds)
     row["unet_step_ms"] = 1e3 * _unet_step(engine, (image.height, image.width), 20 if cuda else 3)
     row["edits_per_s"] = {}
     for b in batches:
         images = [image.rotate(90 * (i % 4)) for i in range(b)]
         engine.edit_batch(images, [INSTRUCTION] * b, **cfg)  # new batch size: new graphs (and compiles)
-        secs, _ = _timed(lambda ims=images: engine.edit_batch(ims, [INSTRUCTION] * len(ims), **cfg), 1)
+        secs, _ = timed(lambda ims=images: engine.edit_batch(ims, [INSTRUCTION] * len(ims), **cfg), 1)
         row["edits_per_s"][b] = b / secs
     row["results"] = {"auto": auto, "mask": masked}
     engine = None  # free the mode's graphs and copies before the accelerate(pipe) copy
@@ -173,7 +170,7 @@ def run_mode(mode: Mode, base, image, ref: dict | None, *, batches, rounds: int 
         pipe2 = copy.deepcopy(base)
         accelerate(pipe2, **acc)
         _pipe_call(pipe2, image)  # capture (and compile)
-        row["accelerate_s"], out = _timed(lambda: _pipe_call(pipe2, image), rounds)
+        row["accelerate_s"], out = timed(lambda: _pipe_call(pipe2, image), rounds)
         row["results"]["accelerate"] = out
         pipe2 = None
     if ref is not None:
