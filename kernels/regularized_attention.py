@@ -261,6 +261,57 @@ def _one_head(
 
 
 @triton.jit
+def _effective_roi(ROI, keep_base, off_b64, offs_m, N, T, stride_rz, stride_rm, stride_en,
+                   HAS_MASK: tl.constexpr, EVEN_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """roi[b, rows] and any(keep[b, :]): the rows that get the penalty (an all-silenced element gets none)."""
+    if HAS_MASK:
+        n_kept = 0
+        for start_t in range(0, T, BLOCK_N):
+            offs_t = start_t + tl.arange(0, BLOCK_N)
+            kept = tl.load(keep_base + offs_t * stride_en, mask=offs_t < T, other=0)
+            n_kept += tl.sum((kept != 0).to(tl.int32), 0)
+        if EVEN_M:
+            roi = tl.load(ROI + off_b64 * stride_rz + offs_m * stride_rm)
+        else:
+            roi = tl.load(ROI + off_b64 * stride_rz + offs_m * stride_rm, mask=offs_m < N, other=0)
+        # (tl.where rather than `&` with a scalar: the interpreter turns bool & 0-d bool into int32)
+        roi_eff = tl.where(n_kept > 0, roi != 0, False)
+    else:
+        roi_eff = offs_m < 0  # unused placeholder (all False)
+    return roi_eff
+
+
+@triton.jit
+def _is_captured(CAPTURE, off_b, B, S, stride_cs):
+    """Whether element ``off_b`` is in the capture list (read on the device: no host sync)."""
+    hits = 0
+    for i in range(0, S):
+        c = tl.load(CAPTURE + i * stride_cs)
+        c = tl.where(c < 0, c + B, c)
+        hits += (c == off_b).to(tl.int32)
+    return hits > 0
+
+
+@triton.jit
+def _store_probs(PROBS, CAPTURE, probs_mean, off_b, off_h, pid_bh, offs_m, B, N, T, S,
+                 stride_cs, stride_ps, stride_pm, stride_pn, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Write element ``off_b``'s head-mean probabilities to every capture slot that names it."""
+    offs_t = tl.arange(0, BLOCK_N)
+    tile_mask = (offs_m[:, None] < N) & (offs_t[None, :] < T)
+    p_offs = offs_m[:, None] * stride_pm + offs_t[None, :] * stride_pn
+    for i in range(0, S):
+        c = tl.load(CAPTURE + i * stride_cs)
+        valid = (c >= -B) & (c < B)
+        c = tl.where(c < 0, c + B, c)
+        ptrs = PROBS + i * stride_ps + p_offs
+        tl.store(ptrs, probs_mean, mask=tl.where((c == off_b) & (off_h == 0), tile_mask, False))
+        # An out-of-range index (only possible for a device-side capture list, which the
+        # launcher cannot check without a host sync) gets a NaN row instead of garbage.
+        tl.store(ptrs, tl.full([BLOCK_M, BLOCK_N], float("nan"), tl.float32),
+                 mask=tl.where((~valid) & (pid_bh == 0), tile_mask, False))
+
+
+@triton.jit
 def _regularized_attention_fwd(
     Q, K, V, OUT, ROI, KEEP, CAPTURE, PROBS,
     scale_log2,
@@ -293,66 +344,12 @@ def _regularized_attention_fwd(
     off_b = pid_bh // n_groups
     off_h = (pid_bh % n_groups) * HEADS
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-
     off_b64 = off_b.to(tl.int64)
     keep_base = KEEP + off_b64 * stride_ez
-
-    # Effective RoI rows: roi[b, n] and any(keep[b, :]) (all-silenced elements get no penalty).
-    if HAS_MASK:
-        n_kept = 0
-        for start_t in range(0, T, BLOCK_N):
-            offs_t = start_t + tl.arange(0, BLOCK_N)
-            kept = tl.load(keep_base + offs_t * stride_en, mask=offs_t < T, other=0)
-            n_kept += tl.sum((kept != 0).to(tl.int32), 0)
-        if EVEN_M:
-            roi = tl.load(ROI + off_b64 * stride_rz + offs_m * stride_rm)
-        else:
-            roi = tl.load(ROI + off_b64 * stride_rz + offs_m * stride_rm, mask=offs_m < N, other=0)
-        # (tl.where rather than `&` with a scalar: the interpreter turns bool & 0-d bool into int32)
-        roi_eff = tl.where(n_kept > 0, roi != 0, False)
-    else:
-        roi_eff = offs_m < 0  # unused placeholder (all False)
-
-    if CAPTURE_ON:
-        # Is element b captured? Then its h == 0 program runs all heads (head mean in registers)
-        # and its other programs have nothing to do.
-        hits = 0
-        for i in range(0, S):
-            c = tl.load(CAPTURE + i * stride_cs)
-            c = tl.where(c < 0, c + B, c)
-            hits += (c == off_b).to(tl.int32)
-        captured = hits > 0
-        h_lo = tl.where(captured, tl.where(off_h == 0, 0, H), off_h)
-        h_hi = tl.where(captured, H, off_h + 1)
-        probs_sum = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for h in range(h_lo, h_hi):
-            h64 = off_b64 * 0 + h  # int64 offsets (h is a plain int in the interpreter)
-            p = _one_head(
-                Q + off_b64 * stride_qz + h64 * stride_qh,
-                K + off_b64 * stride_kz + h64 * stride_kh,
-                V + off_b64 * stride_vz + h64 * stride_vh,
-                OUT + off_b64 * stride_oz + h64 * stride_oh,
-                keep_base, roi_eff, offs_m, h // H, N, T, scale_log2,
-                stride_qm, stride_qk, stride_kn, stride_kk, stride_vn, stride_vk, stride_om, stride_ok, stride_en,
-                HAS_MASK, SINGLE_BLOCK, EVEN_M, EVEN_T, EVEN_HEADDIM, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_N_TAIL, BLOCK_D,
-                DOT_PRECISION,
-            )
-            probs_sum += p
-        probs_mean = probs_sum / H
-        offs_t = tl.arange(0, BLOCK_N)
-        tile_mask = (offs_m[:, None] < N) & (offs_t[None, :] < T)
-        p_offs = offs_m[:, None] * stride_pm + offs_t[None, :] * stride_pn
-        for i in range(0, S):
-            c = tl.load(CAPTURE + i * stride_cs)
-            valid = (c >= -B) & (c < B)
-            c = tl.where(c < 0, c + B, c)
-            ptrs = PROBS + i * stride_ps + p_offs
-            tl.store(ptrs, probs_mean, mask=tl.where((c == off_b) & (off_h == 0), tile_mask, False))
-            # An out-of-range index (only possible for a device-side capture list, which the
-            # launcher cannot check without a host sync) gets a NaN row instead of garbage.
-            tl.store(ptrs, tl.full([BLOCK_M, BLOCK_N], float("nan"), tl.float32),
-                     mask=tl.where((~valid) & (pid_bh == 0), tile_mask, False))
-    elif HEADS == 1:
+    roi_eff = _effective_roi(ROI, keep_base, off_b64, offs_m, N, T, stride_rz, stride_rm, stride_en,
+                             HAS_MASK, EVEN_M, BLOCK_N)
+    if HEADS == 1 and not CAPTURE_ON:
+        # The default: one head per program, the literal 0 as _one_head's `zero` (it folds away).
         off_h64 = off_h.to(tl.int64)
         _one_head(
             Q + off_b64 * stride_qz + off_h64 * stride_qh,
@@ -365,22 +362,37 @@ def _regularized_attention_fwd(
             DOT_PRECISION,
         )
     else:
-        # Several heads of one query block per program (an autotuning candidate, not the default):
-        # fewer programs, the RoI row and keep reduction shared, and in diffusers' [B, N, H, D]
-        # memory the heads' rows of a query lie side by side, so later heads find them in cache.
-        h_end = tl.minimum(off_h + HEADS, H)
-        for h in range(off_h, h_end):
-            h64 = off_b64 * 0 + h
-            _one_head(
+        if CAPTURE_ON:
+            # A captured element's h == 0 program runs all heads (head mean in registers) and its
+            # other programs have nothing to do; an element not captured keeps one head per program.
+            captured = _is_captured(CAPTURE, off_b, B, S, stride_cs)
+            h_lo = tl.where(captured, tl.where(off_h == 0, 0, H), off_h)
+            h_hi = tl.where(captured, H, off_h + 1)
+            probs_sum = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        else:
+            # Several heads of one query block per program (an autotuning candidate, not the
+            # default): fewer programs, the RoI row and keep reduction shared, and in diffusers'
+            # [B, N, H, D] memory the heads' rows of a query lie side by side, so later heads find
+            # them in cache.
+            h_lo = off_h
+            h_hi = tl.minimum(off_h + HEADS, H)
+        for h in range(h_lo, h_hi):
+            h64 = off_b64 * 0 + h  # int64 offsets (h is a plain int in the interpreter)
+            p = _one_head(
                 Q + off_b64 * stride_qz + h64 * stride_qh,
                 K + off_b64 * stride_kz + h64 * stride_kh,
                 V + off_b64 * stride_vz + h64 * stride_vh,
                 OUT + off_b64 * stride_oz + h64 * stride_oh,
                 keep_base, roi_eff, offs_m, h // H, N, T, scale_log2,
                 stride_qm, stride_qk, stride_kn, stride_kk, stride_vn, stride_vk, stride_om, stride_ok, stride_en,
-                HAS_MASK, SINGLE_BLOCK, EVEN_M, EVEN_T, EVEN_HEADDIM, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_N_TAIL, BLOCK_D,
-                DOT_PRECISION,
+                HAS_MASK, SINGLE_BLOCK, EVEN_M, EVEN_T, EVEN_HEADDIM, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_N_TAIL,
+                BLOCK_D, DOT_PRECISION,
             )
+            if CAPTURE_ON:
+                probs_sum += p
+        if CAPTURE_ON:
+            _store_probs(PROBS, CAPTURE, probs_sum / H, off_b, off_h, pid_bh, offs_m, B, N, T, S,
+                         stride_cs, stride_ps, stride_pm, stride_pn, BLOCK_M, BLOCK_N)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -590,6 +602,46 @@ def _empty_out(q: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(q, memory_format=torch.preserve_format)
 
 
+def kernel_constexprs(cfg: dict, N: int, T: int, D: int, dtype: torch.dtype, has_mask: bool, capture_on: bool) -> dict:
+    """The kernel's compile-time arguments for a block config (``_pick_config``'s dict) and a shape;
+    shared by the launcher and ahead-of-time compilation (``scripts/kernel_codegen.py``)."""
+    BLOCK_M, BLOCK_N, BLOCK_D = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"]
+    return dict(
+        HAS_MASK=has_mask,
+        CAPTURE_ON=capture_on,
+        SINGLE_BLOCK=BLOCK_N >= T,
+        EVEN_M=N % BLOCK_M == 0,
+        EVEN_T=T % BLOCK_N == 0,
+        EVEN_HEADDIM=D == BLOCK_D,
+        HEAD_DIM=D,
+        BLOCK_M=BLOCK_M,
+        BLOCK_N=BLOCK_N,
+        BLOCK_N_TAIL=min(BLOCK_N, max(16, _next_pow2(T % BLOCK_N))),
+        BLOCK_D=BLOCK_D,
+        DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
+        HEADS=1 if capture_on else cfg.get("HEADS", 1),
+    )
+
+
+def _capture_buffers(capture, B: int, N: int, T: int, q: torch.Tensor, probs_out, check_values: bool):
+    """(S, capture indices on q's device, probs [S, N, T] fp32 or None) for a launch; checks
+    CPU-resident indices (free there) and a caller's ``probs_out``."""
+    if capture is None:
+        return 0, q, None  # q: never dereferenced
+    S = capture.shape[0]
+    if capture.device.type == "cpu" and check_values and S > 0:
+        lo, hi = int(capture.min()), int(capture.max())
+        if lo < -B or hi >= B:
+            raise IndexError(f"regularized_attention: capture indices must be in [-{B}, {B}), got [{lo}, {hi}]")
+    if probs_out is None:
+        probs = torch.empty((S, N, T), dtype=torch.float32, device=q.device)
+    elif tuple(probs_out.shape) != (S, N, T) or probs_out.dtype != torch.float32 or probs_out.device != q.device:
+        raise ValueError(f"regularized_attention: probs_out must be float32 [{S}, {N}, {T}] on {q.device}")
+    else:
+        probs = probs_out
+    return S, capture.to(q.device, non_blocking=True), probs
+
+
 def regularized_attention_launch(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -635,33 +687,16 @@ def regularized_attention_launch(
     else:
         roi_t = keep_t = q  # never dereferenced
 
-    probs = None
-    if capture is not None:
-        S = capture.shape[0]
-        if capture.device.type == "cpu" and check_capture_values and S > 0:
-            lo, hi = int(capture.min()), int(capture.max())
-            if lo < -B or hi >= B:
-                raise IndexError(f"regularized_attention: capture indices must be in [-{B}, {B}), got [{lo}, {hi}]")
-        capture_t = capture.to(q.device, non_blocking=True)
-        if probs_out is None:
-            probs = torch.empty((S, N, T), dtype=torch.float32, device=q.device)
-        else:
-            if tuple(probs_out.shape) != (S, N, T) or probs_out.dtype != torch.float32 or probs_out.device != q.device:
-                raise ValueError(f"regularized_attention: probs_out must be float32 [{S}, {N}, {T}] on {q.device}")
-            probs = probs_out
-        probs_t = probs
-    else:
-        S = 0
-        capture_t = probs_t = q  # never dereferenced
+    S, capture_t, probs = _capture_buffers(capture, B, N, T, q, probs_out, check_capture_values)
+    probs_t = capture_t if probs is None else probs
     capture_on = capture is not None and S > 0
 
     if out.numel() == 0:
         return out, probs
 
     def launch(cfg: dict) -> None:
-        BLOCK_M, BLOCK_N, BLOCK_D = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"]
-        heads = 1 if capture_on else cfg.get("HEADS", 1)
-        grid = (triton.cdiv(N, BLOCK_M), B * triton.cdiv(H, heads))
+        meta = kernel_constexprs(cfg, N, T, D, q.dtype, has_mask, capture_on)
+        grid = (triton.cdiv(N, meta["BLOCK_M"]), B * triton.cdiv(H, meta["HEADS"]))
         _regularized_attention_fwd[grid](
             q, k, v, out, roi_t, keep_t, capture_t, probs_t,
             scale * _LOG2E,
@@ -671,21 +706,7 @@ def regularized_attention_launch(
             capture_t.stride(0) if capture_on else 0,
             *(probs_t.stride() if capture_on else (0, 0, 0)),
             B, H, N, T, S,
-            HAS_MASK=has_mask,
-            CAPTURE_ON=capture_on,
-            SINGLE_BLOCK=BLOCK_N >= T,
-            EVEN_M=N % BLOCK_M == 0,
-            EVEN_T=T % BLOCK_N == 0,
-            EVEN_HEADDIM=D == BLOCK_D,
-            HEAD_DIM=D,
-            BLOCK_M=BLOCK_M,
-            BLOCK_N=BLOCK_N,
-            BLOCK_N_TAIL=min(BLOCK_N, max(16, _next_pow2(T % BLOCK_N))),
-            BLOCK_D=BLOCK_D,
-            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-            HEADS=heads,
-            num_warps=cfg["num_warps"],
-            num_stages=cfg["num_stages"],
+            **meta, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
 
     cfg = _pick_config(N, T, D, capture_on, q.dtype, block_m, block_n)
