@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from . import families
 from .attention import AttentionController, Capture, install, pick_backend
 from .config import DEFAULT_MODEL, EditConfig, EngineOptions
-from .errors import ConfigError, LimeWarning, ModelLoadError, NonFiniteLatentsError
+from .errors import ConfigError, EditCancelled, LimeWarning, ModelLoadError, NonFiniteLatentsError
 from .graphs import PassGraphs, compiled, graphed_forward
 from .inputs import EditInputs
 from .localize import heatmaps, normalized, roi_from_segments
@@ -146,6 +146,12 @@ def _to_host(tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
         out[k] = packed[at : at + n].view(dtype).reshape(tuple(t.shape))
         at += n
     return out
+
+
+def _stop_if(should_stop) -> None:
+    """EditCancelled when the caller's ``should_stop`` says so (None: never)."""
+    if should_stop is not None and should_stop():
+        raise EditCancelled("the edit was cancelled (should_stop returned True)")
 
 
 class LimeEngine:
@@ -339,8 +345,10 @@ class LimeEngine:
             init, noise = init.pin_memory(), noise.pin_memory()
         return init.to(self.device, non_blocking=True), noise.to(self.device, non_blocking=True)
 
-    def _run(self, plan: PassPlan, enc: Encoded, noise, roi_grid=None, seeds=None, cfg=None, progress=True) -> dict:
-        """One pass (graphed on CUDA); returns run_pass's outputs (``finite`` not yet checked)."""
+    def _run(self, plan: PassPlan, enc: Encoded, noise, roi_grid=None, seeds=None, cfg=None, progress=True,
+             stop=None) -> dict:
+        """One pass (graphed on CUDA); returns run_pass's outputs (``finite`` not yet checked). ``stop``:
+        ``edit_batch``'s ``should_stop``, asked after every step of an eager pass."""
         init, steps = noise
         x = {"latents": init, "embeds": enc.branch_embeds(), "image_latents": enc.branch_image_latents(),
              **enc.branch_added()}
@@ -357,10 +365,15 @@ class LimeEngine:
         self.unet_evals += plan.n_evals
         graphed = self.graphs.replays_on(self.device) and plan.graphable
         bar = tqdm(total=plan.n_evals, desc=plan.kind, disable=not progress, leave=False)
+
+        def on_step(i):
+            bar.update(1)
+            _stop_if(stop)
+
         try:
             def fn(inputs, sched):
                 return run_pass(self.stepcache, self.controller, plan, sched, inputs, generators=generators,
-                                on_step=None if graphed else (lambda i: bar.update(1)))
+                                on_step=None if graphed else on_step)
 
             out = self.graphs.run(plan, fn, x, lambda: make_scheduler(self.scheduler, plan.steps, self.device), self.device)
             bar.n = plan.n_evals
@@ -392,9 +405,9 @@ class LimeEngine:
         self._check_finite(finite.cpu().numpy(), "localize", self.dtype)
         return capture
 
-    def _localize_pass(self, enc, cfg, seeds, progress, noise) -> tuple[Capture, torch.Tensor]:
+    def _localize_pass(self, enc, cfg, seeds, progress, noise, stop=None) -> tuple[Capture, torch.Tensor]:
         noise = noise if noise is not None else self.draw_noise(enc, cfg, seeds)
-        out = self._run(self._plan("localize", enc, cfg), enc, noise, seeds=seeds, cfg=cfg, progress=progress)
+        out = self._run(self._plan("localize", enc, cfg), enc, noise, seeds=seeds, cfg=cfg, progress=progress, stop=stop)
         capture = Capture(out["features"], out["feature_levels"], out["maps"], out["map_levels"])
         if not capture.features or not capture.maps:
             raise ConfigError(
@@ -448,10 +461,10 @@ class LimeEngine:
         self._check_finite(finite.cpu().numpy(), "edit", self.dtype)
         return latents
 
-    def _edit_pass(self, enc, roi_grid, cfg, seeds, progress, noise):
+    def _edit_pass(self, enc, roi_grid, cfg, seeds, progress, noise, stop=None):
         noise = noise if noise is not None else self.draw_noise(enc, cfg, seeds)
         plan = self._plan("edit", enc, cfg, regularized=roi_grid is not None)
-        out = self._run(plan, enc, noise, roi_grid=roi_grid, seeds=seeds, cfg=cfg, progress=progress)
+        out = self._run(plan, enc, noise, roi_grid=roi_grid, seeds=seeds, cfg=cfg, progress=progress, stop=stop)
         return out["latents"], out["finite"]
 
     @torch.no_grad()
@@ -498,13 +511,18 @@ class LimeEngine:
         return self.edit_batch([image], [instruction], masks=None if mask is None else [mask], progress=progress, **config)[0]
 
     def edit_batch(self, images: Sequence, instructions: Sequence[str], *, masks: Sequence | None = None,
-                   seeds: Sequence[int] | None = None, progress: bool = True, **config) -> list[EditResult]:
+                   seeds: Sequence[int] | None = None, progress: bool = True, should_stop=None,
+                   **config) -> list[EditResult]:
         """Several edits in one UNet batch (images are brought to the first image's working size).
 
         Each edit has its own tokens and RoI; masks, if given, is a list with one entry (or None) per
         image; seeds, if given, one seed per edit (default: the config's ``seed`` for all), which draws
         that edit's noise and seeds its k-means, so an edit's result does not depend on the seeds of
         the others. All edits share the other settings. Returns one ``EditResult`` per image.
+
+        should_stop: optional callable asked between stages and after every UNet step of an eager pass
+        (a CUDA-graphed pass is one replay: asked before and after it); when it returns True the edit
+        stops there with ``EditCancelled`` (a service cancels edits whose clients are gone this way).
         """
         cfg = config.pop("config", None) or self.default_config
         cfg = cfg.replace(**config) if config else cfg
@@ -517,10 +535,11 @@ class LimeEngine:
         if len(seeds) != len(job.images):
             raise ValueError(f"got {len(seeds)} seeds for {len(job.images)} images")
         with self._lock:
-            return self._edit_locked(job, cfg, progress, seeds)
+            return self._edit_locked(job, cfg, progress, seeds, should_stop)
 
     @torch.no_grad()
-    def _edit_locked(self, job: EditInputs, cfg: EditConfig, progress: bool, seeds: list[int]) -> list[EditResult]:
+    def _edit_locked(self, job: EditInputs, cfg: EditConfig, progress: bool, seeds: list[int],
+                     stop=None) -> list[EditResult]:
         if getattr(self._probe.processor, "ctl", None) is not self.controller:  # another engine of this pipe ran
             install(self.unet, self.controller)
         clock, evals0 = _Clock(self.device), self.unet_evals
@@ -532,11 +551,12 @@ class LimeEngine:
         enc = self.encode(self.preprocess(job.working_images()), job.instructions, roi_words=cfg.roi_words)
         noise = self.draw_noise(enc, cfg, seeds)
         clock("encode")
+        _stop_if(stop)
         checks, host = {}, {}
         if auto:
             sub = enc.select(auto, auto_idx)
             sub_noise = (noise[0].index_select(0, auto_idx), noise[1].index_select(1, auto_idx))
-            capture, checks["localize"] = self._localize_pass(sub, cfg, [seeds[b] for b in auto], progress, sub_noise)
+            capture, checks["localize"] = self._localize_pass(sub, cfg, [seeds[b] for b in auto], progress, sub_noise, stop)
             clock("localize")
             converged: list[torch.Tensor] = []
             segments = self.segment(capture, job.grid, cfg, converged=converged, seeds=[seeds[b] for b in auto])
@@ -544,8 +564,10 @@ class LimeEngine:
             roi_grid = roi_grid.index_copy(0, auto_idx, roi)
             host.update(segments=segments.to(torch.int32), heat=normalized(heat), converged=torch.stack(converged))
             clock("segment")
+            _stop_if(stop)
         regularized = bool(auto) or any(m.any() for m in user_rois if m is not None)
-        latents, checks["edit"] = self._edit_pass(enc, roi_grid if regularized else None, cfg, seeds, progress, noise)
+        latents, checks["edit"] = self._edit_pass(enc, roi_grid if regularized else None, cfg, seeds, progress, noise, stop)
+        _stop_if(stop)
         clock("edit")
         pixels = (self.decode(latents) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
         clock("decode")

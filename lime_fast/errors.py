@@ -38,3 +38,7 @@ class BatchError(LimeError):
 class UnsupportedModeError(LimeError, RuntimeError):
     """A requested fast mode cannot run here (FP8 on a CPU, on a GPU without FP8 tensor cores, or without
     torchao); raised before the model is changed, saying what to use instead."""
+
+
+class EditCancelled(LimeError):
+    """An edit stopped early because its caller's ``should_stop`` returned True (``LimeEngine.edit_batch``)."""

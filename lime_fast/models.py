@@ -42,7 +42,7 @@ class ShippedModel:
 SHAPES_IP2P = ShippedModel(
     name="shapes-ip2p",
     folder=DATA / "shapes-ip2p",
-    config=dict(steps=20, grid_size=64, top_k=50, feature_levels=(0,), text_guidance=3.0),
+    config=dict(steps=20, grid_size=64, top_k=50, feature_levels=(0,), text_guidance=3.0, max_side=64),
     image_size=64,
     summary="small InstructPix2Pix trained on synthetic coloured shapes (64 x 64), ships with lime_fast, offline",
 )

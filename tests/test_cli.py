@@ -207,14 +207,19 @@ def test_every_config_field_is_a_flag(tmp_path, photo, tiny_dir, monkeypatch):
     assert model_config(str(tiny_dir), {}) == lime_fast.EditConfig()
 
 
-def test_shipped_model_by_name_warns_on_large_pictures(tmp_path, capsys):
+def test_shipped_model_shrinks_large_pictures_to_its_size_and_warns_past_it(tmp_path, capsys):
     big = tmp_path / "big.png"
     PIL.Image.new("RGB", (256, 256), (200, 180, 160)).save(big)
     rc = main(["edit", str(big), "make the background blue", "-o", str(tmp_path / "o.png"), "--model", "shapes-ip2p",
                "--quiet", "--steps", "2", "--capture-step", "0"])
-    err = capsys.readouterr().err
-    assert rc == 0 and "trained on 64 x 64" in err
-    rc = main(["edit", str(big), "make the background blue", "-o", str(tmp_path / "o2.png"), "--model", "shapes-ip2p", "--strict"])
+    err = capsys.readouterr().err  # the model's own max_side is what it was trained at: shrunk, not garbled
+    assert rc == 0 and "long side at 64 pixels" in err and "trained on" not in err
+    assert PIL.Image.open(tmp_path / "o.png").size == (256, 256)
+    rc = main(["edit", str(big), "make the background blue", "-o", str(tmp_path / "o1.png"), "--model", "shapes-ip2p",
+               "--quiet", "--steps", "2", "--capture-step", "0", "--max-side", "256"])
+    assert rc == 0 and "trained on 64 x 64" in capsys.readouterr().err
+    rc = main(["edit", str(big), "make the background blue", "-o", str(tmp_path / "o2.png"), "--model", "shapes-ip2p",
+               "--max-side", "256", "--strict"])
     assert rc == 2 and not (tmp_path / "o2.png").exists()
 
 

@@ -54,6 +54,35 @@ def test_unet_evaluation_counts(engine, shapes, fast, unet_calls):
     assert len(calls) == cfg.steps  # a user mask skips stage 1
 
 
+def test_should_stop_stops_an_edit_between_steps(engine, shapes, fast, unet_calls):
+    """A caller's should_stop is asked after encoding, after every eager UNet step and between stages:
+    the edit stops at the first True with EditCancelled without running the remaining steps; a
+    should_stop that never says True changes nothing."""
+    from lime_fast import EditCancelled
+
+    def stop_at(n):
+        asked = []
+
+        def should_stop():
+            asked.append(1)
+            return len(asked) >= n
+        return should_stop, asked
+
+    cfg = EditConfig(**fast)
+    should_stop, asked = stop_at(3)  # after encoding, after step 0, after step 1: stop
+    with pytest.raises(EditCancelled):
+        engine.edit(shapes, "make the red circle blue", progress=False, should_stop=should_stop, **fast)
+    assert len(unet_calls) == 2 < cfg.capture + 1 + cfg.steps
+    unet_calls.clear()
+    should_stop, asked = stop_at(1)
+    with pytest.raises(EditCancelled):
+        engine.edit(shapes, "make the red circle blue", progress=False, should_stop=should_stop, **fast)
+    assert len(unet_calls) == 0 and len(asked) == 1
+    plain = engine.edit(shapes, "make the red circle blue", progress=False, **fast)
+    watched = engine.edit(shapes, "make the red circle blue", progress=False, should_stop=lambda: False, **fast)
+    assert np.array_equal(np.asarray(plain.image), np.asarray(watched.image))
+
+
 def test_default_config_is_41_evaluations():
     cfg = EditConfig()
     assert (cfg.steps, cfg.capture, cfg.reg_range) == (30, 10, (0, 26))

@@ -28,6 +28,7 @@ uvicorn = pytest.importorskip("uvicorn")
 
 from lime_fast.config import EditConfig  # noqa: E402
 from lime_fast.engine import EditResult  # noqa: E402
+from lime_fast.errors import EditCancelled  # noqa: E402
 from lime_fast.serve.app import ServeConfig, create_app  # noqa: E402
 from lime_fast.serve.batcher import Batcher, QueueFull  # noqa: E402
 from lime_fast.serve.uploads import BadRequest, parse_field  # noqa: E402
@@ -97,9 +98,10 @@ class FakeEngine:
         self.gate = threading.Event()
         self.gate.set()
         self.active = self.max_active = 0
+        self.steps, self.stopped = 10, 0
         self._lock = threading.Lock()
 
-    def edit_batch(self, images, instructions, masks=None, seeds=None, progress=False, config=None):
+    def edit_batch(self, images, instructions, masks=None, seeds=None, progress=False, config=None, should_stop=None):
         with self._lock:
             self.active += 1
             self.max_active = max(self.max_active, self.active)
@@ -107,7 +109,11 @@ class FakeEngine:
             self.seeds.append(None if seeds is None else list(seeds))
         try:
             assert self.gate.wait(30), "test gate never opened"
-            time.sleep(self.delay)
+            for _ in range(self.steps):  # 'UNet steps' of delay / steps seconds each, as the engine asks should_stop
+                time.sleep(self.delay / self.steps)
+                if should_stop is not None and should_stop():
+                    self.stopped += 1
+                    raise EditCancelled("stopped")
             if self.fail_on in instructions:
                 raise ValueError(f"cannot edit {self.fail_on!r}")
             return [EditResult(image=im, roi_mask=np.zeros((im.height, im.width), bool), roi_grid=np.zeros((4, 4), bool),

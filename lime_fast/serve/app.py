@@ -62,6 +62,18 @@ class ServeConfig:
     max_steps: largest ``steps`` a request may ask for (the cost of an edit grows with it).
     token: when set, /v1/* and /metrics need ``Authorization: Bearer <token>``.
     model_name: the name /v1/models and /healthz report.
+    max_queue_mb: most MiB of decoded pictures and masks waiting (a 4096 x 4096 upload holds 48 MiB
+        decoded); more get 503 with Retry-After.
+    rate_limit: most edits per minute per client address (a bucket of one minute's allowance, refilled
+        continuously); more get 429 with Retry-After. None: no limit. Behind a reverse proxy every
+        request comes from the proxy's address: limit there instead.
+    grace_s: after SIGTERM / Ctrl-C, how long running edits may take to finish (queued ones are
+        answered 503 at once); then they are answered 503 and stopped.
+    max_connections: most open connections (default 1000), always kept below the open-file limit
+        (``lime_fast.serve.server.connection_cap``).
+    header_timeout_s: a connection that has not sent its request line and headers within this
+        many seconds is closed.
+    body_timeout_s: a request whose body stalls (no bytes) for this many seconds gets 408.
     """
 
     max_batch: int = 8
@@ -73,6 +85,12 @@ class ServeConfig:
     max_steps: int = 100
     token: str | None = None
     model_name: str | None = None
+    max_queue_mb: float = 1024.0
+    rate_limit: float | None = None
+    grace_s: float = 30.0
+    max_connections: int | None = None
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
 
     def __post_init__(self):
         for name in ("max_batch", "max_queue", "max_upload_bytes", "max_pixels", "max_steps"):
@@ -80,12 +98,25 @@ class ServeConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.batch_window_ms < 0 or not self.timeout_s > 0:
             raise ValueError(f"batch_window_ms must be >= 0 and timeout_s > 0, got {self.batch_window_ms}, {self.timeout_s}")
+        for name in ("max_queue_mb", "header_timeout_s", "body_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if not self.grace_s >= 0:
+            raise ValueError(f"grace_s must be >= 0, got {self.grace_s}")
+        if self.rate_limit is not None and not self.rate_limit > 0:
+            raise ValueError(f"rate_limit must be > 0 edits per minute (or None for no limit), got {self.rate_limit}")
+        if self.max_connections is not None and self.max_connections < 1:
+            raise ValueError(f"max_connections must be >= 1, got {self.max_connections}")
         if self.token is not None and not self.token.strip():
             raise ValueError("the token is empty: give a secret string, or none for no authentication")
 
 
 class BodyTooLarge(Exception):
     pass
+
+
+class BodyStalled(Exception):
+    """The request body stopped arriving for ``ServeConfig.body_timeout_s`` seconds (408)."""
 
 
 class Guard:
@@ -95,8 +126,8 @@ class Guard:
     it sees the 413 instead of a reset connection (a client that sent ``Expect: 100-continue``, as
     curl does for large bodies, gets the 413 before it sends anything)."""
 
-    def __init__(self, app, max_bytes: int, metrics: Metrics):
-        self.app, self.max_bytes, self.metrics = app, max_bytes, metrics
+    def __init__(self, app, max_bytes: int, metrics: Metrics, body_timeout_s: float = 30.0):
+        self.app, self.max_bytes, self.metrics, self.body_timeout_s = app, max_bytes, metrics, body_timeout_s
 
     def _message(self, size: str) -> bytes:
         mib = self.max_bytes / 2**20
@@ -134,12 +165,18 @@ class Guard:
                                             (b"connection", b"close")]})
             await send({"type": "http.response.body", "body": body})
             return
-        seen = 0
+        seen, complete = 0, False
 
         async def limited():
-            nonlocal seen
-            msg = await receive()
+            nonlocal seen, complete
+            if complete:  # the body is in: later receives wait for a disconnect, as long as the edit takes
+                return await receive()
+            try:
+                msg = await asyncio.wait_for(receive(), self.body_timeout_s)
+            except asyncio.TimeoutError:
+                raise BodyStalled(f"no part of the request body arrived for {self.body_timeout_s:g} s") from None
             if msg["type"] == "http.request":
+                complete = not msg.get("more_body", False)
                 seen += len(msg.get("body", b""))
                 if seen > self.max_bytes:
                     if msg.get("more_body", False):
@@ -305,10 +342,39 @@ async def read_form(request):
                               "curl -F image=@photo.png -F instruction='make the circle red' URL")
     try:
         return await request.form(max_files=2, max_fields=len(CONFIG_FIELDS) + 8, max_part_size=64 * 1024)
-    except (BodyTooLarge, ClientDisconnect, HTTPException):
+    except (BodyTooLarge, BodyStalled, ClientDisconnect, HTTPException):
         raise
     except Exception as e:  # python-multipart's parse errors
         raise BadRequest(400, f"cannot parse the multipart body ({type(e).__name__}: {e})") from None
+
+
+class RateLimiter:
+    """Per-client token buckets: ``per_minute`` edits a minute, a burst of at most one minute's
+    allowance; ``take`` raises BadRequest(429) with Retry-After when a client's bucket is empty.
+    ``per_minute`` None: no limit. Holds at most ``max_clients`` buckets (full ones are forgotten first)."""
+
+    def __init__(self, per_minute: float | None, max_clients: int = 10_000, clock=time.monotonic):
+        self.rate = None if per_minute is None else per_minute / 60.0  # tokens per second
+        self.capacity = per_minute
+        self.max_clients, self.clock = max_clients, clock
+        self._buckets: dict[str, tuple[float, float]] = {}  # client -> (tokens, at)
+
+    def _tokens(self, client: str, now: float) -> float:
+        tokens, at = self._buckets.get(client, (self.capacity, now))
+        return min(self.capacity, tokens + (now - at) * self.rate)
+
+    def take(self, client: str) -> None:
+        if self.rate is None:
+            return
+        now = self.clock()
+        tokens = self._tokens(client, now)
+        if tokens < 1:
+            wait = max(1, int((1 - tokens) / self.rate + 0.999))
+            raise BadRequest(429, f"too many edits from {client}: at most {self.capacity:g} a minute; "
+                                  f"try again in {wait} s", {"Retry-After": str(wait)})
+        if client not in self._buckets and len(self._buckets) >= self.max_clients:
+            self._buckets = {c: v for c, v in self._buckets.items() if self._tokens(c, now) < self.capacity}
+        self._buckets[client] = (tokens - 1, now)
 
 
 async def _wait_disconnect(request) -> None:
@@ -328,6 +394,7 @@ class Service:
     metrics: Metrics
     limits: dict
     has_cuml: bool
+    limiter: "RateLimiter"
 
     @property
     def base(self):
@@ -341,6 +408,7 @@ class Service:
 
         authorize(self.cfg.token, credentials)
         check_origin(self.cfg.token, request.headers.get("origin"), request.headers.get("host"))
+        self.limiter.take(request.client.host if request.client else "?")
         rid = request_id(request.headers.get("x-request-id", ""))
         want_json = wants_json(fmt, request.headers.get("accept", ""))
         image, mask, text, edit_cfg = await self._inputs(request)
@@ -421,6 +489,7 @@ class Service:
                       "default_config": dataclasses.asdict(self.base)}],
             "batching": {"max_batch": cfg.max_batch, "batch_window_ms": cfg.batch_window_ms, "max_queue": cfg.max_queue},
             "limits": {"max_upload_bytes": cfg.max_upload_bytes, "max_pixels": cfg.max_pixels, "timeout_s": cfg.timeout_s,
+                       "max_queue_mb": cfg.max_queue_mb, "rate_limit_per_minute": cfg.rate_limit,
                        **self.limits},
         }
 
@@ -430,8 +499,9 @@ EDIT_RESPONSES = {  # what /docs lists for POST /v1/edit
           "description": "the edited picture (PNG), or JSON with format=json / Accept: application/json"},
     400: {"description": "a bad field, value or picture; the JSON error names it"},
     401: {"description": "missing or wrong bearer token"},
-    413: {"description": "upload or picture too large"}, 415: {"description": "not a picture"},
-    503: {"description": "queue full (Retry-After)"}, 504: {"description": "timed out"},
+    408: {"description": "the body stalled"}, 413: {"description": "upload or picture too large"},
+    415: {"description": "not a picture"}, 429: {"description": "rate limit (Retry-After)"},
+    503: {"description": "queue full or shutting down (Retry-After)"}, 504: {"description": "timed out"},
 }
 CSP = ("default-src 'self'; img-src 'self' data: blob:; style-src 'self' 'unsafe-inline'; script-src 'self'; "
        "connect-src 'self'; frame-ancestors 'none'")
@@ -455,16 +525,18 @@ def create_app(engine_or_model, config: ServeConfig | None = None, *, device=Non
     engines = _load_engines(engine_or_model, device, torch_dtype)
     name = cfg.model_name or (str(engine_or_model) if isinstance(engine_or_model, (str, Path)) else type(engines[0]).__name__)
     metrics = Metrics()
-    batcher = Batcher(engines, max_batch=cfg.max_batch, window_s=cfg.batch_window_ms / 1000, max_queue=cfg.max_queue, metrics=metrics)
-    svc = Service(cfg, engines, name, batcher, metrics, _limits(engines[0], cfg), importlib.util.find_spec("cuml") is not None)
+    batcher = Batcher(engines, max_batch=cfg.max_batch, window_s=cfg.batch_window_ms / 1000, max_queue=cfg.max_queue,
+                      max_queue_bytes=int(cfg.max_queue_mb * 2**20), metrics=metrics)
+    svc = Service(cfg, engines, name, batcher, metrics, _limits(engines[0], cfg), importlib.util.find_spec("cuml") is not None,
+                  RateLimiter(cfg.rate_limit))
 
     @asynccontextmanager
     async def lifespan(app):
         batcher.start()
         try:
             yield
-        finally:
-            await run_in_threadpool(batcher.stop)
+        finally:  # lime_fast.serve.server has already given running edits their grace period
+            await run_in_threadpool(batcher.stop, cfg.grace_s)
 
     app = FastAPI(title="lime-fast", version=__version__, lifespan=lifespan,
                   description="LIME localized image editing as a service, with dynamic batching. "
@@ -491,6 +563,9 @@ def create_app(engine_or_model, config: ServeConfig | None = None, *, device=Non
         except BodyTooLarge:
             status = 413
             raise
+        except BodyStalled:
+            status = 408
+            raise
         except HTTPException as e:  # a malformed multipart body (400)
             status = e.status_code
             raise
@@ -498,7 +573,7 @@ def create_app(engine_or_model, config: ServeConfig | None = None, *, device=Non
             metrics.observe_request(status, time.monotonic() - t0)
 
     _read_routes(app, svc, bearer)
-    app.add_middleware(Guard, max_bytes=cfg.max_upload_bytes, metrics=metrics)
+    app.add_middleware(Guard, max_bytes=cfg.max_upload_bytes, metrics=metrics, body_timeout_s=cfg.body_timeout_s)
     return app
 
 
@@ -570,6 +645,10 @@ def _error_handlers(app) -> None:
     @app.exception_handler(BodyTooLarge)
     async def too_large(request, exc: BodyTooLarge):
         return Response(str(exc), status_code=413, media_type="application/json", headers={"Connection": "close"})
+
+    @app.exception_handler(BodyStalled)
+    async def stalled(request, exc: BodyStalled):
+        return _error(408, str(exc), {"Connection": "close"})
 
     @app.exception_handler(Exception)
     async def internal_error(request, exc: Exception):  # the traceback goes to the log, not the client

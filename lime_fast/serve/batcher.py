@@ -15,10 +15,16 @@ While a worker is busy, new jobs queue; when it comes back, the oldest job has a
 than the window, so whatever queued meanwhile with its key goes at once (no extra wait under load).
 
 Edits never run concurrently on one engine: each engine has exactly one worker. The queue is
-bounded (``QueueFull`` when full; the app answers 503 with Retry-After). A job whose client gave up
-(timeout, disconnect) is cancelled: still queued, it is dropped before it runs; already running, its
-batch finishes for the others and its result is discarded. A batch that raises is retried one job
-at a time, so one failing edit fails alone.
+bounded in jobs and in bytes of decoded pictures (``QueueFull`` when full; the app answers 503 with
+Retry-After). A job whose client gave up (timeout, disconnect) is cancelled: still queued, it is
+dropped before it runs; already running, its batch stops between UNet steps once every job in it is
+cancelled (``edit_batch``'s ``should_stop``), else it finishes for the others and the cancelled
+job's result is discarded. A batch that raises is retried one job at a time, so one failing edit
+fails alone.
+
+Shutdown has two steps: ``drain`` (takes no new jobs and answers every queued one with
+``ShuttingDown`` at once; running batches go on) and, if they outlive the grace period,
+``abandon_running`` (their callers get ``ShuttingDown`` now and the batches stop at the next step).
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ import numpy as np
 import PIL.Image
 
 from ..config import EditConfig
+from ..errors import EditCancelled
 from ..inputs import working_size
 
 log = logging.getLogger("lime_fast.serve")
@@ -66,6 +73,7 @@ class Job:
     config: the resolved EditConfig. key: (working (w, h), EditConfig values): jobs batch together
     only with equal keys. future: resolves to the ``EditResult``.
     submitted / started: ``time.monotonic()`` seconds; batch_size: edits in the batch it ran in.
+    abandoned: its caller gave up (set by ``Batcher.cancel`` / ``abandon_running``; read by the worker).
     """
 
     image: PIL.Image.Image
@@ -78,6 +86,13 @@ class Job:
     submitted: float = field(default_factory=time.monotonic)
     started: float | None = None
     batch_size: int = 0
+    abandoned: bool = False
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the queued job holds: the decoded RGB picture and the mask (one byte per pixel)."""
+        w, h = self.image.size
+        return w * h * 3 + (0 if self.mask is None else self.mask.size)
 
 
 def batch_key(image: PIL.Image.Image, config: EditConfig, multiple: int) -> tuple:
@@ -98,10 +113,13 @@ class Batcher:
     max_batch: most edits per ``edit_batch`` (1 = no batching: each request alone, in arrival order).
     window_s: how long a batch stays open for more jobs after its oldest job arrived (seconds).
     max_queue: most jobs waiting (not yet running); ``submit`` raises ``QueueFull`` beyond it.
+    max_queue_bytes: most bytes of pictures and masks waiting (``Job.nbytes``); None: unbounded. A job
+        larger than the whole bound is still taken when the queue is empty (it is already decoded).
     metrics: optional ``Metrics``; batches are recorded there.
     """
 
-    def __init__(self, engines: Sequence, *, max_batch: int = 8, window_s: float = 0.01, max_queue: int = 256, metrics=None):
+    def __init__(self, engines: Sequence, *, max_batch: int = 8, window_s: float = 0.01, max_queue: int = 256,
+                 max_queue_bytes: int | None = None, metrics=None):
         if not engines:
             raise ValueError("Batcher needs at least one engine")
         if max_batch < 1 or max_queue < 1 or window_s < 0:
@@ -112,11 +130,13 @@ class Batcher:
         self.engines = list(engines)
         self.multiple = multiples.pop()
         self.max_batch, self.window_s, self.max_queue = max_batch, window_s, max_queue
+        self.max_queue_bytes = max_queue_bytes
         self.metrics = metrics
         self._pending: list[Job] = []
         self._cond = threading.Condition()
         self._stopping = False
         self._running = 0  # edits in batches now running
+        self._active: list[Job] = []  # their jobs
         self._threads: list[threading.Thread] = []
         # Exponential moving averages (weight 0.2 on the newest batch) of seconds per edit (a batch's time
         # / its size: Retry-After) and per batch (what one request waits once it runs: the page's
@@ -132,8 +152,9 @@ class Batcher:
             self._threads.append(t)
         return self
 
-    def stop(self, timeout: float | None = 30.0) -> None:
-        """Take no new jobs, fail the queued ones with ``ShuttingDown``, let running batches finish."""
+    def drain(self) -> int:
+        """Take no new jobs and fail the queued ones with ``ShuttingDown`` now (their callers can answer
+        at once); running batches go on. Returns how many queued jobs were failed."""
         with self._cond:
             self._stopping = True
             dropped, self._pending = self._pending, []
@@ -141,6 +162,21 @@ class Batcher:
         for job in dropped:
             if job.future.set_running_or_notify_cancel():
                 job.future.set_exception(ShuttingDown("the server is shutting down"))
+        return len(dropped)
+
+    def abandon_running(self) -> int:
+        """Fail the running jobs with ``ShuttingDown`` (the grace period is over) and let their batches
+        stop at the next UNet step. Returns how many jobs were running."""
+        with self._cond:
+            active = list(self._active)
+        for job in active:
+            job.abandoned = True
+            _settle(job, error=ShuttingDown("the server is shutting down; the edit did not finish in the grace period"))
+        return len(active)
+
+    def stop(self, timeout: float | None = 30.0) -> None:
+        """``drain``, then wait up to ``timeout`` seconds per worker for the running batches."""
+        self.drain()
         for t in self._threads:
             t.join(timeout)
 
@@ -167,6 +203,9 @@ class Batcher:
                 raise ShuttingDown("the server is shutting down")
             if len(self._pending) >= self.max_queue:
                 raise QueueFull(f"the queue is full ({self.max_queue} edits waiting)", self.retry_after())
+            queued = sum(j.nbytes for j in self._pending)
+            if self.max_queue_bytes is not None and self._pending and queued + job.nbytes > self.max_queue_bytes:
+                raise QueueFull(f"the queue is full ({queued / 2**20:.0f} MiB of pictures waiting)", self.retry_after())
             self._pending.append(job)
             self._cond.notify_all()
         return job
@@ -174,6 +213,7 @@ class Batcher:
     def cancel(self, job: Job) -> bool:
         """The client is gone (timeout, disconnect): drop the job if it has not started. True when
         it was dropped; False when it is running or done (its result is then simply not used)."""
+        job.abandoned = True
         with self._cond:
             if job in self._pending:
                 self._pending.remove(job)
@@ -212,6 +252,7 @@ class Batcher:
                 group = [j for j in group if j.future.set_running_or_notify_cancel()]
                 if group:
                     self._running += len(group)
+                    self._active += group
                     return group
 
     def _worker(self, engine) -> None:
@@ -224,6 +265,7 @@ class Batcher:
             finally:
                 with self._cond:
                     self._running -= len(group)
+                    self._active = [j for j in self._active if j not in group]
 
     def _run(self, engine, group: list[Job]) -> None:
         t0 = time.monotonic()
@@ -237,8 +279,14 @@ class Batcher:
                 masks=masks if any(m is not None for m in masks) else None,
                 seeds=[j.config.seed for j in group],
                 progress=False,
+                should_stop=lambda: all(j.abandoned for j in group),
                 config=group[0].config,
             )
+        except EditCancelled as e:  # every caller is gone: nobody waits for these
+            log.info("a batch of %d stopped early: its callers are gone", len(group))
+            for job in group:
+                _settle(job, error=e)
+            return
         except Exception as e:
             if len(group) > 1:  # find the edit that fails; the others still get their images
                 log.warning("a batch of %d failed (%s: %s); retrying its edits one by one", len(group), type(e).__name__, e)
@@ -246,7 +294,7 @@ class Batcher:
                     self._run(engine, [job])
                 return
             log.error("edit failed: %s: %s", type(e).__name__, e, exc_info=e)
-            group[0].future.set_exception(e)
+            _settle(group[0], error=e)
             return
         seconds = time.monotonic() - t0
         self.seconds_per_edit = _ema(self.seconds_per_edit, seconds / len(group))
@@ -255,7 +303,18 @@ class Batcher:
             self.metrics.observe_batch(len(group), seconds, getattr(results[0], "unet_evals", 0))
         log.debug("batch of %d at %s in %.2f s", len(group), group[0].key[0], seconds)
         for job, result in zip(group, results):
+            _settle(job, result=result)
+
+
+def _settle(job: Job, result=None, error: BaseException | None = None) -> None:
+    """Resolve ``job.future`` unless it already is (cancelled, or failed by ``abandon_running``)."""
+    try:
+        if error is not None:
+            job.future.set_exception(error)
+        else:
             job.future.set_result(result)
+    except concurrent.futures.InvalidStateError:
+        pass
 
 
 def _ema(old: float | None, new: float) -> float:

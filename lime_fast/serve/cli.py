@@ -31,6 +31,20 @@ def add_parser(subparsers) -> None:
     s.add_argument("--max-upload-mb", type=float, default=20.0, help="largest request body in MiB (default 20)")
     s.add_argument("--max-pixels", type=int, default=4096 * 4096, help="largest picture, width x height (default 4096 x 4096)")
     s.add_argument("--max-steps", type=int, default=100, help="largest 'steps' a request may ask for (default 100)")
+    s.add_argument("--max-queue-mb", type=float, default=1024.0,
+                   help="most MiB of decoded pictures waiting; more get 503 + Retry-After (default 1024)")
+    s.add_argument("--rate-limit", type=float, metavar="PER_MINUTE",
+                   help="most edits per minute per client address; more get 429 (default: no limit; behind a "
+                        "reverse proxy, limit there)")
+    s.add_argument("--grace", type=float, default=30.0,
+                   help="seconds running edits may take to finish after SIGTERM / Ctrl-C; queued ones get 503 at "
+                        "once (default 30)")
+    s.add_argument("--max-connections", type=int,
+                   help="most open connections (default 1000, always below the open-file limit)")
+    s.add_argument("--header-timeout", type=float, default=10.0,
+                   help="close a connection whose request headers have not arrived in this many seconds (default 10)")
+    s.add_argument("--body-timeout", type=float, default=30.0,
+                   help="answer 408 when the request body stalls this many seconds (default 30)")
     s.add_argument("--token", help=f"require 'Authorization: Bearer TOKEN' on /v1/* and /metrics (or set {TOKEN_ENV}, "
                                    "which, unlike an argument, other users of the machine cannot see)")
     s.add_argument("--device", help="cuda, cpu, cuda:1, ...; several comma-separated (cuda:0,cuda:1) run one engine "
@@ -53,11 +67,14 @@ def run(args) -> int:
     token = args.token or os.environ.get(TOKEN_ENV) or None
     cfg = ServeConfig(max_batch=args.max_batch, batch_window_ms=args.batch_window_ms, max_queue=args.max_queue,
                       timeout_s=args.timeout, max_upload_bytes=int(args.max_upload_mb * 2**20),
-                      max_pixels=args.max_pixels, max_steps=args.max_steps, token=token, model_name=args.model)
+                      max_pixels=args.max_pixels, max_steps=args.max_steps, token=token, model_name=args.model,
+                      max_queue_mb=args.max_queue_mb, rate_limit=args.rate_limit, grace_s=args.grace,
+                      max_connections=args.max_connections, header_timeout_s=args.header_timeout,
+                      body_timeout_s=args.body_timeout)
     try:
         import fastapi  # noqa: F401
         import python_multipart  # noqa: F401
-        import uvicorn
+        import uvicorn  # noqa: F401
     except ImportError as e:
         raise ValueError(f"lime-fast serve needs {e.name}, which is not installed: {EXTRA_HINT}") from None
     _check_bindable(args.host, args.port)  # before the model loads, which takes a while
@@ -67,6 +84,7 @@ def run(args) -> int:
     import torch
 
     from .app import create_app
+    from .server import connection_cap, serve
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -75,13 +93,11 @@ def run(args) -> int:
     batcher = app.state.batcher
     where = ", ".join(str(e.device) for e in batcher.engines)
     print(f"lime-fast serve: {args.model} on {where}; max batch {cfg.max_batch}, window {cfg.batch_window_ms:g} ms, "
-          f"queue {cfg.max_queue}{', token required' if token else ''}\n"
+          f"queue {cfg.max_queue}, at most {connection_cap(cfg.max_connections)[0]} connections"
+          f"{', token required' if token else ''}\n"
           f"  page: http://{_url_host(args.host)}:{args.port}/   API docs: http://{_url_host(args.host)}:{args.port}/docs",
           file=sys.stderr, flush=True)
-    try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=10)
-    except KeyboardInterrupt:  # uvicorn shuts down gracefully, then re-raises the Ctrl-C it caught
-        pass
+    serve(app, args.host, args.port, log_level=args.log_level)  # returns after a drained shutdown
     print("lime-fast serve: stopped", file=sys.stderr)
     return 0
 
