@@ -14,7 +14,7 @@ import importlib
 # them, so `lime-fast` answers a typo or a missing file in well under a second.
 from .config import DEFAULT_MODEL, EditConfig, EngineOptions  # noqa: E402
 from .errors import (  # noqa: E402
-    BatchError, ConfigError, InputWarning, LimeError, LimeWarning, ModelLoadError, NonFiniteLatentsError,
+    BatchError, ConfigError, InputWarning, LimeError, LimeWarning, MaskError, ModelLoadError, NonFiniteLatentsError,
     UnsupportedModeError,
 )
 
@@ -47,6 +47,7 @@ __all__ = [
     "LimeEngine",
     "LimeError",
     "LimeWarning",
+    "MaskError",
     "ModelLoadError",
     "NonFiniteLatentsError",
     "UnsupportedModeError",
