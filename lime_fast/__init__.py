@@ -14,8 +14,8 @@ import importlib
 # them, so `lime-fast` answers a typo or a missing file in well under a second.
 from .config import DEFAULT_MODEL, EditConfig, EngineOptions  # noqa: E402
 from .errors import (  # noqa: E402
-    BatchError, ConfigError, EditCancelled, InputWarning, LimeError, LimeWarning, ModelLoadError, NonFiniteLatentsError,
-    UnsupportedModeError,
+    BatchError, ConfigError, EditCancelled, InputWarning, LimeError, LimeWarning, MaskError, ModelLoadError,
+    NonFiniteLatentsError, UnsupportedModeError,
 )
 
 _LAZY = {
@@ -48,6 +48,7 @@ __all__ = [
     "LimeEngine",
     "LimeError",
     "LimeWarning",
+    "MaskError",
     "ModelLoadError",
     "NonFiniteLatentsError",
     "UnsupportedModeError",

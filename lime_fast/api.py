@@ -63,6 +63,7 @@ def edit(
     instruction: str,
     *,
     mask=None,
+    mask_convention: str = "auto",
     model=DEFAULT_MODEL,
     device=None,
     torch_dtype=None,
@@ -77,6 +78,8 @@ def edit(
         instruction: the edit, e.g. "make her outfit black" (at most 77 CLIP tokens; longer is truncated).
         mask: optional region to edit (path, PIL, numpy or torch, any size; True/white = inside). Skips
             the automatic localization.
+        mask_convention: how a mask file or PIL mask marks its region: "auto" (default), "white",
+            "transparent" or "opaque" (``lime_fast.inputs.load_mask`` states the rule). Arrays ignore it.
         model: hub id or local folder of an InstructPix2Pix-family diffusers checkpoint, the name of a
             shipped model ("shapes-ip2p", offline), a loaded pipeline, or a ``LimeEngine``. Loaded
             engines are cached across calls.
@@ -105,6 +108,6 @@ def edit(
         multiple, trained = config_multiple(model) or 64, info.image_size if info else None
     cfg = base.replace(**config)
     job = EditInputs.build([image], [instruction], None if mask is None else [mask], multiple=multiple, cfg=cfg,
-                           trained_size=trained)
+                           trained_size=trained, mask_convention=mask_convention)
     engine = get_engine(model, device=device, torch_dtype=torch_dtype, options=opts)
     return engine.edit(job.images[0], job.instructions[0], mask=job.masks[0], progress=progress, config=cfg)

@@ -20,7 +20,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from .config import DEFAULT_MODEL, EditConfig, field_docs
+from .config import DEFAULT_MODEL, MASK_CONVENTIONS, EditConfig, field_docs
 
 PICTURES = ("roi", "overlay", "segments", "heatmap", "panel")
 
@@ -63,6 +63,15 @@ def config_overrides(args: argparse.Namespace) -> dict:
             for k, v in vars(args).items() if k.startswith("config.")}
 
 
+def add_mask_convention_arg(parser: argparse.ArgumentParser, default: str | None = "auto", what: str = "") -> None:
+    """``--mask-convention``: how mask files mark their region (``lime_fast.inputs.load_mask``'s rule)."""
+    parser.add_argument(
+        "--mask-convention", choices=MASK_CONVENTIONS, default=default,
+        help="how a mask file marks the region to edit: white (grayscale >= 128), transparent (alpha < 128: DALL-E 2, "
+             "MagicBrush), opaque (alpha >= 128: paint on a transparent canvas) or auto (no transparency: white; "
+             f"else transparent, unless it is paint of one colour on a blank canvas; warns when unsure){what}")
+
+
 def model_config(model, overrides: dict) -> EditConfig:
     """The model's default ``EditConfig`` (a shipped model's own, a family's levels, else the spec's) with
     ``overrides`` applied and validated; no model is loaded."""
@@ -87,7 +96,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--then", action="append", metavar="INSTRUCTION",
                    help="another turn, applied to the previous turn's output (repeatable); turn k's image is "
                    "written next to the output as NAME.turnk.EXT, the last turn's to the output")
-    e.add_argument("--mask", help="mask image of the region to edit (white = edit); skips localization (first turn only)")
+    e.add_argument("--mask", help="mask image of the region to edit (white = edit; see --mask-convention); skips "
+                   "localization (first turn only)")
+    add_mask_convention_arg(e, what="; default auto")
     e.add_argument("--model", default=DEFAULT_MODEL, help=model_help)
     e.add_argument("--device", help="cuda, cpu, cuda:1, ... (default: cuda when available)")
     e.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), help="default float16 on CUDA, float32 on CPU")
@@ -111,6 +122,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--save-roi", action="store_true", help="also write each RoI mask to DIR/roi/{id}.png")
     b.add_argument("--strict", action="store_true", help="refuse to start if any row is bad (default: record it as failed)")
     b.add_argument("--retry-failed", action="store_true", help="run again the rows recorded as failed")
+    add_mask_convention_arg(b, what="; the rows' masks, unless a row has its own mask_convention; default auto")
     b.add_argument("--device", help="cuda, cpu, cuda:1, ... (default: cuda when available)")
     b.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), help="default float16 on CUDA, float32 on CPU")
     b.add_argument("--threads", type=int, help="torch CPU threads per process (default: torch's; Ray: CPUs per worker)")
@@ -200,7 +212,7 @@ def _edit(args) -> int:
         job = EditInputs.build([args.image] * len(instructions), instructions,
                                [args.mask] + [None] * (len(instructions) - 1) if args.mask else None,
                                multiple=config_multiple(args.model) or 64, cfg=cfg,
-                               trained_size=info.image_size if info else None)
+                               trained_size=info.image_size if info else None, mask_convention=args.mask_convention)
     local_checkpoint(model_location(args.model))  # a mistyped folder fails here, before torch loads
     # 2. the device and the model (torch and diffusers import here)
     device = resolve_device(args.device)
@@ -253,6 +265,7 @@ def _batch(args) -> int:
             save_roi=args.save_roi,
             strict=args.strict,
             retry_failed=args.retry_failed,
+            mask_convention=args.mask_convention,
             device=device,
             torch_dtype=_dtype(args.dtype),
             threads=args.threads,

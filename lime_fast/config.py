@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 
 DEFAULT_MODEL = "timbrooks/instruct-pix2pix"
 SEGMENT_BACKENDS = ("native", "materialized", "cuml")
+# How a mask file marks its region (lime_fast.inputs.load_mask states the rule); here so the CLI's parser
+# can list them without importing numpy and PIL.
+MASK_CONVENTIONS = ("auto", "white", "transparent", "opaque")
 MAX_STEPS = 1000  # the schedulers' training timesteps: more steps than that repeat timesteps
 MAX_SEED = 2**64  # torch.Generator.manual_seed takes 64-bit seeds
 # Upper bounds of EditConfig's fields: past them an edit does unbounded work (memory, time) or overflows,

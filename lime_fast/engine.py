@@ -500,25 +500,30 @@ class LimeEngine:
                                   "'lime-fast[cuml]'); use segment_backend='native', which gives the same segments")
 
     # --- the whole edit -------------------------------------------------------------------
-    def edit(self, image, instruction: str, *, mask=None, progress: bool = True, **config) -> EditResult:
+    def edit(self, image, instruction: str, *, mask=None, mask_convention: str = "auto", progress: bool = True,
+             **config) -> EditResult:
         """One LIME edit. ``config`` holds ``EditConfig`` fields (steps, seed, top_k, roi_words, ...) that
         override ``self.default_config`` (the model's own defaults for a shipped model, else the spec's).
 
         mask: optional user RoI (path, PIL, numpy or torch; any size; True/white = edit here) that skips
         stage 1. An all-False mask gives plain InstructPix2Pix (warning); an all-True mask regularizes
-        everywhere (warning).
+        everywhere (warning). mask_convention: how a mask file or PIL mask marks its region ("auto",
+        "white", "transparent", "opaque"; ``lime_fast.inputs.load_mask`` states the rule).
         """
-        return self.edit_batch([image], [instruction], masks=None if mask is None else [mask], progress=progress, **config)[0]
+        return self.edit_batch([image], [instruction], masks=None if mask is None else [mask],
+                               mask_convention=mask_convention, progress=progress, **config)[0]
 
     def edit_batch(self, images: Sequence, instructions: Sequence[str], *, masks: Sequence | None = None,
-                   seeds: Sequence[int] | None = None, progress: bool = True, should_stop=None,
+                   mask_convention: str = "auto", seeds: Sequence[int] | None = None, progress: bool = True,
+                   should_stop=None,
                    **config) -> list[EditResult]:
         """Several edits in one UNet batch (images are brought to the first image's working size).
 
         Each edit has its own tokens and RoI; masks, if given, is a list with one entry (or None) per
-        image; seeds, if given, one seed per edit (default: the config's ``seed`` for all), which draws
-        that edit's noise and seeds its k-means, so an edit's result does not depend on the seeds of
-        the others. All edits share the other settings. Returns one ``EditResult`` per image.
+        image (mask files and PIL masks read with ``mask_convention``, as ``edit``); seeds, if given, one
+        seed per edit (default: the config's ``seed`` for all), which draws that edit's noise and seeds
+        its k-means, so an edit's result does not depend on the seeds of the others. All edits share the
+        other settings. Returns one ``EditResult`` per image.
 
         should_stop: optional callable asked between stages and after every UNet step of an eager pass
         (a CUDA-graphed pass is one replay: asked before and after it); when it returns True the edit
@@ -528,7 +533,8 @@ class LimeEngine:
         cfg = cfg.replace(**config) if config else cfg
         # everything is checked before any model work
         self.check_config(cfg)
-        job = EditInputs.build(images, instructions, masks, multiple=self.multiple, cfg=cfg, trained_size=self.trained_size)
+        job = EditInputs.build(images, instructions, masks, multiple=self.multiple, cfg=cfg, trained_size=self.trained_size,
+                               mask_convention=mask_convention)
         if seeds is None:
             seeds = [cfg.seed] * len(job.images)
         seeds = [int(cfg.replace(seed=s).seed) for s in seeds]  # validated like the config's own seed

@@ -31,6 +31,11 @@ class NonFiniteLatentsError(LimeError, FloatingPointError):
     """A denoising step produced NaN or inf latents (usually fp16 overflow)."""
 
 
+class MaskError(LimeError, ValueError):
+    """A mask cannot be read as asked: an unknown ``mask_convention``, or an alpha convention
+    ("transparent", "opaque") for a mask file that has no alpha channel."""
+
+
 class BatchError(LimeError):
     """A batch job cannot start: a bad manifest under ``strict``, Ray missing, its folder in use, ..."""
 

@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 
-from .errors import InputWarning, LimeWarning
+from .config import MASK_CONVENTIONS
+from .errors import InputWarning, LimeWarning, MaskError
 
 # Limits, checked on the file's header before anything is decoded: a side over MAX_INPUT_SIDE or more
 # than MAX_INPUT_PIXELS pixels is refused (a 144-megapixel photo used to be accepted and decoded into
@@ -161,26 +162,62 @@ def _upright(img: PIL.Image.Image) -> PIL.Image.Image:
     return img
 
 
-def load_mask(mask, what: str = "mask") -> np.ndarray:
+# --- masks ---------------------------------------------------------------------------------------
+
+MASK_FULL_SHARE = 0.9  # a region over this share of the image warns: nearly nothing is left unedited
+_PAINT_SHARE = 0.95  # "one colour": this share of the opaque pixels within _PAINT_TOLERANCE of their median
+_PAINT_TOLERANCE = 32  # per channel, of 255
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+
+
+def check_mask_convention(convention) -> str:
+    """``convention`` itself when it is one of ``MASK_CONVENTIONS``, else ``MaskError`` naming them."""
+    if not isinstance(convention, str) or convention not in MASK_CONVENTIONS:
+        raise MaskError(f"mask_convention must be one of {', '.join(MASK_CONVENTIONS)}; got {convention!r}")
+    return convention
+
+
+def load_mask(mask, what: str = "mask", convention: str = "auto") -> np.ndarray:
     """Any supported mask input -> bool numpy array [H, W] (True = region to edit).
 
-    Accepts a path or a ``PIL.Image`` (one rule for both: a picture with transparency marks its opaque
-    pixels; otherwise grayscale >= 128 = inside, 16-bit data scaled as for images), a numpy array or
-    torch tensor [H, W] (or [1, H, W] / [H, W, 1]) of bool, integers (> 127 for uint8, else > 0) or
-    floats (>= 0.5).
+    The one mask reader of lime_fast: ``lime_fast.edit``, ``LimeEngine.edit``, ``lime-fast edit``,
+    batch manifests, ``lime-fast eval`` and the HTTP service all read masks here.
+
+    **Files and PIL images** (any mode: 1, L, P, RGB, 16-bit, and with transparency LA, P, RGBA).
+    ``convention`` (``mask_convention=`` / ``--mask-convention``) says how to read them:
+
+    * ``"white"``: grayscale >= 128 is the region (white = edit: white-on-black masks, white paint);
+      a pixel with alpha < 128 is never in it, whatever colour it hides.
+    * ``"transparent"``: alpha < 128 is the region (DALL-E 2's editor and MagicBrush: the edit region
+      is erased from an opaque picture). The mask must have an alpha channel.
+    * ``"opaque"``: alpha >= 128 is the region (paint of any colour on a transparent canvas). The
+      mask must have an alpha channel.
+    * ``"auto"`` (default): a mask without a transparent pixel (no alpha channel, or alpha >= 128
+      everywhere) reads as ``"white"``. With transparent pixels it reads as ``"transparent"``, except
+      paint on a blank canvas: opaque pixels of one colour on at most half of the image, whose
+      transparent pixels hide one colour (black, white or the paint's own), read as ``"opaque"``.
+      Where both readings are plausible it warns (``InputWarning``) which one it used: dark paint
+      (or a black backing around a hole larger than the rest?), one light colour over more than half
+      of the image (a backing with a hole, or a large painted region?), and on a blank canvas a
+      picture over less than half (a hole, or a cut-out?). A mask with an alpha channel but no
+      transparent pixel whose grayscale covers more than ``MASK_FULL_SHARE`` of the image warns too
+      (a transparency mask whose hole was lost reads so). Pictures that are themselves flat colours
+      (synthetic shapes) can fool ``auto``: name the convention when it is known.
+
+    16-bit and float pictures are scaled as for images (65535 -> 255).
+
+    **Arrays** (numpy or torch, [H, W], [1, H, W] or [H, W, 1]): bool, integers (> 127 for uint8, else
+    > 0) or floats (>= 0.5). Arrays have no convention: ``convention`` is checked but changes nothing.
+
+    Raises ``MaskError`` for an unknown convention (or an alpha convention on a mask without alpha),
+    ``FileNotFoundError`` / ``TypeError`` / ``ValueError`` for an unusable input.
     """
+    check_mask_convention(convention)
     if isinstance(mask, (str, os.PathLike)):  # the file's own mode: the same rule as a PIL mask below
-        mask = _open(mask, what)
+        img = _open(mask, what)
+        return _mask_from_picture(img, f"{what} {mask}", convention)
     if isinstance(mask, PIL.Image.Image):
-        if mask.width == 0 or mask.height == 0:
-            raise ValueError(f"{what}: the mask is empty ({mask.width} x {mask.height})")
-        if mask.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-            mask = _to_rgb(mask, what)  # 16-bit and float data: the image rule (65535 -> 255)
-        if mask.mode in ("LA", "PA") or (mask.mode == "P" and "transparency" in mask.info):
-            mask = mask.convert("RGBA")
-        if mask.mode == "RGBA":  # with any transparency, the opaque pixels are the region
-            mask = mask.getchannel("A") if mask.getextrema()[3][0] < 255 else mask.convert("L")
-        return np.asarray(mask.convert("L")) >= 128
+        return _mask_from_picture(_upright(mask), what, convention)
     if _is_tensor(mask):
         mask = mask.detach().cpu().numpy()
     if not isinstance(mask, np.ndarray):
@@ -199,6 +236,82 @@ def load_mask(mask, what: str = "mask") -> np.ndarray:
     if arr.dtype.kind in "iu":
         return arr > 127 if arr.dtype == np.uint8 else arr > 0
     raise TypeError(f"{what}: mask arrays must be bool, integer or float, got dtype {arr.dtype}")
+
+
+def _mask_from_picture(img: PIL.Image.Image, what: str, convention: str) -> np.ndarray:
+    """A picture mask -> bool [H, W] by ``convention`` (the rule is ``load_mask``'s docstring)."""
+    if img.width == 0 or img.height == 0:
+        raise ValueError(f"{what}: the mask is empty ({img.width} x {img.height})")
+    has_alpha = img.mode in _ALPHA_MODES or "transparency" in img.info
+    if has_alpha:
+        rgba = np.asarray(img.convert("RGBA"))
+        rgb, alpha = rgba[..., :3], rgba[..., 3]
+    else:  # 16-bit and float data: the image rule (65535 -> 255); other modes convert directly
+        rgb, alpha = np.asarray(_to_rgb(img, what)), None
+    gray = np.asarray(PIL.Image.fromarray(np.ascontiguousarray(rgb), "RGB").convert("L"))
+    if convention in ("transparent", "opaque") and alpha is None:
+        raise MaskError(f"{what}: mask_convention={convention!r} reads the alpha channel, but this {img.mode} mask "
+                        "has none; use 'white' (or 'auto') for a mask without transparency")
+    if convention == "transparent":
+        return alpha < 128
+    if convention == "opaque":
+        return alpha >= 128
+    visible = np.ones(gray.shape, bool) if alpha is None else alpha >= 128
+    if convention == "white" or visible.all():
+        region = (gray >= 128) & visible
+        if convention == "auto" and alpha is not None and region.mean() > MASK_FULL_SHARE:
+            warnings.warn(
+                f"{what}: the mask has an alpha channel but no transparent pixel, so it was read as a grayscale "
+                f"picture (white = edit), which covers {region.mean():.0%} of the image; if its region is marked by "
+                "transparency, pass mask_convention='transparent' or 'opaque' (--mask-convention)",
+                InputWarning, stacklevel=4)
+        return region
+    return _auto_alpha(rgb, visible, what)
+
+
+def _one_colour(pixels: np.ndarray) -> np.ndarray | None:
+    """The colour (median RGB) that ``_PAINT_SHARE`` of ``pixels`` [N, 3] lie within ``_PAINT_TOLERANCE`` of,
+    or None when they are not one colour (or there are none)."""
+    if len(pixels) == 0:
+        return None
+    pixels = pixels.astype(np.int16)
+    colour = np.median(pixels, axis=0)
+    near = np.abs(pixels - colour).max(axis=1) <= _PAINT_TOLERANCE
+    return colour if near.mean() >= _PAINT_SHARE else None
+
+
+def _auto_alpha(rgb: np.ndarray, opaque: np.ndarray, what: str) -> np.ndarray:
+    """``auto`` for a mask with transparent pixels (the rule is ``load_mask``'s docstring): paint (opaque
+    pixels of one colour over a blank canvas) on at most half of the image -> the opaque pixels;
+    anything else -> the transparent ones. Warns where the other reading is plausible too."""
+    share = float(opaque.mean())
+    paint, hidden = _one_colour(rgb[opaque]), _one_colour(rgb[~opaque])
+    # A blank canvas hides one colour: black, white (what editors store under erased pixels) or the
+    # paint's own (alpha-only masks). Anything else under the transparent pixels is a picture with a hole.
+    blank = hidden is not None and any(
+        np.abs(hidden - c).max() <= _PAINT_TOLERANCE for c in ((0, 0, 0), (255, 255, 255), *(() if paint is None else (paint,))))
+    if not blank:
+        return ~opaque
+    how = "pass mask_convention='transparent' or 'opaque' (--mask-convention) to choose"
+    dark = paint is not None and paint.max() < 128
+    if paint is not None and share <= 0.5:
+        if dark:
+            warnings.warn(
+                f"{what}: dark opaque pixels of one colour on {share:.0%} of a transparent canvas were read as "
+                f"paint marking the region (opaque = edit); if they are a backing around a transparent hole "
+                f"(DALL-E 2 / MagicBrush), {how}", InputWarning, stacklevel=5)
+        return opaque.copy()
+    if paint is not None and not dark:
+        warnings.warn(
+            f"{what}: opaque pixels of one colour over {share:.0%} of the image were read as a backing with a "
+            f"transparent hole: the transparent {1 - share:.0%} is the region (DALL-E 2 / MagicBrush); if the "
+            f"colour is paint marking the region, {how}", InputWarning, stacklevel=5)
+    elif paint is None and share < 0.5:
+        warnings.warn(
+            f"{what}: the transparent {1 - share:.0%} of the mask was read as the region (DALL-E 2 / MagicBrush: "
+            f"transparent = edit) because its opaque pixels are not paint of one colour; if they mark the region "
+            f"(a cut-out), {how}", InputWarning, stacklevel=5)
+    return ~opaque
 
 
 def check_instruction(instruction) -> str:
@@ -257,12 +370,14 @@ class EditInputs:
     grid: tuple[int, int]
 
     @classmethod
-    def build(cls, images, instructions, masks=None, *, multiple: int, cfg, trained_size: int | None = None) -> EditInputs:
+    def build(cls, images, instructions, masks=None, *, multiple: int, cfg, trained_size: int | None = None,
+              mask_convention: str = "auto") -> EditInputs:
         """Check and load a batch (raises naming the first problem; warns ``InputWarning`` on adjustments).
 
-        images / instructions: equal-length sequences; masks: None or one entry (or None) per image.
-        All edits are brought to the first image's working size. ``trained_size``: the side the model
-        was trained at, if known; larger working sizes warn."""
+        images / instructions: equal-length sequences; masks: None or one entry (or None) per image, read
+        by ``load_mask`` with ``mask_convention``. All edits are brought to the first image's working
+        size. ``trained_size``: the side the model was trained at, if known; larger working sizes warn."""
+        check_mask_convention(mask_convention)
         if isinstance(instructions, str) or isinstance(images, (str, os.PathLike)) or len(images) != len(instructions):
             raise ValueError("edit_batch takes equal-length lists of images and instructions")
         if not images:
@@ -275,7 +390,7 @@ class EditInputs:
         if cfg.roi_words:
             for t in texts:
                 check_roi_words(t, cfg.roi_words)
-        user = [None if m is None else load_mask(m) for m in masks]
+        user = [None if m is None else load_mask(m, convention=mask_convention) for m in masks]
         for im, m in zip(loaded, user):
             if m is not None:
                 check_mask_shape(m, im.size)
@@ -293,14 +408,18 @@ class EditInputs:
 
     def mask_grids(self) -> list[np.ndarray | None]:
         """The user masks on the output grid (nearest), bool [gh, gw], or None for automatic edits.
-        Warns when a mask is empty (plain InstructPix2Pix) or covers everything."""
+        The one place that warns about a mask's coverage (once per edit, whatever read it): empty on the
+        grid (plain InstructPix2Pix) or over ``MASK_FULL_SHARE`` of the image."""
         grids = []
         for m in self.masks:
             g = None if m is None else _mask_to_grid(m, self.grid)
             if g is not None and not g.any():
                 warnings.warn("the mask is empty: nothing is regularized, the edit is plain InstructPix2Pix", LimeWarning, stacklevel=4)
-            elif g is not None and g.all():
-                warnings.warn("the mask covers the whole image: unrelated tokens are silenced everywhere", LimeWarning, stacklevel=4)
+            elif g is not None and (g.all() or m.mean() > MASK_FULL_SHARE):
+                warnings.warn(
+                    f"the mask covers {max(m.mean(), g.mean()):.0%} of the image: unrelated tokens are silenced (nearly) "
+                    "everywhere; if the mask marks its region another way, pass mask_convention= (--mask-convention: "
+                    f"{', '.join(MASK_CONVENTIONS)})", LimeWarning, stacklevel=4)
             grids.append(g)
         return grids
 

@@ -23,6 +23,7 @@ def edit_turns(
     instructions: Sequence[str],
     *,
     masks: Sequence | None = None,
+    mask_convention: str = "auto",
     model=DEFAULT_MODEL,
     device=None,
     torch_dtype=None,
@@ -37,6 +38,7 @@ def edit_turns(
         masks: optional, one entry per turn: that turn's RoI (path, PIL, numpy or torch; True/white =
             edit here) or None for the automatic RoI. An all-False mask makes that turn plain
             InstructPix2Pix.
+        mask_convention: how mask files and PIL masks mark their region (as ``lime_fast.edit``).
         model: as ``lime_fast.edit`` (hub id, local folder, shipped model name, pipeline or ``LimeEngine``).
         device, torch_dtype, progress: as ``lime_fast.edit``.
         **config: ``EditConfig`` fields (or ``config=EditConfig(...)``) used for every turn.
@@ -64,7 +66,8 @@ def edit_turns(
     base = model.default_config if isinstance(model, LimeEngine) else default_config(model)
     (cfg or base).replace(**{k: v for k, v in config.items() if k != "config"})
     current = load_image(image)
-    checked = [None if m is None else load_mask(m, f"mask of turn {t}") for t, m in enumerate(masks, start=1)]
+    checked = [None if m is None else load_mask(m, f"mask of turn {t}", mask_convention)
+               for t, m in enumerate(masks, start=1)]
     engine = get_engine(model, device=device, torch_dtype=torch_dtype)
     results: list[EditResult] = []
     for text, mask in zip(texts, checked):

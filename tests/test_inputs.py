@@ -261,10 +261,10 @@ def test_mask_of_another_aspect_ratio_warns_or_is_refused():
 
 
 def test_masks_read_alike_from_a_file_and_from_pil(tmp_path):
-    """One rule for a mask however it is given: a transparent picture marks its opaque pixels (painted
-    strokes), a plain one its light pixels; 16-bit masks scale like 16-bit images."""
-    strokes = np.zeros((16, 24, 4), np.uint8)  # black strokes on a transparent background
-    strokes[4:10, 6:18, 3] = 255
+    """One rule for a mask however it is given: paint on a transparent canvas marks its opaque pixels
+    (painted strokes), a plain picture its light pixels; 16-bit masks scale like 16-bit images."""
+    strokes = np.zeros((16, 24, 4), np.uint8)  # white strokes on a transparent background
+    strokes[4:10, 6:18] = 255
     plain = np.zeros((16, 24), np.uint16)
     plain[2:6] = 65535
     for arr, mode, want in ((strokes, "RGBA", strokes[..., 3] > 0), (plain, None, plain > 0)):
@@ -274,3 +274,58 @@ def test_masks_read_alike_from_a_file_and_from_pil(tmp_path):
         np.testing.assert_array_equal(load_mask(path), want)
         np.testing.assert_array_equal(load_mask(PIL.Image.open(path)), want)
         np.testing.assert_array_equal(load_mask(pil), want)
+
+
+def _rgba(rgb, alpha) -> PIL.Image.Image:
+    return PIL.Image.fromarray(np.dstack([np.broadcast_to(np.asarray(rgb, np.uint8), alpha.shape + (3,)), alpha]), "RGBA")
+
+
+def test_auto_mask_warns_where_both_readings_are_plausible():
+    """``auto`` says which reading it used, and how to choose, where the rule had to guess."""
+    from lime_fast.errors import InputWarning
+
+    rng = np.random.default_rng(11)
+    small = np.zeros((32, 32), bool)
+    small[8:16, 8:16] = True  # 1/16 of the picture
+    alpha_of = lambda region: np.where(region, 255, 0).astype(np.uint8)  # noqa: E731
+    # dark paint on a transparent canvas: read as paint, but a black backing around a hole reads the other way
+    with pytest.warns(InputWarning, match="dark opaque pixels.*opaque = edit.*mask_convention="):
+        np.testing.assert_array_equal(load_mask(_rgba((0, 0, 0), alpha_of(small))), small)
+    # light paint over most of the image: read as a backing with a transparent hole
+    with pytest.warns(InputWarning, match="read as a backing with a transparent hole.*mask_convention="):
+        np.testing.assert_array_equal(load_mask(_rgba((255, 255, 255), alpha_of(~small))), small)
+    # a picture on a small part of a blank canvas (a cut-out?): transparent = edit, said
+    photo = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    photo[~small] = 0
+    cutout = PIL.Image.fromarray(np.dstack([photo, alpha_of(small)]), "RGBA")
+    with pytest.warns(InputWarning, match="a cut-out"):
+        np.testing.assert_array_equal(load_mask(cutout), ~small)
+    # an alpha channel without a transparent pixel, bright: read as grayscale, said specifically
+    with pytest.warns(InputWarning, match="alpha channel but no transparent pixel.*covers 100%.*mask_convention="):
+        assert load_mask(_rgba((250, 250, 250), np.full((32, 32), 255, np.uint8))).all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an explicit convention is not a guess
+        assert load_mask(_rgba((250, 250, 250), np.full((32, 32), 255, np.uint8)), convention="white").all()
+        np.testing.assert_array_equal(load_mask(_rgba((0, 0, 0), alpha_of(small)), convention="opaque"), small)
+
+
+def test_mask_coverage_warns_once_per_edit_whatever_read_it(tmp_path):
+    """An empty mask, or one over 90% of the image, warns when the edit runs (once), not when read."""
+    from lime_fast.inputs import MASK_FULL_SHARE, EditInputs
+
+    assert MASK_FULL_SHARE == 0.9
+    almost = np.ones((64, 64), bool)
+    almost[:4] = False  # 94%
+    path = tmp_path / "almost.png"
+    PIL.Image.fromarray(almost.astype(np.uint8) * 255).save(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        job = EditInputs.build([np.zeros((64, 64, 3), np.uint8)], ["make it red"], [path], multiple=64, cfg=EditConfig())
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        job.mask_grids()
+    assert [str(w.message)[:26] for w in seen] == ["the mask covers 94% of the"]
+    assert "mask_convention=" in str(seen[0].message)
+    job.masks = [np.zeros((64, 64), bool)]
+    with pytest.warns(LimeWarning, match="the mask is empty"):
+        job.mask_grids()

@@ -550,6 +550,10 @@ def _cases():
         "grid too fine": (cfg(grid_size="100000"), 400, "grid_size"),
         "bad segment backend": (cfg(segment_backend="magic"), 400, "segment_backend"),
         "unknown field": (cfg(foo="1"), 400, "unknown field(s): foo"),
+        "unknown mask convention": (cfg(mask_convention="inverted"), 400, "mask_convention must be one of auto, white"),
+        "alpha convention, no alpha": (post(data={**ok, "mask_convention": "transparent"},
+                                            files={**image, "mask": ("m.png", png_bytes(PIL.Image.new("L", (64, 64))), "image/png")}),
+                                       400, "has none"),
         "field twice": (post(data={**ok, "steps": ["2", "3"]}), 400, "given 2 times"),
         "image twice": (post(files=[("image", ("a.png", img, "image/png")), ("image", ("b.png", img, "image/png"))]), 400, "given 2 times"),
         "too many files": (post(files=[("image", ("a.png", img, "image/png"))] + [("mask", ("m.png", img, "image/png"))] * 2), 400, "Too many files"),
@@ -710,6 +714,7 @@ def test_split_form_takes_the_parts_and_names_each_problem():
     img, msk = UploadFile(io.BytesIO(b"x"), filename="a.png"), UploadFile(io.BytesIO(b"y"), filename="m.png")
     image, mask, text, fields = split_form([("image", img), ("instruction", "make it red"), ("mask", msk), ("steps", "4")])
     assert (image, mask, text, fields) == (img, msk, "make it red", {"steps": ["4"]})
+    assert split_form([("image", img), ("instruction", "x"), ("mask_convention", "opaque")])[3] == {"mask_convention": ["opaque"]}
     cases = [
         ([("image", img), ("instruction", "x"), ("colour", "red")], "unknown field(s): colour"),
         ([("image", img), ("image", img), ("instruction", "x")], "image was given 2 times"),

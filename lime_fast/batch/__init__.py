@@ -9,7 +9,8 @@
 **Manifest.** One JSON object per line: ``id`` (string, or an int; used as a file name, so no path
 separators, no leading dot, no control characters, unique even ignoring letter case), ``image``
 (path; relative paths are relative to the manifest's folder), ``instruction``, optional ``mask``
-(path, white = edit here) and, optionally, any ``EditConfig`` field as a per-row override (``"seed": 7``,
+(path, white = edit here; ``mask_convention``, optional, says how the file marks its region: auto,
+white, transparent or opaque, as ``lime_fast.inputs.load_mask``; default the job's) and, optionally, any ``EditConfig`` field as a per-row override (``"seed": 7``,
 ``"steps": 20``, ``"roi_words": ["collar"]``), applied on top of the job's config. Blank lines and
 lines starting with ``#`` are ignored. Every row is checked before any model loads: its fields, that
 its image (and mask) exist and decode, and that its config is valid. A bad row is reported with its
@@ -151,6 +152,7 @@ def run(
     save_roi: bool = False,
     strict: bool = False,
     retry_failed: bool = False,
+    mask_convention: str = "auto",
     device=None,
     torch_dtype=None,
     threads: int | None = None,
@@ -173,6 +175,8 @@ def run(
         strict: refuse to start (``ManifestError``) if any row to run is bad; otherwise bad rows are
             recorded as failed and skipped.
         retry_failed: run again the rows whose latest record is ``failed``.
+        mask_convention: how the rows' mask files mark their region (``lime_fast.inputs.load_mask``),
+            for rows without their own ``mask_convention`` field.
         device, torch_dtype: as ``lime_fast.get_engine`` (default CUDA + fp16 when available).
         threads: torch CPU threads for the edits (here, or in each Ray worker); default unchanged
             (Ray workers: their ``num_cpus_per_worker``).
@@ -194,7 +198,7 @@ def run(
     if out.exists() and not out.is_dir():
         raise BatchError(f"the output folder {out} exists and is not a folder")
     summary = Summary(out_dir=out, results=out / RESULTS)
-    rows, problems = read_manifest(manifest, config)
+    rows, problems = read_manifest(manifest, config, mask_convention)
     summary.rows = len(rows) + len(problems)
     check_outputs_spare_inputs(rows, out, save_roi)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from ..config import EditConfig
 from ..errors import BatchError
 
-ROW_KEYS = ("id", "image", "instruction", "mask")
+ROW_KEYS = ("id", "image", "instruction", "mask", "mask_convention")
 CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(EditConfig))
 _MAX_ID_BYTES = 200  # + ".png" and the temporary-file decoration stays under the usual 255-byte name limit
 _BAD_ID_CHARS = re.compile(r'[\x00-\x1f\x7f/\\<>:"|?*]')
@@ -46,7 +46,8 @@ class Problem:
 @dataclass
 class Row:
     """One checked manifest row. image/mask are absolute paths; config is the resolved ``EditConfig``;
-    overrides are the row's own config fields; size is the input's (width, height) once checked."""
+    overrides are the row's own config fields; size is the input's (width, height) once checked;
+    mask_convention: how the mask file marks its region (``lime_fast.inputs.load_mask``)."""
 
     id: str
     line: int
@@ -56,6 +57,7 @@ class Row:
     config: EditConfig
     overrides: dict = field(default_factory=dict)
     size: tuple[int, int] | None = None
+    mask_convention: str = "auto"
 
     def to_dict(self) -> dict:
         """JSON-safe form (what Ray ships to the workers)."""
@@ -63,6 +65,7 @@ class Row:
             "id": self.id, "line": self.line, "image": str(self.image), "instruction": self.instruction,
             "mask": None if self.mask is None else str(self.mask), "config": dataclasses.asdict(self.config),
             "overrides": self.overrides, "size": list(self.size) if self.size else None,
+            "mask_convention": self.mask_convention,
         }
 
     @classmethod
@@ -71,6 +74,7 @@ class Row:
             id=d["id"], line=d["line"], image=Path(d["image"]), instruction=d["instruction"],
             mask=None if d["mask"] is None else Path(d["mask"]), config=EditConfig(**_tuples(d["config"])),
             overrides=d["overrides"], size=tuple(d["size"]) if d["size"] else None,
+            mask_convention=d.get("mask_convention", "auto"),
         )
 
 
@@ -108,13 +112,17 @@ def _path_field(d: dict, key: str, base: Path) -> Path | None:
     return p if p.is_absolute() else (base / p)
 
 
-def read_manifest(manifest: str | os.PathLike, config: EditConfig | None = None) -> tuple[list[Row], list[Problem]]:
+def read_manifest(manifest: str | os.PathLike, config: EditConfig | None = None,
+                  mask_convention: str = "auto") -> tuple[list[Row], list[Problem]]:
     """Parse and check the fields of every row (no image is opened): (good rows, problems), in line order.
 
-    config: the job's config, on which each row's overrides are applied. A duplicate id is a problem of
-    the later line (the first line with an id owns it; ids equal but for letter case count as equal).
+    config: the job's config, on which each row's overrides are applied. mask_convention: the job's,
+    for rows without their own ``mask_convention``. A duplicate id is a problem of the later line (the
+    first line with an id owns it; ids equal but for letter case count as equal).
     """
-    from ..inputs import check_instruction, check_roi_words
+    from ..inputs import check_instruction, check_mask_convention, check_roi_words
+
+    check_mask_convention(mask_convention)
 
     path = Path(manifest)
     if not path.is_file():
@@ -155,6 +163,7 @@ def read_manifest(manifest: str | os.PathLike, config: EditConfig | None = None)
                 instruction = check_instruction(d["instruction"])
                 image = _path_field(d, "image", base)
                 mask = _path_field(d, "mask", base)
+                convention = check_mask_convention(d.get("mask_convention", mask_convention))
                 overrides = {k: v for k, v in d.items() if k not in ROW_KEYS}
                 try:  # EditConfig itself says which fields it has and which values it takes
                     cfg = base_cfg.replace(**_tuples(overrides)) if overrides else base_cfg
@@ -168,7 +177,7 @@ def read_manifest(manifest: str | os.PathLike, config: EditConfig | None = None)
                     raise ValueError(f"bad config field: {e}") from None
                 if cfg.roi_words:
                     check_roi_words(instruction, cfg.roi_words)
-                rows.append(Row(rid, n, image, instruction, mask, cfg, overrides))
+                rows.append(Row(rid, n, image, instruction, mask, cfg, overrides, mask_convention=convention))
             except (TypeError, ValueError) as e:
                 problems.append(Problem(n, rid, str(e)))
     return rows, problems
@@ -186,7 +195,7 @@ def check_files(row: Row, strict: bool = False) -> None:
     img = load_image(row.image)
     row.size = img.size
     if row.mask is not None:
-        mask = load_mask(row.mask)
+        mask = load_mask(row.mask, convention=row.mask_convention)
         with warnings.catch_warnings():
             if strict:
                 warnings.simplefilter("error", InputWarning)

@@ -22,7 +22,7 @@ def edit_group(engine, rows: list[Row], out_dir: Path, save_roi: bool = False) -
     """Edit rows (same working size and config) in one ``edit_batch``, write their images atomically,
     return their records. A batch that raises is retried row by row, so one bad row fails alone."""
     try:
-        masks = [None if r.mask is None else str(r.mask) for r in rows]
+        masks = [None if r.mask is None else _row_mask(r) for r in rows]
         results = engine.edit_batch(
             [str(r.image) for r in rows],
             [r.instruction for r in rows],
@@ -60,6 +60,17 @@ def edit_group(engine, rows: list[Row], out_dir: Path, save_roi: bool = False) -
         except Exception as e:
             records.append(_failed(row, e))
     return records
+
+
+def _row_mask(row: Row):
+    """The row's mask as a bool array, read with the row's own convention (rows of one batch may differ).
+    Its reading was reported when the row was checked (``check_files``): its warnings are not repeated."""
+    from ..errors import InputWarning
+    from ..inputs import load_mask
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", InputWarning)
+        return load_mask(row.mask, convention=row.mask_convention)
 
 
 def plan_batches(rows: Iterable[Row], batch_size: int, multiple: int | None) -> list[list[Row]]:

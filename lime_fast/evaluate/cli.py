@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..cli import add_config_args, config_overrides
+from ..cli import add_config_args, add_mask_convention_arg, config_overrides
 from ..config import DEFAULT_MODEL
 from .run import METHODS, SETTINGS
 
@@ -35,6 +35,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--dino", metavar="PATH", help="local folder of DINO ViT-S/16 (facebook/dino-vits16) for DINO")
     p.add_argument("--captions", metavar="FILE", help="caption file for CLIP-T (default: the data's local_descriptions.json)")
     p.add_argument("--split", help="parquet: only files named SPLIT-*.parquet (e.g. dev)")
+    add_mask_convention_arg(p, what="; the dataset's masks (MagicBrush's: transparent = edit, which auto finds); "
+                            "default auto")
     p.add_argument("--limit", type=int, metavar="N", help="only the first N sessions")
     p.add_argument("--batch-size", type=int, default=1, help="edits per UNet batch (>1 for GPU throughput; may change the last bit)")
     p.add_argument("--retry-failed", action="store_true", help="redo the edits recorded as failed")
@@ -68,7 +70,8 @@ def run(args) -> int:
         out = Path(args.out)
         if out.exists() and not out.is_dir():
             raise UsageError(f"the output folder {out} exists and is not a folder")
-        data = datasets.load(args.data, out, split=args.split, captions=args.captions, progress=not args.quiet)
+        data = datasets.load(args.data, out, split=args.split, captions=args.captions, progress=not args.quiet,
+                             mask_convention=args.mask_convention)
         if args.limit:
             data.sessions = data.sessions[: args.limit]
         for line in data.problems[:10]:

@@ -30,11 +30,14 @@ optionally ``caption``, ``session`` and ``turn``: rows sharing a ``session`` are
 row's ``image`` is that turn's single-turn input); a row without ``session`` is a one-turn session
 named by its id.
 
-**Masks.** MagicBrush's masks were drawn in DALL-E 2's editor, whose masks mark the region to edit as
-transparent; a mask file with transparency is read that way (alpha < 128 = edit region), any other
-mask as grayscale (>= 128 = edit region, lime_fast's convention: white = edit). No MagicBrush mask
-could be inspected where this was written: check the ``mask_area`` column of the per-sample CSV on a
-first run (MagicBrush's edits are local: areas well under one half).
+**Masks** are read by ``lime_fast.inputs.load_mask``, the reader of every entry point, with the
+dataset's ``mask_convention`` (``lime-fast eval --mask-convention``; a manifest row may carry its own).
+MagicBrush's masks were drawn in DALL-E 2's editor, whose masks mark the region to edit as transparent:
+under the default ``auto`` a mask with transparent pixels reads that way (alpha < 128 = edit region)
+unless it is paint of one colour on a blank canvas, and a mask without transparency reads as grayscale
+(>= 128 = edit region: white = edit). No MagicBrush mask could be inspected where this was written:
+check the ``mask_area`` column of the per-sample CSV on a first run (MagicBrush's edits are local:
+areas well under one half), or pass ``--mask-convention transparent``.
 """
 
 from __future__ import annotations
@@ -66,7 +69,7 @@ class Turn:
     truth after this turn. mask: the edit region (file; see ``read_mask``) or None. caption: the
     target's caption for CLIP-T, or None. target_name: the target's file name (the caption key).
     overrides: ``EditConfig`` fields of this turn alone (manifests). meta: any other fields (e.g. the
-    shapes data's ``kind``).
+    shapes data's ``kind``). mask_convention: how the mask file marks its region (``load_mask``).
     """
 
     index: int
@@ -78,6 +81,7 @@ class Turn:
     target_name: str = ""
     overrides: dict = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
+    mask_convention: str = "auto"
 
 
 @dataclass
@@ -105,26 +109,12 @@ class Dataset:
         return sum(len(s.turns) for s in self.sessions)
 
 
-def read_mask(path) -> np.ndarray:
-    """A mask file (or PIL image) -> bool [H, W], True = edit region.
+def read_mask(path, convention: str = "auto") -> np.ndarray:
+    """A mask file (or PIL image) -> bool [H, W], True = edit region: ``lime_fast.inputs.load_mask``
+    (kept under this name for the evaluation's callers)."""
+    from ..inputs import load_mask
 
-    With transparency (an alpha channel with some value below 255, or a palette transparency), the
-    transparent pixels are the region (alpha < 128): DALL-E 2's editor convention, in which MagicBrush
-    was annotated. Otherwise grayscale >= 128 is the region (white = edit, as ``lime_fast.edit``).
-    """
-    if isinstance(path, PIL.Image.Image):
-        img = path
-    else:
-        with PIL.Image.open(path) as f:
-            f.load()
-            img = f.copy()
-    if img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "PA"):
-        alpha = np.asarray(img.getchannel("A"))
-        if alpha.min() < 255:
-            return alpha < 128
-    return np.asarray(img.convert("L")) >= 128
+    return load_mask(path, "mask", convention)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -336,11 +326,11 @@ def read_parquet(path, out: Path, split: str | None = None, captions=None, progr
 EVAL_KEYS = ("target", "caption", "session", "turn")
 
 
-def read_eval_manifest(path, config=None) -> Dataset:
+def read_eval_manifest(path, config=None, mask_convention: str = "auto") -> Dataset:
     """Read a batch-runner manifest whose rows also carry ``target`` (and optionally ``caption``,
     ``session``, ``turn``): see the module docstring. Rows are checked by the batch runner's own
-    ``read_manifest`` (same errors, same line numbers); bad rows and malformed sessions are listed in
-    ``problems`` and left out."""
+    ``read_manifest`` (same errors, same line numbers; ``mask_convention`` is the default of rows
+    without their own); bad rows and malformed sessions are listed in ``problems`` and left out."""
     from ..batch.manifest import check_id, read_manifest
 
     path = Path(path)
@@ -367,7 +357,7 @@ def read_eval_manifest(path, config=None) -> Dataset:
                     if isinstance(d.get(k), str) and d[k].strip() and not Path(d[k]).expanduser().is_absolute():
                         d[k] = str(base / d[k])
                 dst.write(json.dumps(d, ensure_ascii=False) + "\n")
-        rows, bad = read_manifest(plain, config)
+        rows, bad = read_manifest(plain, config, mask_convention)
     problems += [f"{path.name}: {p}" for p in bad]
     grouped: dict[str, list[tuple[int, Turn]]] = {}
     for r in rows:
@@ -392,7 +382,8 @@ def read_eval_manifest(path, config=None) -> Dataset:
             problems.append(f"{path.name}: line {r.line} (id {r.id}): {e}")
             continue
         grouped.setdefault(sid, []).append(
-            (turn, Turn(turn, r.image, r.instruction, target, r.mask, caption, target.name, dict(r.overrides), {"id": r.id})))
+            (turn, Turn(turn, r.image, r.instruction, target, r.mask, caption, target.name, dict(r.overrides), {"id": r.id},
+                        r.mask_convention)))
     data = Dataset("manifest", path, [], None, problems)
     for sid, items in grouped.items():
         items.sort(key=lambda x: x[0])
@@ -406,20 +397,33 @@ def read_eval_manifest(path, config=None) -> Dataset:
 # ---------------------------------------------------------------------------------------------------
 
 
-def load(path, out_dir: Path, *, split: str | None = None, captions=None, config=None, progress: bool = True) -> Dataset:
+def load(path, out_dir: Path, *, split: str | None = None, captions=None, config=None, progress: bool = True,
+         mask_convention: str = "auto") -> Dataset:
     """Read ``path`` in whichever supported layout it is: a folder with ``edit_sessions.json`` (or
     ``test/edit_sessions.json``), parquet file(s) or a folder of them, or a ``.jsonl`` manifest.
-    out_dir: the evaluation's folder (parquet is converted into ``out_dir/dataset``)."""
+    out_dir: the evaluation's folder (parquet is converted into ``out_dir/dataset``). mask_convention:
+    how the mask files mark their region (``lime_fast.inputs.load_mask``; a manifest row's own wins)."""
+    from ..inputs import check_mask_convention
+
+    check_mask_convention(mask_convention)
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"data: no such file or folder: {p}")
     if p.is_dir() and find_root(p) is not None:
-        return read_magicbrush(p, captions)
+        return _with_convention(read_magicbrush(p, captions), mask_convention)
     if p.suffix == ".parquet" or (p.is_dir() and parquet_files(p)):
-        return read_parquet(p, Path(out_dir) / "dataset", split, captions, progress)
+        return _with_convention(read_parquet(p, Path(out_dir) / "dataset", split, captions, progress), mask_convention)
     if p.is_file() and p.suffix in (".jsonl", ".json"):
-        return read_eval_manifest(p, config)
+        return read_eval_manifest(p, config, mask_convention)
     raise DatasetError(
         f"{p}: not a supported layout. Give MagicBrush's test folder (with {SESSIONS} and images/), "
         "MagicBrush parquet file(s) from Hugging Face (osunlp/MagicBrush), or a JSONL manifest whose rows "
         "have id, image, instruction and target")
+
+
+def _with_convention(data: Dataset, convention: str) -> Dataset:
+    """``data`` with every turn's masks read by ``convention``."""
+    for s in data.sessions:
+        for t in s.turns:
+            t.mask_convention = convention
+    return data

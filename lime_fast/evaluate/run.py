@@ -289,7 +289,7 @@ class _Masks:
 
     def __init__(self, out: Path):
         self.dir = out / "masks"
-        self.cache: dict[Path, np.ndarray] = {}
+        self.cache: dict[tuple[Path, str], np.ndarray] = {}
 
     def empty(self) -> Path:
         from ..batch.store import atomic_save
@@ -303,9 +303,10 @@ class _Masks:
     def array(self, turn: Turn) -> np.ndarray | None:
         if turn.mask is None:
             return None
-        if turn.mask not in self.cache:
-            self.cache[turn.mask] = read_mask(turn.mask)
-        return self.cache[turn.mask]
+        key = (turn.mask, turn.mask_convention)
+        if key not in self.cache:
+            self.cache[key] = read_mask(turn.mask, turn.mask_convention)
+        return self.cache[key]
 
     def file(self, session: Session, turn: Turn) -> Path | None:
         from ..batch.store import atomic_save
@@ -313,7 +314,8 @@ class _Masks:
 
         if turn.mask is None:
             return None
-        p = self.dir / f"{session.id}-mask{turn.index}.png"
+        named = "" if turn.mask_convention == "auto" else f"-{turn.mask_convention}"  # another reading, another file
+        p = self.dir / f"{session.id}-mask{turn.index}{named}.png"
         if not p.is_file():
             self.dir.mkdir(parents=True, exist_ok=True)
             atomic_save(mask_image(self.array(turn)), p)

@@ -3,7 +3,8 @@
 Routes (``/docs`` and ``/openapi.json`` describe them; FastAPI writes both):
 
     POST /v1/edit     multipart: image (file), instruction, optional mask (file, white = edit here, the
-                      image's size), optional EditConfig fields as form fields (steps=4, roi_words=collar,
+                      image's size) and mask_convention (auto, white, transparent or opaque: how the
+                      mask marks its region), optional EditConfig fields as form fields (steps=4, roi_words=collar,
                       reg_steps=0,3, ...). Answers the edited PNG, or JSON (``Accept: application/json``
                       or ``?format=json``) with the image, RoI mask, overlay and heatmap as base64 PNGs,
                       the content words, timings and the batch it ran in.
@@ -34,9 +35,11 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..config import MASK_CONVENTIONS
 from .batcher import Batcher, QueueFull, ShuttingDown
 from .metrics import Metrics
-from .uploads import CONFIG_FIELDS, FIELD_TYPES, BadRequest, check_text, decode_image, decode_mask, parse_config
+from .uploads import (CONFIG_FIELDS, FIELD_TYPES, BadRequest, check_text, decode_image, decode_mask,
+                      mask_convention_field, parse_config)
 
 log = logging.getLogger("lime_fast.serve")
 STATIC = Path(__file__).with_name("static")
@@ -218,6 +221,9 @@ def _openapi_body(base) -> dict:
         "instruction": {"type": "string", "description": 'the edit, e.g. "make the circle red"'},
         "mask": {"type": "string", "format": "binary",
                  "description": "optional region to edit (white = edit), the image's size; skips localization"},
+        "mask_convention": {"type": "string", "enum": list(MASK_CONVENTIONS), "default": "auto",
+                            "description": "how the mask marks its region: white (grayscale >= 128), transparent "
+                            "(alpha < 128: DALL-E 2, MagicBrush), opaque (alpha >= 128) or auto"},
     }
     for name in CONFIG_FIELDS:
         kind = kinds.get(FIELD_TYPES[name], "string")
@@ -301,10 +307,10 @@ def split_form(items: list[tuple[str, object]]) -> tuple:
     missing image or instruction, a file where text belongs or the reverse)."""
     from starlette.datastructures import UploadFile
 
-    unknown = sorted({k for k, _ in items} - set(RESERVED) - set(CONFIG_FIELDS))
+    unknown = sorted({k for k, _ in items} - set(RESERVED) - {"mask_convention"} - set(CONFIG_FIELDS))
     if unknown:
-        raise BadRequest(400, f"unknown field(s): {', '.join(unknown)}. Send image, instruction, optionally mask, "
-                              f"and EditConfig fields: {', '.join(CONFIG_FIELDS)}")
+        raise BadRequest(400, f"unknown field(s): {', '.join(unknown)}. Send image, instruction, optionally mask and "
+                              f"mask_convention, and EditConfig fields: {', '.join(CONFIG_FIELDS)}")
     values: dict[str, list] = {}
     for k, v in items:
         values.setdefault(k, []).append(v)
@@ -430,6 +436,7 @@ class Service:
         form = await read_form(request)
         try:
             upload, mask_upload, instruction, fields = split_form(form.multi_items())
+            convention = mask_convention_field(fields)
             edit_cfg = parse_config(self.base, fields, self.limits)
             if edit_cfg.segment_backend == "cuml" and not self.has_cuml:
                 raise BadRequest(400, "segment_backend=cuml needs cuML, which this server does not have")
@@ -437,7 +444,8 @@ class Service:
             image = await run_in_threadpool(decode_image, await upload.read(), "image", self.cfg.max_pixels)
             mask = None
             if mask_upload is not None:
-                mask = await run_in_threadpool(decode_mask, await mask_upload.read(), image.size, self.cfg.max_pixels)
+                mask = await run_in_threadpool(decode_mask, await mask_upload.read(), image.size, self.cfg.max_pixels,
+                                               convention)
         finally:
             await form.close()
         return image, mask, text, edit_cfg

@@ -19,7 +19,7 @@ import typing
 import numpy as np
 import PIL.Image
 
-from ..config import EditConfig
+from ..config import MASK_CONVENTIONS, EditConfig
 from ..inputs import check_instruction, load_image, load_mask
 
 # Formats decoded. PIL can open ~40 formats (some through external programs: EPS runs Ghostscript);
@@ -46,6 +46,15 @@ def decode_image(data: bytes, what: str, max_pixels: int) -> PIL.Image.Image:
     415 when the content is not a picture in ``FORMATS``; 413 when the header declares more than
     ``max_pixels`` pixels (checked before decoding); 400 when the file is damaged.
     """
+    img = _decode(data, what, max_pixels)
+    try:
+        return load_image(img, what)
+    except (TypeError, ValueError) as e:
+        raise BadRequest(400, str(e)) from None
+
+
+def _decode(data: bytes, what: str, max_pixels: int) -> PIL.Image.Image:
+    """Uploaded bytes -> the PIL picture in its own mode (transparency kept), checked as ``decode_image`` says."""
     if not data:
         raise BadRequest(400, f"{what}: the uploaded file is empty")
     try:
@@ -66,19 +75,33 @@ def decode_image(data: bytes, what: str, max_pixels: int) -> PIL.Image.Image:
         img.load()  # decodes the first frame of an animation
     except Exception as e:  # truncated or corrupt data; PIL raises many types
         raise BadRequest(400, f"{what}: the picture's data is damaged ({type(e).__name__}: {e})") from None
+    return img
+
+
+def decode_mask(data: bytes, image_size: tuple[int, int], max_pixels: int, convention: str = "auto") -> np.ndarray:
+    """Uploaded mask bytes -> bool [H, W] by ``lime_fast.inputs.load_mask`` with ``convention`` (the
+    ``mask_convention`` form field; default auto: white = edit, or transparency as that rule says); it
+    must have the picture's size."""
     try:
-        return load_image(img, what)
+        mask = load_mask(_decode(data, "mask", max_pixels), "mask", convention)
     except (TypeError, ValueError) as e:
         raise BadRequest(400, str(e)) from None
-
-
-def decode_mask(data: bytes, image_size: tuple[int, int], max_pixels: int) -> np.ndarray:
-    """Uploaded mask bytes -> bool [H, W] (white = edit here); it must have the picture's size."""
-    img = decode_image(data, "mask", max_pixels)
-    if img.size != image_size:
-        raise BadRequest(400, f"mask: the mask is {img.width} x {img.height} but the image is {image_size[0]} x "
+    if mask.shape != image_size[::-1]:
+        raise BadRequest(400, f"mask: the mask is {mask.shape[1]} x {mask.shape[0]} but the image is {image_size[0]} x "
                               f"{image_size[1]}: upload a mask of the image's size (white = edit here)")
-    return load_mask(img.convert("L"), "mask")
+    return mask
+
+
+def mask_convention_field(fields: dict[str, list[str]]) -> str:
+    """Takes the ``mask_convention`` form field out of ``fields`` (the rest are EditConfig fields): its
+    value, default auto; 400 for a repeated or unknown value."""
+    values = fields.pop("mask_convention", ["auto"])
+    if len(values) > 1:
+        raise BadRequest(400, f"mask_convention was given {len(values)} times; give it once")
+    value = values[0].strip()
+    if value not in MASK_CONVENTIONS:
+        raise BadRequest(400, f"mask_convention must be one of {', '.join(MASK_CONVENTIONS)}; got {value!r}")
+    return value
 
 
 def check_text(instruction: str) -> str:
