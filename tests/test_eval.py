@@ -422,3 +422,42 @@ def test_a_caption_file_of_the_wrong_shape_is_one_line(tmp_path, content, messag
     bad.write_text(content)
     with pytest.raises(evaluate.DatasetError, match=message):
         evaluate.load(tmp_path, tmp_path / "out", captions=str(bad))
+
+
+def test_metric_models_with_missing_weights_are_refused(tmp_path, clip_tok):
+    """A --clip folder holding only a CLIP text model used to load a vision tower of random weights (a
+    MISSING table from transformers) and report numbers; a DINO checkpoint short of a tensor likewise."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from transformers import CLIPConfig, CLIPModel, CLIPTextModelWithProjection, ViTConfig, ViTModel
+
+    small = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2)
+    cfg = CLIPConfig(text_config=dict(vocab_size=clip_tok.vocab_size, max_position_embeddings=77, **small),
+                     vision_config=dict(image_size=224, patch_size=32, **small), projection_dim=16)
+    CLIPModel(cfg).save_pretrained(tmp_path / "full")
+    clip_tok.save_pretrained(tmp_path / "full")
+    assert M.Clip(tmp_path / "full").images([rgb(np.zeros((32, 32, 3)))]).shape == (1, 16)  # complete: loads
+    # CLIP's config with only the text tower's weights: the vision tower would be random
+    shutil.copytree(tmp_path / "full", tmp_path / "text")
+    weights = load_file(tmp_path / "full" / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if k.startswith(("text_model.", "text_projection"))},
+              tmp_path / "text" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(M.EmbeddingError, match=r"--clip .*text: .*missing.*vision_model, visual_projection") as e:
+        M.Clip(tmp_path / "text")
+    assert "\n" not in str(e.value)
+    # a folder of a CLIP text model alone (its own config): not a CLIPModel at all
+    text_cfg = cfg.text_config
+    text_cfg.projection_dim = 16
+    CLIPTextModelWithProjection(text_cfg).save_pretrained(tmp_path / "text-only")
+    clip_tok.save_pretrained(tmp_path / "text-only")
+    with pytest.raises(M.EmbeddingError, match=r"--clip .*text-only: .*clip_text_model.*not a CLIPModel"):
+        M.Clip(tmp_path / "text-only")
+
+    ViTModel(ViTConfig(image_size=224, patch_size=16, **small), add_pooling_layer=False).save_pretrained(tmp_path / "dino")
+    M.Dino(tmp_path / "dino")
+    weights = load_file(tmp_path / "dino" / "model.safetensors")
+    gone = next(k for k in sorted(weights) if "encoder.layer.1." in k)
+    save_file({k: v for k, v in weights.items() if k != gone}, tmp_path / "dino" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(M.EmbeddingError, match=r"--dino .*dino: 1 weight\(s\) of ViTModel are missing.*layers?\.1\."):
+        M.Dino(tmp_path / "dino")  # named as the model names it (transformers may rename checkpoint keys)
