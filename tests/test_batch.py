@@ -219,14 +219,19 @@ def test_atomic_writes_torn_record_and_leftovers(tmp_path, inputs, monkeypatch):
 
     # a torn last record (power loss) is ignored and the next record starts on a line of its own;
     # temporaries a killed job left are removed when the next run starts
+    from lime_fast.batch.keys import model_pin
+    from lime_fast.models import default_config
+
     out = tmp_path / "out"
     (out / "images").mkdir(parents=True)
     shapes_image(64).save(out / "images" / "r0.png")
-    done = batch.store._record("r0", 1, "done", image="images/r0.png")
-    (out / batch.RESULTS).write_text(json.dumps(done) + "\n" + '{"id": "r1", "line": 2, "sta')
-    (out / "images" / ".r1.png.123.deadbeef.tmp").write_bytes(b"half an image")
     m = write_manifest(tmp_path / "m.jsonl", [
         *good_rows(inputs, 1), {"id": "r1", "image": str(tmp_path / "nope.png"), "instruction": "make it red"}])
+    rows, _ = batch.read_manifest(m, default_config("nobody/never-loaded"))
+    key = batch.row_keys(rows, model_pin("nobody/never-loaded"))["r0"]  # r0 done, and unchanged since
+    done = batch.store._record("r0", 1, "done", image="images/r0.png", key=key)
+    (out / batch.RESULTS).write_text(json.dumps(done) + "\n" + '{"id": "r1", "line": 2, "sta')
+    (out / "images" / ".r1.png.123.deadbeef.tmp").write_bytes(b"half an image")
     summary = batch.run(m, out, model="nobody/never-loaded", progress=False)  # r0 done; r1 fails its check
     assert (summary.done, summary.skipped, summary.failed) == (0, 1, 1)
     lines = (out / batch.RESULTS).read_text().split("\n")
@@ -375,20 +380,27 @@ def test_shipped_model_by_name_in_a_batch_job(tmp_path):
 
 
 def test_pending_selects_what_a_run_must_do(tmp_path):
-    """The resume rule on its own: never recorded, or done but its image is gone, or failed and retried."""
+    """The resume rule on its own: never recorded, or done but its image is gone or its key differs from the
+    row's key now (or is missing), or failed and retried."""
     from lime_fast.batch import Summary, image_path, pending
     from lime_fast.batch.manifest import Problem
 
-    rows = [Problem(i + 1, name, "") for i, name in enumerate(["new", "done", "done-lost", "failed"])] + [Problem(9, None, "")]
+    names = ["new", "done", "done-lost", "failed", "changed", "keyless"]
+    rows = [Problem(i + 1, name, "") for i, name in enumerate(names)] + [Problem(9, None, "")]
     (tmp_path / "images").mkdir()
-    image_path(tmp_path, "done").write_bytes(b"png")
-    by_id = {"done": {"status": "done"}, "done-lost": {"status": "done"}, "failed": {"status": "failed"}}
+    for name in ("done", "changed", "keyless"):
+        image_path(tmp_path, name).write_bytes(b"png")
+    keys = {name: f"key-{name}" for name in names}
+    by_id = {"done": {"status": "done", "key": "key-done"}, "done-lost": {"status": "done", "key": "key-done-lost"},
+             "failed": {"status": "failed"}, "changed": {"status": "done", "key": "key-before"},
+             "keyless": {"status": "done"}}  # recorded before resume keys existed: stale-unknown, redone
     records = (by_id, {9: {"status": "failed"}}, None)
     s = Summary()
-    assert [r.id for r in pending(rows, records, tmp_path, False, s)] == ["new", "done-lost"]
+    assert [r.id for r in pending(rows, records, tmp_path, False, s, keys)] == ["new", "done-lost", "changed", "keyless"]
     assert s.skipped_failed == 2  # the failed row and the failed id-less line
     s = Summary()
-    assert [r.line for r in pending(rows, records, tmp_path, True, s)] == [1, 3, 4, 9] and s.skipped_failed == 0
+    assert [r.line for r in pending(rows, records, tmp_path, True, s, keys)] == [1, 3, 4, 5, 6, 9] and s.skipped_failed == 0
+    assert [r.id for r in pending(rows[:2], records, tmp_path, False, Summary())] == ["new", "done"]  # no keys: none match
 
 
 @pytest.mark.parametrize("save_roi", [False, True])
@@ -413,3 +425,62 @@ def test_a_job_never_writes_over_its_own_inputs(tmp_path, save_roi, capsys):
     assert main(["batch", str(manifest), "--out", str(job), "--model", "shapes-ip2p", "--quiet"]) != 0
     assert "overwrite" in capsys.readouterr().err
     assert {p: p.read_bytes() for p in job.rglob("*.png")} == before and not (job / "results.jsonl").exists()
+
+
+def test_changed_rows_are_redone_not_reused(tmp_path, inputs, tiny_dir):
+    """Same ids, other content: a row whose image bytes, instruction, mask bytes or config changed is
+    edited again (its record superseded, its image overwritten) and counted as redone; an unchanged row
+    is skipped. A record written before resume keys existed (no "key") is redone too."""
+    for i in range(5):
+        shutil.copy(inputs / f"img{i}.png", tmp_path / f"in{i}.png")
+    shutil.copy(inputs / "mask.png", tmp_path / "m3.png")
+    rows = [{"id": f"r{i}", "image": f"in{i}.png", "instruction": INSTRUCTIONS[i % 4], **ROW_CFG} for i in range(5)]
+    rows[3]["mask"] = "m3.png"
+    m = write_manifest(tmp_path / "m.jsonl", rows)
+    out = tmp_path / "out"
+    s1 = batch.run(m, out, model=str(tiny_dir), progress=False)
+    assert (s1.done, s1.redone) == (5, 0)
+    old = {i: pixels(out / "images" / f"r{i}.png") for i in range(5)}
+
+    shutil.copy(inputs / "img7.png", tmp_path / "in0.png")  # r0: new image bytes at the same path
+    rows[1]["instruction"] = "make the triangle yellow"  # r1: another instruction
+    rows[2]["seed"] = 11  # r2: another per-row config
+    mask = np.zeros((64, 64), np.uint8)
+    mask[30:60, 30:60] = 255
+    PIL.Image.fromarray(mask).save(tmp_path / "m3.png")  # r3: new mask bytes at the same path
+    write_manifest(m, rows)  # r4 unchanged
+    s2 = batch.run(m, out, model=str(tiny_dir), progress=False)
+    assert (s2.done, s2.skipped, s2.failed, s2.redone) == (4, 1, 0, 4)
+    assert "4 rows done in an earlier run had changed" in str(s2)
+    state = batch.read_results(out)
+    assert state["r3"]["roi_area"] == pytest.approx(30 * 30 / 64**2, abs=1e-6)  # the new mask was used
+    ref = tmp_path / "ref"  # each redone row equals a fresh job's output
+    assert batch.run(m, ref, model=str(tiny_dir), progress=False).done == 5
+    for i in range(5):
+        assert np.array_equal(pixels(out / "images" / f"r{i}.png"), pixels(ref / "images" / f"r{i}.png")), i
+        assert state[f"r{i}"]["key"] == batch.read_results(ref)[f"r{i}"]["key"]
+    assert not any(np.array_equal(old[i], pixels(out / "images" / f"r{i}.png")) for i in range(4))
+
+    s3 = batch.run(m, out, model=str(tiny_dir), progress=False)  # nothing changed since
+    assert (s3.done, s3.skipped, s3.redone) == (0, 5, 0)
+    lines = records(out)
+    for rec in lines:  # an old results.jsonl: records without keys
+        rec.pop("key")
+    (out / batch.RESULTS).write_text("".join(json.dumps(r) + "\n" for r in lines))
+    s4 = batch.run(m, out, model=str(tiny_dir), progress=False)
+    assert (s4.done, s4.skipped, s4.redone) == (5, 0, 5)
+
+
+def test_resume_key_covers_image_mask_instruction_config_and_model(tmp_path, inputs):
+    from lime_fast.batch.keys import model_pin, resume_key
+
+    shutil.copy(inputs / "img0.png", tmp_path / "a.png")
+    base = dict(pin=("/models/a", "d1"), instruction="make it red", config=EditConfig(), image=tmp_path / "a.png")
+    key = resume_key(**base)
+    assert resume_key(**base) == key and len(key) == 64
+    for change in (dict(pin=("/models/a", "d2")), dict(pin=("/models/b", "d1")), dict(instruction="make it blue"),
+                   dict(config=EditConfig(seed=1)), dict(mask=inputs / "mask.png"), dict(image=inputs / "img1.png")):
+        assert resume_key(**{**base, **change}) != key, change
+    shutil.copy(inputs / "img1.png", tmp_path / "a.png")  # the same path, other bytes
+    assert resume_key(**base) != key
+    assert model_pin("nobody/hub-model") == ("nobody/hub-model", None)  # a hub id: its name only

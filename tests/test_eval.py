@@ -3,6 +3,7 @@ rules (evaluation/image_eval.py of OSU-NLP-Group/MagicBrush), the three data lay
 (single- and multi-turn, the tiny random model and the shipped shapes model), and resume after a kill."""
 
 import csv
+import shutil
 import json
 import math
 import os
@@ -404,7 +405,7 @@ def test_shapes_with_the_shipped_model_single_and_multi_turn(tmp_path, capsys):
     text = capsys.readouterr().out
     assert rc == 0, text
     js = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert js["edits"] == {"done": 12, "skipped": 0, "failed": 0} and "paper" not in js  # a shipped model: no paper rows
+    assert js["edits"] == {"done": 12, "skipped": 0, "failed": 0, "redone": 0} and "paper" not in js  # a shipped model: no paper rows
     for setting, n in (("single", 4), ("multi", 2)):
         for m in ("ip2p", "lime"):
             r = js["summary"][setting][m]
@@ -422,3 +423,138 @@ def test_a_caption_file_of_the_wrong_shape_is_one_line(tmp_path, content, messag
     bad.write_text(content)
     with pytest.raises(evaluate.DatasetError, match=message):
         evaluate.load(tmp_path, tmp_path / "out", captions=str(bad))
+
+
+def test_metric_models_with_missing_weights_are_refused(tmp_path, clip_tok):
+    """A --clip folder holding only a CLIP text model used to load a vision tower of random weights (a
+    MISSING table from transformers) and report numbers; a DINO checkpoint short of a tensor likewise."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from transformers import CLIPConfig, CLIPModel, CLIPTextModelWithProjection, ViTConfig, ViTModel
+
+    small = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2)
+    cfg = CLIPConfig(text_config=dict(vocab_size=clip_tok.vocab_size, max_position_embeddings=77, **small),
+                     vision_config=dict(image_size=224, patch_size=32, **small), projection_dim=16)
+    CLIPModel(cfg).save_pretrained(tmp_path / "full")
+    clip_tok.save_pretrained(tmp_path / "full")
+    assert M.Clip(tmp_path / "full").images([rgb(np.zeros((32, 32, 3)))]).shape == (1, 16)  # complete: loads
+    # CLIP's config with only the text tower's weights: the vision tower would be random
+    shutil.copytree(tmp_path / "full", tmp_path / "text")
+    weights = load_file(tmp_path / "full" / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if k.startswith(("text_model.", "text_projection"))},
+              tmp_path / "text" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(M.EmbeddingError, match=r"--clip .*text: .*missing.*vision_model, visual_projection") as e:
+        M.Clip(tmp_path / "text")
+    assert "\n" not in str(e.value)
+    # a folder of a CLIP text model alone (its own config): not a CLIPModel at all
+    text_cfg = cfg.text_config
+    text_cfg.projection_dim = 16
+    CLIPTextModelWithProjection(text_cfg).save_pretrained(tmp_path / "text-only")
+    clip_tok.save_pretrained(tmp_path / "text-only")
+    with pytest.raises(M.EmbeddingError, match=r"--clip .*text-only: .*clip_text_model.*not a CLIPModel"):
+        M.Clip(tmp_path / "text-only")
+
+    ViTModel(ViTConfig(image_size=224, patch_size=16, **small), add_pooling_layer=False).save_pretrained(tmp_path / "dino")
+    M.Dino(tmp_path / "dino")
+    weights = load_file(tmp_path / "dino" / "model.safetensors")
+    gone = next(k for k in sorted(weights) if "encoder.layer.1." in k)
+    save_file({k: v for k, v in weights.items() if k != gone}, tmp_path / "dino" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(M.EmbeddingError, match=r"--dino .*dino: 1 weight\(s\) of ViTModel are missing.*layers?\.1\."):
+        M.Dino(tmp_path / "dino")  # named as the model names it (transformers may rename checkpoint keys)
+
+
+def test_changed_data_is_redone_not_scored_stale(tmp_path, tiny_dir):
+    """Same session ids, other data: a turn whose input bytes, instruction or mask changed is edited again
+    (and the multi-turn edits after it), never scored from its old edit; a record without a resume key
+    (an older run) is redone."""
+    root = write_fixture(tmp_path / "test")
+    out = tmp_path / "out"
+    kw = dict(model=str(tiny_dir), methods=["lime-mask"], config=CFG, threads=1, progress=False)
+    first = evaluate.evaluate(evaluate.load(root, out), out, **kw)
+    assert (first.done, first.skipped, first.redone) == (4, 0, 0)
+
+    shutil.copy(root / "images" / "202" / "202-input.png", root / "images" / "101" / "101-input.png")  # 101: new input bytes
+    sessions = json.loads((root / "edit_sessions.json").read_text())
+    sessions["202"][0]["instruction"] = "make the square purple"  # 202 turn 1: a new instruction
+    (root / "edit_sessions.json").write_text(json.dumps(sessions))
+    again = evaluate.evaluate(evaluate.load(root, out), out, **kw)
+    # 101_1 (input), 202_1 (instruction) and 202_iter_2 (edits 202_1's new output) are redone; 202_inde_2 is not
+    assert (again.done, again.skipped, again.failed, again.redone) == (3, 1, 0, 3)
+    assert "3 of them redone" in evaluate.report.markdown(again)
+    fresh = evaluate.evaluate(evaluate.load(root, tmp_path / "fresh"), tmp_path / "fresh", **kw)
+    for name in ("101_1", "202_1", "202_inde_2", "202_iter_2"):
+        assert np.array_equal(pixels(out / "lime-mask" / "images" / f"{name}.png"),
+                              pixels(tmp_path / "fresh" / "lime-mask" / "images" / f"{name}.png")), name
+    assert again.summary["single"]["lime-mask"]["l1"] == pytest.approx(fresh.summary["single"]["lime-mask"]["l1"])
+
+    mask = np.asarray(PIL.Image.open(root / "images" / "202" / "202-mask2.png")).copy()
+    mask[..., 3] = 255 - mask[..., 3]  # turn 2's mask: the other region
+    PIL.Image.fromarray(mask, "RGBA").save(root / "images" / "202" / "202-mask2.png")
+    third = evaluate.evaluate(evaluate.load(root, out), out, **kw)
+    assert (third.done, third.skipped, third.redone) == (2, 2, 2)  # 202_inde_2 and 202_iter_2
+
+    results = out / "lime-mask" / "results.jsonl"
+    old = [json.loads(x) for x in results.read_text().splitlines()]
+    results.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "key"}) + "\n" for r in old))
+    fourth = evaluate.evaluate(evaluate.load(root, out), out, **kw)
+    assert (fourth.done, fourth.skipped, fourth.redone) == (4, 0, 4)
+
+
+def test_an_unreadable_picture_is_a_failed_row(tmp_path, tiny_dir):
+    """A corrupt input, or a corrupt target, used to stop the evaluation after the model loaded."""
+    root = write_fixture(tmp_path / "test")
+    (root / "images" / "101" / "101-input.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    (root / "images" / "202" / "202-output2.png").write_bytes(b"not a picture")
+    out = tmp_path / "out"
+    ev = evaluate.evaluate(evaluate.load(root, out), out, model=str(tiny_dir), methods=["ip2p"], config=CFG,
+                           settings=["single"], threads=1, progress=False)
+    assert (ev.done, ev.failed) == (2, 1)
+    by_id = {x["id"]: x for x in ev.samples}
+    assert by_id["101_1"]["status"] == "failed" and "101-input.png" in by_id["101_1"]["error"]
+    assert by_id["202_inde_2"]["status"] == "failed" and "202-output2.png" in by_id["202_inde_2"]["error"]
+    assert by_id["202_1"]["status"] == "done" and by_id["202_1"]["l1"] is not None
+    assert ev.summary["single"]["ip2p"]["n"] == 1 and ev.summary["single"]["ip2p"]["failed"] == 2
+    assert "| 1 | 2 |" in evaluate.report.markdown(ev)  # scored, failed
+
+
+def test_a_bad_picture_in_parquet_names_its_row_and_leaves_no_half_folder(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    ref = evaluate.load(write_magicbrush(tmp_path / "ref", [7, 8], turns=1), tmp_path)
+    img = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    schema = pa.schema([("img_id", pa.string()), ("turn_index", pa.int32()), ("source_img", img), ("mask_img", img),
+                        ("instruction", pa.string()), ("target_img", img)])
+    rows = [{"img_id": s.id, "turn_index": 1, "source_img": {"bytes": s.turns[0].input.read_bytes(), "path": "x.png"},
+             "mask_img": {"bytes": s.turns[0].mask.read_bytes(), "path": "m.png"}, "instruction": s.turns[0].instruction,
+             "target_img": {"bytes": s.turns[0].target.read_bytes(), "path": "t.png"}} for s in ref.sessions]
+    rows[1]["target_img"]["bytes"] = b"GIF89a, then nothing"
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp_path / "dev-00000.parquet")
+    out = tmp_path / "out"
+    with pytest.raises(evaluate.DatasetError, match=r"dev-00000.parquet: row 1 \(img_id 8, turn 1\): target_img"):
+        evaluate.load(tmp_path / "dev-00000.parquet", out, progress=False)
+    assert not out.exists()  # nothing half-converted, and no --out folder made for it
+
+    rows[1]["target_img"]["bytes"] = ref.sessions[1].turns[0].target.read_bytes()  # fixed: converted, then
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp_path / "dev-00000.parquet")
+    assert [s.id for s in evaluate.load(tmp_path / "dev-00000.parquet", out, progress=False).sessions] == ["7", "8"]
+    rows[0]["instruction"] = "make it purple"  # the parquet changes: converted again, not read stale
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp_path / "dev-00000.parquet")
+    data = evaluate.load(tmp_path / "dev-00000.parquet", out, progress=False)
+    assert data.sessions[0].turns[0].instruction == "make it purple"
+
+
+def test_method_settings_are_checked_before_the_out_folder_is_touched(tmp_path, capsys):
+    """lime:capture_step=25 on the 20-step shapes model used to be refused after DIR and its lock existed."""
+    root = write_fixture(tmp_path / "test")
+    data = evaluate.load(root, tmp_path / "unused")
+    out = tmp_path / "out"
+    with pytest.raises(evaluate.EvalError, match=r"lime:capture_step=25.*capture_step=25.*steps=20"):
+        evaluate.evaluate(data, out, model="shapes-ip2p", methods=["ip2p", "lime:capture_step=25"], progress=False)
+    assert not out.exists()
+    assert main(["eval", str(root), "--out", str(out), "--model", "shapes-ip2p", "--methods", "lime:capture_step=25",
+                 "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "capture_step=25" in err and "Traceback" not in err and err.count("\n") == 1
+    assert not out.exists()

@@ -34,10 +34,16 @@ row has an image and no record: it is simply edited again (the rename replaces t
 identical one). Temporary files left by a killed job are removed when the next run starts. One job
 at a time may write into DIR (an ``flock`` on ``DIR/.lock``; released by the OS when a job dies).
 
-**Resume.** Re-running the same job skips the rows whose latest record is ``done`` and whose image
-exists (they are not re-read or re-checked), and the rows whose latest record is ``failed`` unless
-``retry_failed=True``. Rows are identified by their id: to redo a done row,
-delete its image (or give it a new id).
+**Resume.** Re-running the same job skips the rows whose latest record is ``done``, whose image exists
+and whose resume key (``lime_fast.batch.keys``: the SHA-256 of the input image's bytes, the
+instruction, the mask file's bytes, the row's whole effective config with its seed, and the model's pin:
+a local folder's resolved path and weights digest, a hub id's name) equals the row's key now; the rows
+whose latest record is ``failed`` are skipped unless ``retry_failed=True``. A done row whose key
+changed (same id, other image bytes, instruction, mask, config or model) is edited again: its output is
+deleted first, then rewritten, its new record supersedes the old one, and the summary says how many
+rows were redone this way. A record without a key (a results.jsonl from before keys existed) counts as
+changed: its row is redone. Every input of the job is read (hashed) on each run. To redo an unchanged
+row, delete its image.
 
 **Determinism.** Results depend only on the row (its seed is part of its config) as long as the
 batch composition and the numerics are the same: with the default ``batch_size=1`` a row is edited
@@ -66,6 +72,7 @@ from pathlib import Path
 
 from ..config import DEFAULT_MODEL, EditConfig
 from ..errors import BatchError
+from .keys import model_pin, resume_key
 from .manifest import CONFIG_FIELDS, ROW_KEYS, ManifestError, Problem, Row, check_files, check_id, read_manifest
 from .runners import RAY_EXTRA_HINT, EditorActor, _import_ray, _run_local, _run_ray, edit_group, plan_batches
 from .store import (IMAGES, LOCK, RECORD_KEYS, RESULTS, ROIS, ResultsWriter, _locked, _read_results,
@@ -74,7 +81,7 @@ from .store import (IMAGES, LOCK, RECORD_KEYS, RESULTS, ROIS, ResultsWriter, _lo
 __all__ = [
     "BatchError", "ManifestError", "Problem", "Row", "Summary", "ResultsWriter", "EditorActor", "run", "pending",
     "read_manifest", "read_results", "check_files", "check_id", "edit_group", "plan_batches", "atomic_save",
-    "image_path", "roi_path", "problem_record", "RESULTS", "IMAGES", "ROIS", "LOCK", "RECORD_KEYS", "ROW_KEYS",
+    "image_path", "roi_path", "problem_record", "row_keys", "RESULTS", "IMAGES", "ROIS", "LOCK", "RECORD_KEYS", "ROW_KEYS",
     "CONFIG_FIELDS", "RAY_EXTRA_HINT",
 ]
 
@@ -87,6 +94,7 @@ class Summary:
     and not retried); failed: rows recorded as failed in this run (bad rows and failed edits);
     seconds: wall time of the whole run (checking, model loading or Ray start-up, edits);
     edits_per_second: done / seconds. failures: "line N (id X): error" of this run's failed rows.
+    redone: rows run again because they changed since their done record (counted in done / failed).
     """
 
     done: int = 0
@@ -99,10 +107,14 @@ class Summary:
     results: Path | None = None
     failures: list[str] = field(default_factory=list)
     skipped_failed: int = 0  # of the skipped rows, those that failed before (retry_failed re-runs them)
+    redone: int = 0  # of the rows run, those done before whose resume key changed (or was missing)
 
     def __str__(self) -> str:
         text = (f"{self.rows} rows: {self.done} done, {self.skipped} skipped, {self.failed} failed in "
                 f"{self.seconds:.1f} s ({self.edits_per_second:.2f} edits/s); results: {self.results}")
+        if self.redone:
+            text += (f"\n{self.redone} rows done in an earlier run had changed (image, mask, instruction, config or "
+                     "model; or their record had no resume key) and were run again")
         if self.skipped_failed:
             text += (f"\n{self.skipped_failed} of the skipped rows failed in an earlier run and were not retried: "
                      "after fixing them, run again with --retry-failed (retry_failed=True) to edit them")
@@ -126,8 +138,10 @@ class _Progress:
 
     def refresh(self) -> None:
         rate = self.summary.done / max(time.perf_counter() - self.t0, 1e-9)
-        self.bar.set_postfix({"done": self.summary.done, "failed": self.summary.failed, "edits/s": f"{rate:.2f}"},
-                             refresh=False)
+        postfix = {"done": self.summary.done, "failed": self.summary.failed, "edits/s": f"{rate:.2f}"}
+        if self.summary.redone:
+            postfix["changed"] = self.summary.redone
+        self.bar.set_postfix(postfix, refresh=False)
         self.bar.refresh()
 
     def update(self, n: int) -> None:
@@ -201,14 +215,16 @@ def run(
     rows, problems = read_manifest(manifest, config, mask_convention)
     summary.rows = len(rows) + len(problems)
     check_outputs_spare_inputs(rows, out, save_roi)
+    keys = row_keys(rows, model_pin(model))
 
     with contextlib.ExitStack() as stack:
         locked = out.is_dir()
         if locked:  # before reading results.jsonl: no other job may be appending to it
             stack.enter_context(_locked(out))
         records = _read_results(out / RESULTS)
-        todo, todo_problems = _check_rows(pending(rows, records, out, retry_failed, summary), strict, progress)
-        todo_problems = sorted(pending(problems, records, out, retry_failed, summary) + todo_problems, key=lambda p: p.line)
+        todo, todo_problems = _check_rows(pending(rows, records, out, retry_failed, summary, keys), strict, progress)
+        todo_problems = sorted(pending(problems, records, out, retry_failed, summary, keys) + todo_problems,
+                               key=lambda p: p.line)
         if strict and todo_problems:
             raise ManifestError(todo_problems, manifest)
 
@@ -217,9 +233,10 @@ def run(
         if not locked:  # DIR was created just now, maybe by a job started at the same time as this one:
             stack.enter_context(_locked(out))  # once locked, drop what that job has recorded meanwhile
             records = _read_results(out / RESULTS)
-            todo = pending(todo, records, out, retry_failed, summary)
-            todo_problems = pending(todo_problems, records, out, retry_failed, summary)
+            todo = pending(todo, records, out, retry_failed, summary, keys)
+            todo_problems = pending(todo_problems, records, out, retry_failed, summary, keys)
         summary.skipped = summary.rows - len(todo) - len(todo_problems)
+        summary.redone = _drop_changed(todo + todo_problems, records, out)
         _remove_temporaries(out)
         writer = ResultsWriter(out / RESULTS)
         stack.callback(writer.close)
@@ -227,7 +244,7 @@ def run(
         stack.callback(bar.close)
         _record_problems(todo_problems, writer, summary, bar)
         if todo:
-            account = _accountant(writer, summary, bar)
+            account = _accountant(writer, summary, bar, keys)
             if ray:
                 _run_ray(ray_mod, todo, out, account, model=model, batch_size=batch_size, save_roi=save_roi,
                          device=device, torch_dtype=torch_dtype, threads=threads, ray_address=ray_address,
@@ -290,15 +307,37 @@ def _job_config(model, config) -> EditConfig:
     return model.default_config if hasattr(model, "default_config") else default_config(model)
 
 
-def pending(items: list, records, out: Path, retry_failed: bool, summary: Summary) -> list:
-    """Of ``items`` (rows or problems), those to run: never recorded, recorded done but the image is gone,
-    or recorded failed with ``retry_failed``. Failed ones left alone are counted in
-    ``summary.skipped_failed``. records: ``_read_results``'s (by id, by line, ...)."""
+def row_keys(rows: list[Row], pin) -> dict[str, str | None]:
+    """Each row's resume key (``keys.resume_key``) by id; None where its image or mask cannot be read (the
+    row is then checked again, and fails its check with the reason)."""
+    out = {}
+    for r in rows:
+        try:
+            out[r.id] = resume_key(pin=pin, instruction=r.instruction, config=r.config, image=r.image, mask=r.mask)
+        except OSError:
+            out[r.id] = None
+    return out
+
+
+def _fresh(x, prev: dict, out: Path, keys: dict | None) -> bool:
+    """Whether a done record still stands for ``x``: its image exists and its key is the row's key now (a
+    record without a key, or a problem row, never matches)."""
+    if x.id is None or not image_path(out, x.id).is_file():
+        return False
+    key = (keys or {}).get(x.id)
+    return key is not None and prev.get("key") == key
+
+
+def pending(items: list, records, out: Path, retry_failed: bool, summary: Summary, keys: dict | None = None) -> list:
+    """Of ``items`` (rows or problems), those to run: never recorded; recorded done but the image is gone
+    or its key differs from ``keys[id]`` (the row changed, or the record predates keys); or recorded failed,
+    with ``retry_failed``. Failed ones left alone are counted in ``summary.skipped_failed``. records:
+    ``_read_results``'s (by id, by line, ...); keys: ``row_keys``'s."""
     by_id, by_line, _ = records
     left = []
     for x in items:
         prev = by_id.get(x.id) if x.id is not None else by_line.get(x.line)
-        if prev is None or (prev["status"] == "done" and not (x.id is not None and image_path(out, x.id).is_file())):
+        if prev is None or (prev["status"] == "done" and not _fresh(x, prev, out, keys)):
             left.append(x)
         elif prev["status"] == "failed":
             if retry_failed:
@@ -337,10 +376,27 @@ def _record_problems(problems: list[Problem], writer: ResultsWriter, summary: Su
     bar.refresh()
 
 
-def _accountant(writer: ResultsWriter, summary: Summary, bar: _Progress):
-    """The callback the runners call with each finished row's record: append it, count it, show it."""
+def _drop_changed(items: list, records, out: Path) -> int:
+    """Delete the outputs of the rows about to be redone whose latest record is done with their image still
+    there (they changed, see ``pending``), so that a redo that fails leaves no stale picture; returns how
+    many. Called while holding DIR's lock."""
+    by_id = records[0]
+    n = 0
+    for x in items:
+        prev = by_id.get(x.id) if x.id is not None else None
+        if prev is not None and prev["status"] == "done" and image_path(out, x.id).is_file():
+            for p in (image_path(out, x.id), roi_path(out, x.id)):
+                p.unlink(missing_ok=True)
+            n += 1
+    return n
+
+
+def _accountant(writer: ResultsWriter, summary: Summary, bar: _Progress, keys: dict):
+    """The callback the runners call with each finished row's record: add the row's resume key, append it,
+    count it, show it."""
 
     def account(rec: dict) -> None:
+        rec["key"] = keys.get(rec["id"])
         writer.append(rec)
         if rec["status"] == "done":
             summary.done += 1

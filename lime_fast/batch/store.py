@@ -24,7 +24,7 @@ ROIS = "roi"
 LOCK = ".lock"
 RECORD_KEYS = (
     "id", "line", "status", "image", "roi", "input", "instruction", "tokens", "silenced", "roi_area",
-    "fallback", "unet_evals", "batch", "timings", "config", "error", "worker", "finished_at",
+    "fallback", "unet_evals", "batch", "timings", "config", "error", "worker", "finished_at", "key",
 )
 
 

@@ -66,7 +66,9 @@ def run(args) -> int:
         cfg = config_overrides(args)
         from .run import base_config
 
-        base_config(args.model, cfg)  # bad fields or values fail here, before any work
+        from .run import check_methods
+
+        check_methods(base_config(args.model, cfg), methods)  # bad fields or values fail here, before any work
         out = Path(args.out)
         if out.exists() and not out.is_dir():
             raise UsageError(f"the output folder {out} exists and is not a folder")

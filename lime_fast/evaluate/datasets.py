@@ -22,7 +22,11 @@ the default caption file is ``local_descriptions.json`` (MagicBrush's README cal
 **Hugging Face** ``osunlp/MagicBrush`` (train and dev splits, parquet files ``data/{split}-*.parquet``,
 columns ``img_id``, ``turn_index``, ``source_img``, ``mask_img``, ``instruction``, ``target_img``; each
 image a struct of PNG ``bytes`` and ``path``): converted once into the layout above, in the
-evaluation's folder (``DIR/dataset``), so both are read by one reader. It has no captions.
+evaluation's folder (``DIR/dataset``), so both are read by one reader. It has no captions. The
+conversion is written into a hidden folder beside it and renamed into place when whole; a picture that
+cannot be read stops it with an error naming the parquet file, row, ``img_id`` and turn, and leaves
+nothing behind. ``DIR/dataset/source.json`` records the parquet files (path, size, modification time):
+when they change, the data is converted again.
 
 **JSONL manifests** in the batch runner's format (``lime_fast.batch``: ``id``, ``image``,
 ``instruction``, optional ``mask`` and ``EditConfig`` fields) plus ``target`` (required), and
@@ -218,17 +222,20 @@ def parquet_files(path, split: str | None = None) -> list[Path]:
 
 
 def _write_bytes(data: bytes, path: Path) -> None:
-    """The image bytes as a PNG at ``path``, whole or not at all (temporary file + rename)."""
+    """The image bytes as a PNG at ``path``, whole or not at all (temporary file + rename); raises (PIL's
+    error) when they are not a readable picture."""
+    import io
+
     if path.exists():
         return
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             if data.startswith(_PNG):
+                with PIL.Image.open(io.BytesIO(data)) as im:
+                    im.verify()  # chunk checksums, without decoding: a corrupt PNG is caught here
                 f.write(data)
             else:  # JPEG or other: store as PNG, as the layout's names say
-                import io
-
                 with PIL.Image.open(io.BytesIO(data)) as im:
                     im.save(f, format="PNG")
         os.replace(tmp, path)
@@ -242,8 +249,9 @@ def convert_parquet(files: list[Path], out: Path, progress: bool = True) -> Path
 
     Turn t's input is ``{id}-input.png`` (turn 1's ``source_img``) for t = 1, else ``{id}-output{t-1}.png``
     (the previous turn's target) when that turn is present, else its own ``source_img`` as
-    ``{id}-source{t}.png``. Files already there are kept (a killed conversion resumes); sessions.json
-    is written last. Returns ``out``.
+    ``{id}-source{t}.png``. sessions.json is written last. A picture that cannot be read raises
+    ``DatasetError`` naming the file, the row (0-based, in that file), its ``img_id`` and turn, and the
+    column (``read_parquet`` converts into a hidden folder and removes it then). Returns ``out``.
     """
     try:
         import pyarrow.parquet as pq
@@ -260,17 +268,22 @@ def convert_parquet(files: list[Path], out: Path, progress: bool = True) -> Path
         if missing:
             raise DatasetError(f"{f}: not MagicBrush's parquet layout (no column {', '.join(missing)}; "
                                f"expected {', '.join(PARQUET_COLUMNS)})")
+        index = 0
         for batch in pf.iter_batches(batch_size=16, columns=list(PARQUET_COLUMNS)):
             for r in batch.to_pylist():
                 sid, t = str(r["img_id"]), int(r["turn_index"])
                 folder = out / "images" / sid
                 folder.mkdir(parents=True, exist_ok=True)
 
-                def img(col, name):
+                def img(col, name, r=r, sid=sid, t=t, folder=folder, index=index):
                     v = r[col]
                     if v is None or not v.get("bytes"):
                         return None
-                    _write_bytes(v["bytes"], folder / name)
+                    try:
+                        _write_bytes(v["bytes"], folder / name)
+                    except Exception as e:  # PIL raises OSError, SyntaxError, struct.error, ... on bad bytes
+                        raise DatasetError(f"{f.name}: row {index} (img_id {sid}, turn {t}): {col} is not a readable "
+                                           f"picture ({type(e).__name__}: {e}); fix or drop that row") from None
                     return name
 
                 rows.setdefault(sid, {})[t] = {
@@ -279,6 +292,7 @@ def convert_parquet(files: list[Path], out: Path, progress: bool = True) -> Path
                     "instruction": r["instruction"],
                     "output": img("target_img", f"{sid}-output{t}.png"),
                 }
+                index += 1
                 bar.update(1)
     bar.close()
     sessions = {}
@@ -305,9 +319,9 @@ def read_parquet(path, out: Path, split: str | None = None, captions=None, progr
     files = parquet_files(path, split)
     if not files:
         raise DatasetError(f"{path}: no parquet files" + (f" of split '{split}'" if split else ""))
-    if not (out / SESSIONS).is_file():
-        out.mkdir(parents=True, exist_ok=True)
-        convert_parquet(files, out, progress)
+    source = _parquet_source(files)
+    if not (out / SESSIONS).is_file() or _read_source(out) != source:
+        _convert_whole(files, out, source, progress)
     data = read_magicbrush(out, captions)
     data.layout = "huggingface"
     for s in data.sessions:
@@ -317,6 +331,52 @@ def read_parquet(path, out: Path, split: str | None = None, captions=None, progr
             for t in s.turns:
                 t.meta["broken_chain"] = True
     return data
+
+
+SOURCE = "source.json"
+
+
+def _parquet_source(files: list[Path]) -> list[list]:
+    """What a conversion was made from: each parquet file's resolved path, size and modification time
+    (cheap, and any rewrite of a file changes them)."""
+    out = []
+    for f in files:
+        st = f.stat()
+        out.append([str(f.resolve()), st.st_size, st.st_mtime_ns])
+    return out
+
+
+def _read_source(folder: Path):
+    """The ``source.json`` of a converted folder, or None (none, or unreadable: convert again)."""
+    try:
+        return json.loads((folder / SOURCE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _convert_whole(files: list[Path], out: Path, source: list, progress: bool) -> None:
+    """``convert_parquet`` into a hidden folder beside ``out``, renamed over ``out`` once whole: an error
+    (or a kill) never leaves a half-converted ``out``; on an error the hidden folder is removed."""
+    import shutil
+
+    partial = out.with_name(f".{out.name}.partial")
+    made_parent = not out.parent.exists()
+    shutil.rmtree(partial, ignore_errors=True)  # left by a killed conversion, maybe of other files
+    partial.mkdir(parents=True)
+    try:
+        convert_parquet(files, partial, progress)
+        (partial / SOURCE).write_text(json.dumps(source), encoding="utf-8")
+    except Exception:
+        shutil.rmtree(partial, ignore_errors=True)
+        if made_parent and not any(out.parent.iterdir()):  # the folder was made for this conversion alone
+            out.parent.rmdir()
+        raise
+    if out.exists():  # an older conversion (other parquet files): replaced
+        old = out.with_name(f".{out.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+        shutil.rmtree(old, ignore_errors=True)
+    os.replace(partial, out)
 
 
 # ---------------------------------------------------------------------------------------------------

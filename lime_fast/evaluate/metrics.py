@@ -24,7 +24,9 @@ edited from the previous generated one) against its final target ("final_turn").
 Differences, all below the printed precision: the script computes L1/L2 in float32 and CLIP on the
 GPU in float16 (``clip.load`` on CUDA); here pixels are float64 and the embedding models run in the
 dtype they load in (float32 by default). The embedding models load with transformers from local
-folders (``openai/clip-vit-base-patch32`` and ``facebook/dino-vits16`` layouts): CLIPModel's
+folders (``openai/clip-vit-base-patch32`` and ``facebook/dino-vits16`` layouts); a folder that lacks any
+of the model's weights (a CLIP text model alone, a truncated file) is refused, naming what is missing,
+rather than run with random weights in their place. CLIPModel's
 ``visual_projection(vision_model(x).pooler_output)`` is OpenAI CLIP's ``encode_image`` and
 ``text_projection(text_model(ids).pooler_output)`` its ``encode_text`` (the end-of-text token's
 features; the tokens after it cannot change them, so padding does not matter).
@@ -138,17 +140,43 @@ class EmbeddingError(LimeError, ValueError):
     """An embedding model folder cannot be loaded; the message names the folder and what it needs."""
 
 
+_HUB_NAMES = {"clip": "openai/clip-vit-base-patch32", "dino": "facebook/dino-vits16"}
+
+
 def _load(kind: str, folder, loader):
     path = Path(folder).expanduser()
     if not (path / "config.json").is_file():
         raise EmbeddingError(
             f"--{kind} {folder}: not a transformers model folder (no config.json). Download it once where "
-            f"there is network ({'openai/clip-vit-base-patch32' if kind == 'clip' else 'facebook/dino-vits16'}, "
-            "e.g. huggingface-cli download NAME --local-dir DIR) and pass that folder")
+            f"there is network ({_HUB_NAMES[kind]}, e.g. huggingface-cli download NAME --local-dir DIR) and pass that folder")
     try:
         return loader(path)
+    except EmbeddingError:
+        raise
     except Exception as e:
         raise EmbeddingError(f"--{kind} {folder}: cannot load ({type(e).__name__}: {e})") from None
+
+
+def _complete(kind: str, folder, path: Path, cls, **kwargs):
+    """``cls.from_pretrained(folder)``, refusing a checkpoint that lacks any weight of the model: transformers
+    would initialise those at random (printing a MISSING table) and the metric would be noise."""
+    import json
+
+    kind_of = json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type")
+    want = {"clip": ("clip",), "dino": ("vit", "dino")}[kind]  # dino: ViTModel configs say "vit"
+    if kind_of not in want:
+        raise EmbeddingError(f"--{kind} {folder}: its config.json holds a {kind_of!r} model, not a {cls.__name__} "
+                             f"({'/'.join(want)}): pass a folder of {_HUB_NAMES[kind]}")
+    model, info = cls.from_pretrained(path, output_loading_info=True, **kwargs)
+    missing = sorted(info.get("missing_keys") or ()) + sorted(str(k[0] if isinstance(k, tuple) else k)
+                                                               for k in info.get("mismatched_keys") or ())
+    if missing:
+        parts = sorted({k.split(".")[0] for k in missing})
+        raise EmbeddingError(
+            f"--{kind} {folder}: {len(missing)} weight(s) of {cls.__name__} are missing or of the wrong shape in this "
+            f"checkpoint (in {', '.join(parts[:6])}{', ...' if len(parts) > 6 else ''}; e.g. {missing[0]}) and would be "
+            f"random: pass a folder with the whole model ({_HUB_NAMES[kind]})")
+    return model
 
 
 class Clip:
@@ -159,7 +187,7 @@ class Clip:
         import torch
         from transformers import CLIPModel, CLIPTokenizer
 
-        self.model = _load("clip", folder, lambda p: CLIPModel.from_pretrained(p)).eval().to(device)
+        self.model = _load("clip", folder, lambda p: _complete("clip", folder, p, CLIPModel)).eval().to(device)
         self.tokenizer = _load("clip", folder, lambda p: CLIPTokenizer.from_pretrained(p))
         self.device = torch.device(device)
         self.dtype = next(self.model.parameters()).dtype
@@ -193,7 +221,7 @@ class Dino:
         import torch
         from transformers import ViTModel
 
-        self.model = _load("dino", folder, lambda p: ViTModel.from_pretrained(p, add_pooling_layer=False)).eval().to(device)
+        self.model = _load("dino", folder, lambda p: _complete("dino", folder, p, ViTModel, add_pooling_layer=False)).eval().to(device)
         self.device = torch.device(device)
         self.dtype = next(self.model.parameters()).dtype
         self.folder = str(folder)

@@ -78,7 +78,9 @@ def markdown(ev: Evaluation, paper: bool = False) -> str:
     d = ev.dataset
     lines = [f"# lime-fast eval: {d.layout} data at {d.root}", "",
              f"{len(d.sessions)} sessions, {d.turns} turns; model {ev.model}; "
-             f"edits this run: {ev.done} made, {ev.skipped} already done, {ev.failed} failed; {ev.seconds:.0f} s.",
+             f"edits this run: {ev.done} made, {ev.skipped} already done, {ev.failed} failed; {ev.seconds:.0f} s."
+             + (f" {ev.redone} of them redone: their data, method, config or model changed since their earlier edit "
+                "(or it had no resume key)." if ev.redone else ""),
              "Config: " + ", ".join(f"{k}={v}" for k, v in sorted(ev.config.items())) + ".", ""]
     missing = [n for n, k in (("CLIP-I and CLIP-T", "clip"), ("DINO", "dino")) if ev.models.get(k) is None]
     if missing:
@@ -144,7 +146,7 @@ def summary_json(ev: Evaluation, paper: bool = False) -> dict:
                     for m in ev.methods],
         "settings": list(ev.settings),
         "embedding_models": ev.models,
-        "edits": {"done": ev.done, "skipped": ev.skipped, "failed": ev.failed},
+        "edits": {"done": ev.done, "skipped": ev.skipped, "failed": ev.failed, "redone": ev.redone},
         "seconds": round(ev.seconds, 2),
         "summary": ev.summary,
     }

@@ -20,11 +20,18 @@ evaluation expects them: ``{id}_1``, ``{id}_inde_{t}`` (single), ``{id}_iter_{t}
 ``results.jsonl``, the whole evaluation under ``DIR/.lock``. Turns run in waves (all turns 1, then
 all turns 2, ...) so a multi-turn edit finds its input on disk. A killed evaluation, re-run with the
 same command, skips every edit already recorded (failed ones too, unless ``retry_failed``) and
-redoes only the rest; an edit killed before its record is simply done again. ``DIR/{method}/
-method.json`` pins the model (a local folder, or an engine loaded from one, also by a digest of its
-weight files) and the config a method's outputs were made with: re-running into the same folder with
-another model, new weights in the same folder, or other settings is refused rather than mixing
-outputs. Metrics are recomputed on every run (they take seconds next to the edits).
+redoes only the rest; an edit killed before its record is simply done again. An edit is reused only
+when its record's resume key (``lime_fast.batch.keys``) equals the edit's key now: the bytes of its
+input picture (multi-turn: the key of the edit it continues), its instruction, the bytes of the
+dataset's mask file (``lime-mask``), the method and its whole config, and the model's pin. Changed data
+under the same session ids (other pictures, instructions or masks) is therefore edited again (the
+report counts those edits as redone), never scored from old edits; a record without a key (written
+before keys existed) is redone. An unreadable picture makes its edit or its pair a failed row, with the
+reason; the evaluation goes on. Method settings are checked against the config before anything is
+written in DIR. ``DIR/{method}/method.json`` pins the model (a local folder, or an engine loaded from
+one, also by a digest of its weight files) and the config a method's outputs were made with: re-running
+into the same folder with another model, new weights in the same folder, or other settings is refused
+rather than mixing outputs. Metrics are recomputed on every run (they take seconds next to the edits).
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 
+from ..batch.keys import WEIGHT_SUFFIXES, model_identity, model_pin, resume_key, weights_digest  # noqa: F401
 from ..config import DEFAULT_MODEL, EditConfig
 from ..errors import BatchError
 from .datasets import Dataset, Session, Turn, read_mask
@@ -166,6 +174,7 @@ class Evaluation:
     failed: int = 0
     seconds: float = 0.0
     models: dict = field(default_factory=dict)
+    redone: int = 0  # of the edits made, those whose earlier edit no longer matched its data (key changed)
 
     def method(self, spec: str) -> Method:
         return next(m for m in self.methods if m.spec == spec)
@@ -210,50 +219,26 @@ def base_config(model, config) -> EditConfig:
 
 
 def _identity(model) -> str:
-    from ..models import model_location
-
-    if isinstance(model, (str, os.PathLike)):
-        loc = model_location(model)
-        return str(Path(loc).resolve()) if Path(loc).exists() else loc
-    return f"<{type(model).__name__}>"
+    """The model as reports and method.json name it (``keys.model_identity``)."""
+    return model_identity(model)
 
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin")
-_WHOLE_FILE = 64 << 20  # files up to 64 MiB are hashed whole (22 MB shapes model: ~40 ms on this CPU)
-_EDGE = 16 << 20  # above that, the first and last 16 MiB
-
-
-def weights_digest(model) -> str | None:
-    """A digest of the weight files of a local model folder (a path, a shipped name, or a ``LimeEngine``
-    loaded from a folder: its ``source``), so that new weights saved into the same folder are not taken
-    for the old ones; None for a hub id or an engine built from a pipe. Each weight file counts by its
-    relative path, size and content: whole up to 64 MiB, above that its first and last 16 MiB (an SD 1.5
-    UNet is 3.4 GB)."""
-    import hashlib
-
-    from ..models import model_location
-
-    loc = model_location(model) if isinstance(model, (str, os.PathLike)) else getattr(model, "source", None)
-    folder = Path(loc) if loc is not None else None
-    if folder is None or not folder.is_dir():
-        return None
-    h = hashlib.sha1()
-    for f in sorted(p for p in folder.rglob("*") if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES)):
-        size = f.stat().st_size
-        h.update(f"{f.relative_to(folder).as_posix()}:{size};".encode())
-        with open(f, "rb") as fh:
-            if size <= _WHOLE_FILE:
-                h.update(fh.read())
-            else:
-                h.update(fh.read(_EDGE))
-                fh.seek(size - _EDGE)
-                h.update(fh.read())
-    return h.hexdigest()[:16]
-
-
-def model_pin(model) -> tuple[str, str | None]:
-    """(identity, weights digest) of ``model``, computed once per evaluation and checked per method."""
-    return _identity(model), weights_digest(model)
+def check_methods(cfg: EditConfig, methods: list[Method], data: Dataset | None = None) -> None:
+    """EvalError, before anything is written, when a method's overrides (on ``cfg``, and on each turn's own
+    fields in ``data``) make an invalid config, e.g. ``lime:capture_step=25`` on a 20-step model."""
+    for m in methods:
+        try:
+            cfg.replace(**dict(m.overrides))
+        except (TypeError, ValueError) as e:
+            raise EvalError(f"method {m.spec!r}: {e} (with the model's config: steps={cfg.steps}); change the "
+                            "method's fields or the --steps") from None
+        for s in data.sessions if data is not None else ():
+            for t in s.turns:
+                try:
+                    cfg.replace(**{**t.overrides, **dict(m.overrides)})
+                except (TypeError, ValueError) as e:
+                    raise EvalError(f"method {m.spec!r} on session {s.id}, turn {t.index}: {e}; change the "
+                                    "method's or that row's fields") from None
 
 
 def _pin(method_dir: Path, pin: tuple[str, str | None], cfg: EditConfig, method: Method) -> None:
@@ -290,6 +275,7 @@ class _Masks:
     def __init__(self, out: Path):
         self.dir = out / "masks"
         self.cache: dict[tuple[Path, str], np.ndarray] = {}
+        self.written: set[Path] = set()
 
     def empty(self) -> Path:
         from ..batch.store import atomic_save
@@ -316,9 +302,10 @@ class _Masks:
             return None
         named = "" if turn.mask_convention == "auto" else f"-{turn.mask_convention}"  # another reading, another file
         p = self.dir / f"{session.id}-mask{turn.index}{named}.png"
-        if not p.is_file():
+        if p not in self.written:  # written once per run: the dataset's mask may have changed since the last
             self.dir.mkdir(parents=True, exist_ok=True)
             atomic_save(mask_image(self.array(turn)), p)
+            self.written.add(p)
         return p
 
 
@@ -340,18 +327,22 @@ def _edit(data: Dataset, out: Path, methods: list[Method], settings, *, model, c
     for tmp in masks.dir.glob(".*.tmp") if masks.dir.is_dir() else ():  # left by a killed run (we hold the lock)
         tmp.unlink(missing_ok=True)
     waves = plan(data, methods, settings)
-    state = _method_folders(out, methods, model, cfg)
+    pin = model_pin(model)  # the digest reads the weight files: once, not once per method
+    state = _method_folders(out, methods, pin, cfg)
+    keys = job_keys(waves, pin, cfg)
 
     def recorded(j: Job) -> bool:
         prev = state[j.method.spec].get(j.id)
         if prev is None:
             return False
         if prev["status"] == "done":
-            return image_path(out / j.method.folder, j.id).is_file()
+            key = keys[(j.method.spec, j.id)]
+            return key is not None and prev.get("key") == key and image_path(out / j.method.folder, j.id).is_file()
         return not retry_failed
 
     todo_total = sum(1 for w in waves for j in w if not recorded(j))
     ev.skipped = sum(len(w) for w in waves) - todo_total
+    ev.redone = _drop_changed([j for w in waves for j in w if not recorded(j)], state, out)
     if todo_total == 0:
         return
     from .. import get_engine
@@ -373,9 +364,9 @@ def _edit(data: Dataset, out: Path, methods: list[Method], settings, *, model, c
                     for group in plan_batches(rows, batch_size, engine.multiple):
                         bar.set_postfix_str(f"{m.spec}, turn {group[0].line}", refresh=False)
                         for rec in edit_group(engine, group, d, save_roi=True):
-                            _account(rec, writers[m.spec], state[m.spec], ev, bar)
+                            _account(rec, writers[m.spec], state[m.spec], ev, bar, keys[(m.spec, rec["id"])])
                 for rec in fail:
-                    _account(rec, writers[m.spec], state[m.spec], ev, bar)
+                    _account(rec, writers[m.spec], state[m.spec], ev, bar, keys[(m.spec, rec["id"])])
     finally:
         torch.set_num_threads(old_threads)
         bar.close()
@@ -383,13 +374,51 @@ def _edit(data: Dataset, out: Path, methods: list[Method], settings, *, model, c
             w.close()
 
 
-def _method_folders(out: Path, methods: list[Method], model, cfg: EditConfig) -> dict:
-    """Each method's folder made ready (pinned to this model and config, temporaries of a killed run
-    removed); returns {method spec: its recorded results by id}."""
+def job_keys(waves: list[list[Job]], pin, cfg: EditConfig) -> dict[tuple[str, str], str | None]:
+    """Each job's resume key by (method spec, output id): ``keys.resume_key`` of its input picture's bytes
+    (multi-turn: the key of the edit it continues, so a redone turn redoes the rest of its chain), its
+    instruction, the dataset mask's bytes (``lime-mask``), its whole config, the method and the model's
+    pin. None where a file cannot be read (the job runs and fails with the reason)."""
+    keys: dict[tuple[str, str], str | None] = {}
+    for wave in waves:  # a multi-turn job's previous turn is in an earlier wave
+        for j in wave:
+            m, t = j.method, j.turn
+            after = keys.get((m.spec, j.after)) if j.after is not None else None
+            try:
+                if j.after is not None and after is None:
+                    raise OSError("the previous turn has no key")
+                keys[(m.spec, j.id)] = resume_key(
+                    pin=pin, instruction=t.instruction, config=cfg.replace(**{**t.overrides, **dict(m.overrides)}),
+                    image=j.input if j.after is None else None, after=after,
+                    mask=t.mask if m.roi == "dataset" else None, extra={"method": m.name, "roi": m.roi})
+            except (OSError, TypeError, ValueError):
+                keys[(m.spec, j.id)] = None
+    return keys
+
+
+def _drop_changed(jobs: list[Job], state: dict, out: Path) -> int:
+    """Delete the outputs of the jobs about to be redone whose done record no longer matches (see
+    ``job_keys``), so that a redo that fails leaves no stale picture for a later turn to continue from;
+    returns how many."""
+    from ..batch.store import image_path, roi_path
+
+    n = 0
+    for j in jobs:
+        prev = state[j.method.spec].get(j.id)
+        d = out / j.method.folder
+        if prev is not None and prev["status"] == "done" and image_path(d, j.id).is_file():
+            for p in (image_path(d, j.id), roi_path(d, j.id)):
+                p.unlink(missing_ok=True)
+            n += 1
+    return n
+
+
+def _method_folders(out: Path, methods: list[Method], pin, cfg: EditConfig) -> dict:
+    """Each method's folder made ready (pinned to ``model_pin``'s pin and this config, temporaries of a
+    killed run removed); returns {method spec: its recorded results by id}."""
     from ..batch.store import RESULTS, _read_results, _remove_temporaries
 
     state = {}
-    pin = model_pin(model)  # the digest reads the weight files: once, not once per method
     for m in methods:
         d = out / m.folder
         _pin(d, pin, cfg, m)
@@ -410,21 +439,29 @@ def _wave_rows(jobs: list, m: Method, d: Path, cfg: EditConfig, masks) -> tuple[
     for j in jobs:
         mcfg = cfg.replace(**{**j.turn.overrides, **dict(m.overrides)})
         src = j.input if j.after is None else image_path(d, j.after)
-        mask = {"empty": masks.empty, "auto": lambda: None, "dataset": lambda: masks.file(j.session, j.turn)}[m.roi]()
-        row = Row(j.id, j.turn.index, Path(src), j.turn.instruction, mask, mcfg)
+        row = Row(j.id, j.turn.index, Path(src), j.turn.instruction, None, mcfg)
         if j.after is not None and not src.is_file():
             fail.append(_failed(row, f"turn {j.turn.index - 1} has no output ({j.after} failed), so its "
                                      "multi-turn chain stops here"))
-        elif m.roi == "dataset" and mask is None:
-            fail.append(_failed(row, f"the dataset has no mask for turn {j.turn.index}: {m.spec} needs one"))
-        else:
+            continue
+        try:  # an unreadable picture fails its own edit only (PIL's errors name the file)
+            row.mask = {"empty": masks.empty, "auto": lambda: None,
+                        "dataset": lambda: masks.file(j.session, j.turn)}[m.roi]()
             with PIL.Image.open(src) as im:
                 row.size = im.size
+        except (OSError, ValueError) as e:
+            fail.append(_failed(row, f"cannot read a picture of this turn: {e}"))
+            continue
+        if m.roi == "dataset" and row.mask is None:
+            fail.append(_failed(row, f"the dataset has no mask for turn {j.turn.index}: {m.spec} needs one"))
+        else:
             rows.append(row)
     return rows, fail
 
 
-def _account(rec: dict, writer, state: dict, ev: Evaluation, bar) -> None:
+def _account(rec: dict, writer, state: dict, ev: Evaluation, bar, key: str | None) -> None:
+    """Record one finished edit (with its resume key), count it, show a failure."""
+    rec["key"] = key
     writer.append(rec)
     state[rec["id"]] = rec
     if rec["status"] == "done":
@@ -457,28 +494,44 @@ def _score(ev: Evaluation, clip, dino, progress: bool, chunk: int = 16) -> None:
     pictures are read ``chunk`` pairs at a time and the targets' and captions' embeddings are computed once."""
     from tqdm.auto import tqdm
 
-    from . import metrics as M
-
     out, masks = ev.out_dir, _Masks(ev.out_dir)
     samples = _samples(ev)
     known: dict[tuple, np.ndarray] = {}  # embeddings of targets and captions, shared by every method
     done = [x for x in samples if x["status"] == "done"]
     bar = tqdm(total=len(done), desc="eval metrics", unit="pair", disable=not progress or not done, dynamic_ncols=True)
     for i in range(0, len(done), chunk):
-        part = done[i : i + chunk]
-        gens = {_key(x): M.load_rgb(out / x["image"]) for x in part}
-        tgts = {x["target"]: M.load_rgb(x["target"]) for x in part}
+        part, gens, tgts = _read_pairs(done[i : i + chunk], out, masks, ev)
         for x in part:
             _pixel_scores(x, gens[_key(x)], tgts[x["target"]], masks, ev)
         for kind, model in (("clip", clip), ("dino", dino)):
             if model is not None:
                 _embedding_scores(part, kind, model, gens, tgts, known)
-        bar.update(len(part))
+        bar.update(min(chunk, len(done) - i))
     bar.close()
     for x in samples:
         x.pop("_turns"), x.pop("_session")
     ev.samples = samples
     ev.summary = summarize(samples, ev.methods, ev.settings)
+
+
+def _read_pairs(part: list[dict], out: Path, masks, ev: Evaluation) -> tuple[list[dict], dict, dict]:
+    """The pictures of a chunk of pairs (generated, target) and their masks read; a pair with a picture
+    that cannot be read becomes a failed row with the reason, and is left out of the chunk."""
+    from . import metrics as M
+
+    ok, gens, tgts = [], {}, {}
+    for x in part:
+        try:
+            gens[_key(x)] = M.load_rgb(out / x["image"])
+            if x["target"] not in tgts:
+                tgts[x["target"]] = M.load_rgb(x["target"])
+            for t in x["_turns"]:
+                masks.array(t)
+        except (OSError, ValueError) as e:
+            x.update(status="failed", error=f"cannot read a picture of this pair: {e}", image=None)
+            continue
+        ok.append(x)
+    return ok, gens, tgts
 
 
 def _key(x: dict) -> str:
@@ -623,6 +676,7 @@ def evaluate(
     if not data.sessions:
         raise EvalError("the data holds no usable session" + (": " + "; ".join(data.problems[:5]) if data.problems else ""))
     cfg = base_config(model, config)
+    check_methods(cfg, specs, data)  # before anything is written in DIR
     if isinstance(model, (str, os.PathLike)):
         from ..models import local_checkpoint, model_location
 
@@ -648,5 +702,5 @@ def evaluate(
     return ev
 
 
-__all__ = ["Evaluation", "EvalError", "METHODS", "METRICS", "Method", "SETTINGS", "evaluate", "out_id",
-           "parse_method", "plan", "summarize"]
+__all__ = ["Evaluation", "EvalError", "METHODS", "METRICS", "Method", "SETTINGS", "check_methods", "evaluate",
+           "job_keys", "out_id", "parse_method", "plan", "summarize"]
