@@ -481,6 +481,9 @@ def test_resume_key_covers_image_mask_instruction_config_and_model(tmp_path, inp
     for change in (dict(pin=("/models/a", "d2")), dict(pin=("/models/b", "d1")), dict(instruction="make it blue"),
                    dict(config=EditConfig(seed=1)), dict(mask=inputs / "mask.png"), dict(image=inputs / "img1.png")):
         assert resume_key(**{**base, **change}) != key, change
+    masked = resume_key(**base, mask=inputs / "mask.png")
+    assert resume_key(**base, mask=inputs / "mask.png", mask_convention="white") != masked  # another reading
+    assert resume_key(**base, mask_convention="white") == key  # no mask: nothing to read
     shutil.copy(inputs / "img1.png", tmp_path / "a.png")  # the same path, other bytes
     assert resume_key(**base) != key
     assert model_pin("nobody/hub-model") == ("nobody/hub-model", None)  # a hub id: its name only

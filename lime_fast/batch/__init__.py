@@ -313,7 +313,8 @@ def row_keys(rows: list[Row], pin) -> dict[str, str | None]:
     out = {}
     for r in rows:
         try:
-            out[r.id] = resume_key(pin=pin, instruction=r.instruction, config=r.config, image=r.image, mask=r.mask)
+            out[r.id] = resume_key(pin=pin, instruction=r.instruction, config=r.config, image=r.image, mask=r.mask,
+                                   mask_convention=r.mask_convention)
         except OSError:
             out[r.id] = None
     return out

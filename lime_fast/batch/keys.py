@@ -2,7 +2,7 @@
 instead of reusing its old output.
 
 A row's key covers the bytes of its input image (SHA-256), its instruction, the bytes of its mask file
-(if any), its whole effective ``EditConfig`` (the seed included) and the model's pin (``model_pin``).
+(if any) and how it is read (``mask_convention``), its whole effective ``EditConfig`` (the seed included) and the model's pin (``model_pin``).
 The batch runner and ``lime-fast eval`` store it in each record (``"key"``) and reuse a done result only
 when the stored key equals the row's key now; a record without a key (written before keys existed) is
 redone.
@@ -89,12 +89,12 @@ def config_dict(cfg) -> dict:
 
 
 def resume_key(*, pin, instruction: str, config, image=None, after: str | None = None, mask=None,
-               extra: dict | None = None) -> str:
+               mask_convention: str = "auto", extra: dict | None = None) -> str:
     """The key of one result (hex SHA-256 of a canonical JSON of its parts).
 
     image: the input file (its bytes are hashed); after: instead of an image, the key of the result this
     one edits (a multi-turn chain: a redone earlier turn changes every later key); mask: the mask file or
-    None; config: the effective ``EditConfig``; pin: ``model_pin``'s; extra: anything else the caller's
+    None, read with ``mask_convention`` (another reading is another region); config: the effective ``EditConfig``; pin: ``model_pin``'s; extra: anything else the caller's
     result depends on (``lime-fast eval``: the method). Raises OSError when a file cannot be read.
     """
     parts = {
@@ -103,6 +103,7 @@ def resume_key(*, pin, instruction: str, config, image=None, after: str | None =
         "after": after,
         "instruction": instruction,
         "mask": None if mask is None else file_digest(mask),
+        "mask_convention": None if mask is None else mask_convention,
         "config": config_dict(config),
         "model": list(pin),
         "extra": extra or {},

@@ -390,7 +390,8 @@ def job_keys(waves: list[list[Job]], pin, cfg: EditConfig) -> dict[tuple[str, st
                 keys[(m.spec, j.id)] = resume_key(
                     pin=pin, instruction=t.instruction, config=cfg.replace(**{**t.overrides, **dict(m.overrides)}),
                     image=j.input if j.after is None else None, after=after,
-                    mask=t.mask if m.roi == "dataset" else None, extra={"method": m.name, "roi": m.roi})
+                    mask=t.mask if m.roi == "dataset" else None, mask_convention=t.mask_convention,
+                    extra={"method": m.name, "roi": m.roi})
             except (OSError, TypeError, ValueError):
                 keys[(m.spec, j.id)] = None
     return keys
