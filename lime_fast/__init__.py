@@ -15,7 +15,7 @@ import importlib
 from .config import DEFAULT_MODEL, EditConfig, EngineOptions  # noqa: E402
 from .errors import (  # noqa: E402
     BatchError, ConfigError, EditCancelled, InputWarning, LimeError, LimeWarning, MaskError, ModelLoadError,
-    NonFiniteLatentsError, UnsupportedModeError,
+    NonFiniteLatentsError, TurnError, UnsupportedModeError,
 )
 
 _LAZY = {
@@ -51,6 +51,7 @@ __all__ = [
     "MaskError",
     "ModelLoadError",
     "NonFiniteLatentsError",
+    "TurnError",
     "UnsupportedModeError",
     "accelerate",
     "edit",

@@ -189,6 +189,7 @@ def _label(what: tuple[int, str]) -> str:
 
 
 def _edit(args) -> int:
+    from .errors import TurnError
     from .inputs import EditInputs, check_instruction
     from .io import check_outputs, save_all
     from .models import config_multiple, local_checkpoint, model_location, resolve_device, shipped
@@ -222,16 +223,30 @@ def _edit(args) -> int:
     import lime_fast
 
     engine = lime_fast.get_engine(args.model, device=device, torch_dtype=_dtype(args.dtype))
-    # 3. the edit (turn by turn); the outputs are written together at the end (a failure or Ctrl-C leaves none)
-    results = lime_fast.edit_turns(job.images[0], job.instructions, masks=job.masks, model=engine,
-                                   progress=not args.quiet, config=cfg)
-    pictures = [r.pictures() if roi_dirs else {} for r in results]
-    for path in planned:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    save_all({path: results[k].image if name == "image" else pictures[k][name] for path, (k, name) in planned.items()})
-    for path, result in zip(outs, results):
-        print(f"wrote {path}  (content words: {', '.join(result.tokens) or '-'}; RoI {result.roi_mask.mean():.1%} of the "
-              f"image; {result.unet_evals} UNet evaluations, {result.timings['total']:.1f} s)")
+    # 3. the edit, turn by turn; each turn's outputs are written (all or nothing) as soon as it finishes,
+    # so a failing turn or a Ctrl-C keeps every finished one
+    written = []
+
+    def save_turn(t: int, result) -> None:
+        pictures = result.pictures() if roi_dirs else {}
+        mine = {path: result.image if name == "image" else pictures[name] for path, (k, name) in planned.items()
+                if k == t - 1}
+        for path in mine:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        save_all(mine)
+        written.append(t)
+        print(f"wrote {outs[t - 1]}  (content words: {', '.join(result.tokens) or '-'}; RoI {result.roi_mask.mean():.1%} "
+              f"of the image; {result.unet_evals} UNet evaluations, {result.timings['total']:.1f} s)")
+
+    try:
+        lime_fast.edit_turns(job.images[0], job.instructions, masks=job.masks, model=engine, progress=not args.quiet,
+                             on_turn=save_turn, config=cfg)
+    except (TurnError, KeyboardInterrupt) as e:
+        if not written:
+            raise
+        what = "interrupted" if isinstance(e, KeyboardInterrupt) else f"error: {e}"
+        print(f"lime-fast: {what}; turns 1-{written[-1]} of {len(outs)} were written", file=sys.stderr)
+        return 130 if isinstance(e, KeyboardInterrupt) else 2
     if roi_dirs:
         print("pictures: " + ", ".join(str(p) for p, (_, n) in planned.items() if n != "image"))
     return 0

@@ -47,3 +47,12 @@ class UnsupportedModeError(LimeError, RuntimeError):
 
 class EditCancelled(LimeError):
     """An edit stopped early because its caller's ``should_stop`` returned True (``LimeEngine.edit_batch``)."""
+
+
+class TurnError(LimeError):
+    """Turn ``turn`` (1-based) of a multi-turn edit failed after earlier turns finished: ``results`` holds
+    the finished turns' ``EditResult``s (nothing is lost); the turn's own error is ``__cause__``."""
+
+    def __init__(self, message: str, turn: int, results: list):
+        super().__init__(message)
+        self.turn, self.results = turn, results

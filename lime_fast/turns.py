@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 from .config import DEFAULT_MODEL, EditConfig
 from .engine import EditResult, LimeEngine
+from .errors import TurnError
 
 
 def edit_turns(
@@ -28,6 +29,7 @@ def edit_turns(
     device=None,
     torch_dtype=None,
     progress: bool = True,
+    on_turn=None,
     **config,
 ) -> list[EditResult]:
     """Apply ``instructions`` one after the other, each to the previous turn's output.
@@ -41,11 +43,17 @@ def edit_turns(
         mask_convention: how mask files and PIL masks mark their region (as ``lime_fast.edit``).
         model: as ``lime_fast.edit`` (hub id, local folder, shipped model name, pipeline or ``LimeEngine``).
         device, torch_dtype, progress: as ``lime_fast.edit``.
+        on_turn: optional ``on_turn(t, result)``, called as soon as turn t (1-based) finishes, e.g. to save
+            it: a Ctrl-C later then loses nothing that finished (``lime-fast edit --then`` does this).
         **config: ``EditConfig`` fields (or ``config=EditConfig(...)``) used for every turn.
 
     Returns:
         One ``EditResult`` per turn, in order; turn t's ``input_image`` is turn t - 1's ``image``.
         Everything is checked (instructions, masks, the first image, the config) before a model loads.
+
+    Raises:
+        TurnError: a turn failed after earlier ones finished; its ``results`` holds them and its
+            ``__cause__`` is the turn's error. A failure of the first turn raises that error itself.
     """
     from . import get_engine
     from .inputs import check_instruction, load_image, load_mask
@@ -70,8 +78,16 @@ def edit_turns(
                for t, m in enumerate(masks, start=1)]
     engine = get_engine(model, device=device, torch_dtype=torch_dtype)
     results: list[EditResult] = []
-    for text, mask in zip(texts, checked):
-        result = engine.edit(current, text, mask=mask, progress=progress, **config)
+    for t, (text, mask) in enumerate(zip(texts, checked), start=1):
+        try:
+            result = engine.edit(current, text, mask=mask, progress=progress, **config)
+        except Exception as e:
+            if not results:
+                raise
+            raise TurnError(f"turn {t} of {len(texts)} failed ({type(e).__name__}: {e}); turns 1-{t - 1} finished "
+                            "(this error's .results)", t, results) from e
         results.append(result)
         current = result.image
+        if on_turn is not None:
+            on_turn(t, result)
     return results
