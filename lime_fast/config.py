@@ -129,70 +129,81 @@ class EditConfig:
 
     def validate(self) -> None:
         """Raise ValueError/TypeError naming the first bad field."""
+        _check_schedule(self)
+        _check_localization(self)
+        _check_levels_and_words(self)
 
-        def _int(name, lo):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int):
-                raise TypeError(f"{name} must be an int, got {type(v).__name__}")
-            if v < lo:
-                raise ValueError(f"{name} must be >= {lo}, got {v}")
 
-        def _scale(name):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise TypeError(f"{name} must be a finite number, got {v!r}")
-            if v < 0:
-                raise ValueError(f"{name} must be >= 0 (guidance scales cannot be negative), got {v}")
-            if v > LIMITS[name]:
-                raise ValueError(f"{name} must be <= {LIMITS[name]:g} (InstructPix2Pix guidance is 1-20), got {v}")
+def _check_int(cfg: EditConfig, name: str, lo: int) -> None:
+    v = getattr(cfg, name)
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+    if v < lo:
+        raise ValueError(f"{name} must be >= {lo}, got {v}")
 
-        _int("steps", 1)
-        if self.steps > MAX_STEPS:
-            raise ValueError(f"steps must be <= {MAX_STEPS} (the scheduler's training timesteps), got {self.steps}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise TypeError(f"seed must be an int, got {type(self.seed).__name__}")
-        if not 0 <= self.seed < MAX_SEED:
-            raise ValueError(f"seed must satisfy 0 <= seed < 2**64, got {self.seed}")
-        for name in ("text_guidance", "image_guidance", "loc_text_guidance", "loc_image_guidance"):
-            _scale(name)
-        if self.capture_step is not None:
-            _int("capture_step", 0)
-            if self.capture_step >= self.steps:
-                raise ValueError(
-                    f"capture_step={self.capture_step} is beyond the step count: it must be < steps={self.steps}"
-                )
-        if self.reg_steps is not None:
-            if len(self.reg_steps) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) for s in self.reg_steps):
-                raise TypeError(f"reg_steps must be a (first, last) pair of ints, got {self.reg_steps!r}")
-            first, last = self.reg_steps
-            if not 0 <= first <= last < self.steps:
-                raise ValueError(
-                    f"reg_steps={tuple(self.reg_steps)} must satisfy 0 <= first <= last < steps={self.steps}"
-                )
-        for name in ("grid_size", "clusters", "kmeans_n_init", "kmeans_max_iter", "top_k"):
-            _int(name, 1)
-        _int("max_side", 64)
-        for name in ("grid_size", "clusters", "kmeans_n_init", "kmeans_max_iter", "max_side"):
-            if getattr(self, name) > LIMITS[name]:
-                raise ValueError(f"{name} must be <= {LIMITS[name]} (more is unbounded work), got {getattr(self, name)}")
-        if self.top_k > self.grid_size**2:
-            raise ValueError(f"top_k={self.top_k} exceeds the {self.grid_size}x{self.grid_size} grid's cells")
-        _int("kmeans_check_every", 0)
-        _int("cache_interval", 1)
-        if not (isinstance(self.kmeans_tol, (int, float)) and self.kmeans_tol >= 0):
-            raise ValueError(f"kmeans_tol must be >= 0, got {self.kmeans_tol!r}")
-        if self.segment_backend not in SEGMENT_BACKENDS:
-            raise ValueError(f"segment_backend must be one of {SEGMENT_BACKENDS}, got {self.segment_backend!r}")
-        for name in ("feature_levels", "reg_levels"):
-            levels = getattr(self, name)
-            if not isinstance(levels, (tuple, list)):
-                raise ValueError(f"{name} must be a tuple of levels, e.g. {name}=(1,), got {levels!r}")
-            if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in levels):
-                raise ValueError(f"{name} must be non-negative ints, got {levels!r}")
-        if not self.feature_levels:
-            raise ValueError("feature_levels must name at least one level")
-        if self.roi_words is not None and not all(isinstance(w, str) and w.strip() for w in self.roi_words):
-            raise ValueError(f"roi_words must be non-empty strings, got {self.roi_words!r}")
+
+def _check_scale(cfg: EditConfig, name: str) -> None:
+    v = getattr(cfg, name)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise TypeError(f"{name} must be a finite number, got {v!r}")
+    if v < 0:
+        raise ValueError(f"{name} must be >= 0 (guidance scales cannot be negative), got {v}")
+    if v > LIMITS[name]:
+        raise ValueError(f"{name} must be <= {LIMITS[name]:g} (InstructPix2Pix guidance is 1-20), got {v}")
+
+
+def _check_schedule(cfg: EditConfig) -> None:
+    """steps, seed, guidance scales, the capture step and the regularized steps."""
+    _check_int(cfg, "steps", 1)
+    if cfg.steps > MAX_STEPS:
+        raise ValueError(f"steps must be <= {MAX_STEPS} (the scheduler's training timesteps), got {cfg.steps}")
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):
+        raise TypeError(f"seed must be an int, got {type(cfg.seed).__name__}")
+    if not 0 <= cfg.seed < MAX_SEED:
+        raise ValueError(f"seed must satisfy 0 <= seed < 2**64, got {cfg.seed}")
+    for name in ("text_guidance", "image_guidance", "loc_text_guidance", "loc_image_guidance"):
+        _check_scale(cfg, name)
+    if cfg.capture_step is not None:
+        _check_int(cfg, "capture_step", 0)
+        if cfg.capture_step >= cfg.steps:
+            raise ValueError(f"capture_step={cfg.capture_step} is beyond the step count: it must be < steps={cfg.steps}")
+    if cfg.reg_steps is not None:
+        if len(cfg.reg_steps) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) for s in cfg.reg_steps):
+            raise TypeError(f"reg_steps must be a (first, last) pair of ints, got {cfg.reg_steps!r}")
+        first, last = cfg.reg_steps
+        if not 0 <= first <= last < cfg.steps:
+            raise ValueError(f"reg_steps={tuple(cfg.reg_steps)} must satisfy 0 <= first <= last < steps={cfg.steps}")
+    _check_int(cfg, "cache_interval", 1)
+
+
+def _check_localization(cfg: EditConfig) -> None:
+    """The grid, k-means, top-k, the working size and the segmentation backend, with their bounds."""
+    for name in ("grid_size", "clusters", "kmeans_n_init", "kmeans_max_iter", "top_k"):
+        _check_int(cfg, name, 1)
+    _check_int(cfg, "max_side", 64)
+    for name in ("grid_size", "clusters", "kmeans_n_init", "kmeans_max_iter", "max_side"):
+        if getattr(cfg, name) > LIMITS[name]:
+            raise ValueError(f"{name} must be <= {LIMITS[name]} (more is unbounded work), got {getattr(cfg, name)}")
+    if cfg.top_k > cfg.grid_size**2:
+        raise ValueError(f"top_k={cfg.top_k} exceeds the {cfg.grid_size}x{cfg.grid_size} grid's cells")
+    _check_int(cfg, "kmeans_check_every", 0)
+    if not (isinstance(cfg.kmeans_tol, (int, float)) and cfg.kmeans_tol >= 0):
+        raise ValueError(f"kmeans_tol must be >= 0, got {cfg.kmeans_tol!r}")
+    if cfg.segment_backend not in SEGMENT_BACKENDS:
+        raise ValueError(f"segment_backend must be one of {SEGMENT_BACKENDS}, got {cfg.segment_backend!r}")
+
+
+def _check_levels_and_words(cfg: EditConfig) -> None:
+    for name in ("feature_levels", "reg_levels"):
+        levels = getattr(cfg, name)
+        if not isinstance(levels, (tuple, list)):
+            raise ValueError(f"{name} must be a tuple of levels, e.g. {name}=(1,), got {levels!r}")
+        if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in levels):
+            raise ValueError(f"{name} must be non-negative ints, got {levels!r}")
+    if not cfg.feature_levels:
+        raise ValueError("feature_levels must name at least one level")
+    if cfg.roi_words is not None and not all(isinstance(w, str) and w.strip() for w in cfg.roi_words):
+        raise ValueError(f"roi_words must be non-empty strings, got {cfg.roi_words!r}")
 
 
 def field_docs() -> dict[str, str]:
