@@ -241,6 +241,13 @@ class StepEngine:
                 raise EditCancelled("stopped")
         return [object() for _ in images]
 
+    def stop_seen(self, timeout: float) -> bool:
+        """Whether a batch stopped early within ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while self.stopped == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return self.stopped > 0
+
 
 def picture(size=(32, 32)):
     return PIL.Image.new("RGB", size)
@@ -261,10 +268,7 @@ def test_drain_answers_the_queue_and_abandon_stops_the_running_batch():
         assert not running.future.done()
         assert b.abandon_running() == 1
         assert isinstance(running.future.exception(timeout=1), ShuttingDown)
-        deadline = time.monotonic() + 5
-        while engine.stopped == 0:
-            assert time.monotonic() < deadline, "the abandoned batch did not stop"
-            time.sleep(0.01)
+        assert engine.stop_seen(5), "the abandoned batch did not stop"
     finally:
         b.stop(5)
 
@@ -279,10 +283,7 @@ def test_a_batch_stops_between_steps_once_every_caller_gave_up():
         time.sleep(0.1)
         assert engine.stopped == 0  # one caller still waits: the batch goes on
         b.cancel(jobs[1])
-        deadline = time.monotonic() + 5
-        while engine.stopped == 0:
-            assert time.monotonic() < deadline, "the batch ran on with nobody waiting"
-            time.sleep(0.01)
+        assert engine.stop_seen(5), "the batch ran on with nobody waiting"
     finally:
         b.stop(5)
 
