@@ -324,12 +324,12 @@ def check_instruction(instruction) -> str:
     return text
 
 
-def working_size(width: int, height: int, multiple: int, max_side: int) -> tuple[int, int]:
+def working_size(width: int, height: int, multiple: int, max_side: int, *, warn: bool = True) -> tuple[int, int]:
     """(width, height) at which the UNet runs: long side at most ``max_side``, each side a multiple
     of ``multiple`` (the VAE factor times the UNet's downsampling, 64 for SD 1.5), nearest multiple,
-    at least one multiple."""
+    at least one multiple. Warns (``LimeWarning``) when it shrinks the image, unless ``warn`` is False."""
     scale = min(1.0, max_side / max(width, height))
-    if scale < 1.0:
+    if scale < 1.0 and warn:
         warnings.warn(
             f"the image is {width} x {height}; it is processed with its long side at {max_side} pixels "
             f"(EditConfig.max_side) and the result is resized back",

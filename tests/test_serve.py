@@ -286,6 +286,119 @@ def test_batcher_stop_fails_queued_jobs(fake):
         queued.future.result(1)
 
 
+# --- an edit's warnings reach its client ------------------------------------------------------------
+class WarningEngine(FakeEngine):
+    """A FakeEngine whose edits warn as the real engine's do: one warning per edit quoting its instruction,
+    and one about the whole batch. ``barrier``: every edit_batch waits there (two engines' batches overlap)."""
+
+    def __init__(self, barrier=None, **kw):
+        super().__init__(**kw)
+        self.barrier = barrier
+
+    def edit_batch(self, images, instructions, **kw):
+        import warnings
+
+        from lime_fast.errors import InputWarning, LimeWarning
+
+        if self.barrier is not None:
+            self.barrier.wait(10)
+        for s in instructions:
+            warnings.warn(f"Instruction {s!r} has no content word", LimeWarning, stacklevel=2)
+        warnings.warn(f"the image is {images[0].width} x {images[0].height}; it is processed smaller", InputWarning, stacklevel=2)
+        warnings.warn("a library's own deprecation", DeprecationWarning, stacklevel=2)  # not the client's business
+        return super().edit_batch(images, instructions, **kw)
+
+
+def test_capture_warnings_is_per_thread_and_puts_the_hooks_back():
+    import warnings
+
+    from lime_fast.errors import LimeWarning
+    from lime_fast.serve.warnings_capture import capture_warnings
+
+    show, filters = warnings.showwarning, list(warnings.filters)
+    barrier, got = threading.Barrier(2), {}
+
+    def worker(name):
+        with capture_warnings() as caught:
+            barrier.wait(10)  # both captures open at once
+            for _ in range(2):  # the same message twice (same code line): both reach the client
+                warnings.warn(f"from {name}", LimeWarning)
+            warnings.warn("not ours", UserWarning)
+            barrier.wait(10)
+        got[name] = caught
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in ("a", "b")]
+    with warnings.catch_warnings(record=True) as outer:  # the log still gets everything
+        [t.start() for t in threads]
+        [t.join(20) for t in threads]
+        with capture_warnings() as mine, capture_warnings() as inner:  # nested, on this thread
+            warnings.warn("nested", LimeWarning)
+    assert got == {"a": ["from a", "from a"], "b": ["from b", "from b"]}
+    assert mine == inner == ["nested"]
+    assert sum(str(w.message) in ("from a", "from b") for w in outer) == 4
+    assert warnings.showwarning is show and warnings.filters == filters
+
+
+def test_attribute_warnings_gives_no_client_another_edit_s_instruction():
+    from lime_fast.serve.batcher import Job, attribute_warnings
+
+    cfg = EditConfig()
+    mask = np.ones((64, 64), bool)
+    jobs = [Job(picture(), "make it red", None, cfg, ()), Job(picture(), "make it blue", mask, cfg, ())]
+    messages = ["Instruction 'make it red' has no content word", "the image is 96 x 96; it is processed smaller",
+                "Instruction 'make it blue' has no content word", "the mask covers 100% of the image",
+                "the image is 96 x 96; it is processed smaller"]
+    red, blue = attribute_warnings(messages, jobs)
+    assert red == ["Instruction 'make it red' has no content word", "the image is 96 x 96; it is processed smaller"]
+    assert blue == ["the image is 96 x 96; it is processed smaller", "Instruction 'make it blue' has no content word",
+                    "the mask covers 100% of the image"]
+    assert attribute_warnings(messages, jobs[:1]) == [list(dict.fromkeys(messages))]  # alone: all of them, once each
+
+
+def test_batcher_attaches_each_job_its_warnings_with_engines_in_parallel():
+    barrier = threading.Barrier(2)  # each engine's first batch waits for the other's: they overlap
+    engines = [WarningEngine(barrier), WarningEngine(barrier)]
+    b = Batcher(engines, max_batch=2, window_s=0.2).start()
+    try:
+        jobs = [b.submit(picture(), f"edit {i}", None, engines[0].default_config) for i in range(4)]
+        [j.future.result(20) for j in jobs]
+    finally:
+        b.stop()
+    assert sorted(len(e.calls) for e in engines) == [1, 1] and all(len(e.calls[0]) == 2 for e in engines)
+    for i, job in enumerate(jobs):
+        assert job.warnings == [f"Instruction 'edit {i}' has no content word", "the image is 64 x 64; it is processed smaller"]
+
+
+def test_http_answers_carry_the_warnings_of_the_edit_and_of_reading_the_mask():
+    from lime_fast.serve.app import warning_headers
+
+    app = create_app(WarningEngine(), ServeConfig(max_batch=1, batch_window_ms=0))
+    srv = LiveServer(app)
+    rgba = np.zeros((64, 64, 4), np.uint8)
+    rgba[..., :3], rgba[..., 3] = 255, 255  # an alpha channel but no transparent pixel: read as white = edit, warns
+    files = lambda: {"image": ("a.png", png_bytes(picture()), "image/png")}  # noqa: E731
+    try:
+        with srv.client() as c:
+            r = c.post("/v1/edit?format=json", data={"instruction": "rouge été"},
+                       files={**files(), "mask": ("m.png", png_bytes(PIL.Image.fromarray(rgba, "RGBA")), "image/png")})
+            png = c.post("/v1/edit", data={"instruction": "line one\nline two"}, files=files())
+    finally:
+        srv.close()
+    assert r.status_code == 200, r.text
+    got = r.json()["warnings"]
+    assert got[0].startswith("mask: the mask has an alpha channel but no transparent pixel")  # read in the request's thread
+    assert got[1:] == ["Instruction 'rouge été' has no content word", "the image is 64 x 64; it is processed smaller"]
+    assert r.headers["x-lime-warning-count"] == "3" and "rouge \\xe9t\\xe9" in r.headers["x-lime-warnings"]
+    assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+    assert png.headers["x-lime-warning-count"] == "2"
+    assert png.headers["x-lime-warnings"] == ("Instruction 'line one\\nline two' has no content word | "
+                                              "the image is 64 x 64; it is processed smaller")
+    headers = warning_headers(["a\r\nSet-Cookie: x=1", "☃" * 3000])  # one line, latin-1, bounded
+    assert "\r" not in headers["X-Lime-Warnings"] and "\n" not in headers["X-Lime-Warnings"]
+    assert len(headers["X-Lime-Warnings"]) == 2000 and headers["X-Lime-Warnings"].isascii()
+    assert warning_headers([]) == {"X-Lime-Warning-Count": "0"}
+
+
 # --- form fields ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name, values, expected", [
     ("steps", ["12"], 12),
@@ -490,6 +603,45 @@ def test_json_answer_with_mask(live, sample_png):
     assert PIL.Image.open(io.BytesIO(base64.b64decode(a["overlay_png"]))).size == (64, 64)
 
 
+def test_the_real_engine_s_warnings_reach_the_client(live, sample_png):
+    """A picture larger than the model's max_side (64) is shrunk: the client is told, in JSON and in the PNG's headers."""
+    big = png_bytes(PIL.Image.open(sample_png).resize((96, 96)))
+    data = {"instruction": "make the circle red", **FAST}
+    with live.client(headers=AUTH) as c:
+        r = c.post("/v1/edit?format=json", data=data, files={"image": ("b.png", big, "image/png")})
+        png = c.post("/v1/edit", data=data, files={"image": ("b.png", big, "image/png")})
+        plain = c.post("/v1/edit?format=json", data=data, files={"image": ("s.png", sample_png.read_bytes(), "image/png")})
+    shrunk = "the image is 96 x 96; it is processed with its long side at 64 pixels"
+    assert r.status_code == 200 and any(w.startswith(shrunk) for w in r.json()["warnings"]), r.json()["warnings"]
+    assert png.status_code == 200 and shrunk in png.headers["x-lime-warnings"]
+    assert int(png.headers["x-lime-warning-count"]) >= 1
+    assert plain.json()["warnings"] == [] and plain.headers["x-lime-warning-count"] == "0"
+
+
+def test_docs_page_is_rendered_here_with_no_external_asset(live):
+    with live.client() as c:
+        r = c.get("/docs")
+        spec = c.get("/openapi.json")
+        page = c.get("/").text
+        assert c.get("/redoc").status_code == 404  # FastAPI's CDN pages are off
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    assert r.headers["content-security-policy"].startswith("default-src 'self'")
+    html = r.text
+    assert "<script" not in html.lower()
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", html, re.I), "an external asset"
+    assert not re.search(r"@import|url\(", html), "a stylesheet import"
+    assert '<span class="method post">POST</span> <span class="path">/v1/edit</span>' in html
+    for field in ("image", "instruction", "mask", "mask_convention", "steps", "roi_words", "reg_steps", "format"):
+        assert f"<td>{field}</td>" in html, field
+    for route in ("/healthz", "/v1/models", "/metrics"):
+        assert f'<span class="path">{route}</span>' in html, route
+    assert "<td>413</td>" in html and "upload or picture too large" in html and "[0, 1]" in html  # a default
+    assert spec.status_code == 200 and "/v1/edit" in spec.json()["paths"]
+    # the page says what a mask does: it focuses the edit, it does not confine it
+    assert "LIME focuses the edit there; outside it, the picture may still change slightly." in page
+    assert "draw the mask here" not in page.lower() and "changes only the region" not in page
+
+
 def _bomb_png(width=30000, height=30000) -> bytes:
     """A valid-looking 67-byte PNG whose header declares width x height RGB pixels."""
     def chunk(kind, data):
@@ -652,16 +804,16 @@ def test_cli_serve_refuses_bad_options_and_serves(tmp_path, sample_png, capsys):
 
 # --- the page in a real browser ---------------------------------------------------------------------
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+needs_chromium = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
+                                    reason="Debian's chromium and chromium-driver are not installed (scripts/install.sh "
+                                           "installs them: apt-get install -y chromium chromium-driver)")
 
 
-@pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
-                    reason="Debian's chromium and chromium-driver are not installed (scripts/install.sh installs them: "
-                           "apt-get install -y chromium chromium-driver)")
-def test_page_in_headless_chromium(live, sample_png, tmp_path):
+def _chromium(tmp_path, phone=False):
+    """Headless Chromium through chromedriver; ``phone``: a 390 x 844 touch screen (the page's
+    viewport meta tag applies, as on a phone)."""
     webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
     from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
 
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
@@ -671,6 +823,33 @@ def test_page_in_headless_chromium(live, sample_png, tmp_path):
                  f"--user-data-dir={tmp_path / 'chromium'}", "--window-size=1280,900"):
         opts.add_argument(flag)
     driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=opts)  # explicit: no driver download
+    if phone:
+        driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                               {"width": 390, "height": 844, "deviceScaleFactor": 1, "mobile": True})
+    return driver
+
+
+def _layout(driver) -> dict:
+    """The viewport and page widths, and the pictures shown without a decoded picture (broken-image icons)."""
+    return driver.execute_script("""
+        const shown = (el) => el.getClientRects().length > 0 && getComputedStyle(el).visibility !== 'hidden';
+        return {inner: window.innerWidth, client: document.documentElement.clientWidth,
+                scroll: document.documentElement.scrollWidth,
+                broken: Array.from(document.images).filter((i) => shown(i) && !(i.complete && i.naturalWidth > 0)).map((i) => i.id),
+                shown: Array.from(document.images).filter(shown).map((i) => i.id)};""")
+
+
+def _fits(layout: dict) -> None:
+    assert layout["inner"] == 390, layout  # wider: the phone zoomed out to fit something too wide
+    assert layout["scroll"] <= layout["inner"] and layout["scroll"] <= layout["client"], layout
+
+
+@needs_chromium
+def test_page_in_headless_chromium(live, sample_png, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver = _chromium(tmp_path)
     try:
         driver.get(live.url + "/")
         wait = WebDriverWait(driver, 60)
@@ -700,6 +879,70 @@ def test_page_in_headless_chromium(live, sample_png, tmp_path):
         assert "401" in driver.find_element(By.ID, "error").text
     finally:
         driver.quit()
+
+
+@needs_chromium
+def test_page_on_a_phone_failed_upload_warnings_and_docs(live, sample_png, tmp_path):
+    """At 390 x 844 nothing overflows sideways (before and after a result); a file that is not a picture
+    leaves no broken-image icon and shows the server's error; an edit's warnings are shown; /docs renders
+    with the app's CSP and no script."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    text_file = tmp_path / "notes.png"  # a text file named like a picture
+    text_file.write_bytes(b"these are notes, not a picture\n" * 20)
+    big = tmp_path / "big.png"  # over the model's max_side (64): the edit warns that it was shrunk
+    PIL.Image.open(sample_png).resize((96, 96)).save(big)
+    driver = _chromium(tmp_path, phone=True)
+    try:
+        driver.get(live.url + "/")
+        wait = WebDriverWait(driver, 60)
+        wait.until(lambda d: d.find_element(By.ID, "model").text == "shapes-ip2p")
+        layout = _layout(driver)
+        _fits(layout)
+        assert layout["broken"] == [] and layout["shown"] == []  # nothing to show yet: grey frames, no icons
+        find = driver.find_element
+        find(By.ID, "token").send_keys(TOKEN)
+        find(By.ID, "instruction").send_keys("make the circle red")
+        find(By.ID, "image").send_keys(str(text_file))
+        find(By.ID, "submit").click()
+        wait.until(lambda d: d.find_element(By.ID, "status").text.startswith(("done", "failed")))
+        assert find(By.ID, "status").text == "failed"
+        error = find(By.ID, "error")
+        assert error.is_displayed() and error.text.startswith("415: image: the file is not a picture"), error.text
+        wait.until(lambda d: _layout(d)["broken"] == [])  # the input's load error has hidden it too
+        assert _layout(driver)["shown"] == []
+        driver.save_screenshot(str(tmp_path / "phone-failed.png"))
+
+        find(By.ID, "image").send_keys(str(big))
+        find(By.ID, "submit").click()
+        wait.until(lambda d: d.find_element(By.ID, "status").text.startswith(("done", "failed")))
+        assert find(By.ID, "status").text.startswith("done"), find(By.ID, "error").text
+        assert not find(By.ID, "error").is_displayed()
+        wait.until(lambda d: len(_layout(d)["shown"]) == 4)
+        layout = _layout(driver)
+        _fits(layout)
+        assert layout["broken"] == [] and sorted(layout["shown"]) == ["heatmap", "input", "overlay", "result"]
+        width = driver.execute_script("return document.getElementById('result').getBoundingClientRect().width")
+        assert 200 <= width <= 358  # the frame fits the column (390 - 2 x 16 px of padding)
+        warned = find(By.ID, "warnings")
+        assert warned.is_displayed() and "the image is 96 x 96; it is processed with its long side at 64" in warned.text
+        driver.save_screenshot(str(tmp_path / "phone-result.png"))
+        assert not [e for e in driver.get_log("browser") if e["level"] == "SEVERE" and "/v1/edit" not in e["message"]]
+        _docs_on_a_phone(driver, live.url, tmp_path)
+    finally:
+        driver.quit()
+
+
+def _docs_on_a_phone(driver, url, tmp_path) -> None:
+    """/docs shows the edit route, fits the phone's width and loads with the app's CSP (no refusal logged)."""
+    from selenium.webdriver.common.by import By
+
+    driver.get(url + "/docs")
+    assert "POST /v1/edit" in driver.find_element(By.TAG_NAME, "body").text.replace("\n", " ")
+    _fits(_layout(driver))
+    driver.save_screenshot(str(tmp_path / "phone-docs.png"))
+    assert not [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]  # no CSP refusal, no failed load
 
 
 # --- the service's request handling as plain functions (lime_fast.serve.app), without HTTP -------------

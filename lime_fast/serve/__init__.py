@@ -5,7 +5,9 @@
 
 Modules: ``app`` (``create_app``, ``ServeConfig``, the routes and their checks), ``batcher`` (the
 queue and the worker per engine that forms ``edit_batch`` calls), ``uploads`` (pictures and form
-fields), ``metrics`` (Prometheus text), ``cli`` (the subcommand), ``static/`` (the page).
+fields), ``warnings_capture`` (an edit's warnings, per thread, for its client), ``docs_page`` (``/docs``
+rendered from the OpenAPI description), ``metrics`` (Prometheus text), ``cli`` (the subcommand),
+``static/`` (the page).
 Needs the serve extra: ``pip install 'lime-fast[serve]'`` (FastAPI, uvicorn, python-multipart);
 this module imports none of them until ``create_app`` is called.
 """

@@ -1,17 +1,21 @@
 """The HTTP service: ``create_app(engine_or_model, ServeConfig(...))`` returns a FastAPI app.
 
-Routes (``/docs`` and ``/openapi.json`` describe them; FastAPI writes both):
+Routes (``/openapi.json`` describes them, FastAPI writes it; ``/docs`` shows it as a page rendered
+here, ``lime_fast.serve.docs_page``, as FastAPI's own docs page needs a CDN):
 
     POST /v1/edit     multipart: image (file), instruction, optional mask (file, white = edit here, the
                       image's size) and mask_convention (auto, white, transparent or opaque: how the
                       mask marks its region), optional EditConfig fields as form fields (steps=4, roi_words=collar,
                       reg_steps=0,3, ...). Answers the edited PNG, or JSON (``Accept: application/json``
                       or ``?format=json``) with the image, RoI mask, overlay and heatmap as base64 PNGs,
-                      the content words, timings and the batch it ran in.
+                      the content words, timings, the batch it ran in and the edit's warnings (what
+                      was adjusted: a shrunk picture, how a mask was read, ...; PNG answers carry them
+                      in the X-Lime-Warnings header).
     GET  /healthz     liveness and queue depth (never needs the token)
     GET  /v1/models   the model, its default EditConfig, the server's limits
     GET  /metrics     Prometheus text (``lime_fast.serve.metrics``)
     GET  /            the page (``static/index.html``, ``static/app.js``)
+    GET  /docs        the routes, their fields and answers, as a page (no external assets)
 
 Every refused request gets a 4xx JSON body ``{"error": "..."}`` naming the problem; an unexpected
 failure gets a 500 JSON body without a traceback (the server log has it). Edits run in the batcher's
@@ -37,9 +41,11 @@ from pathlib import Path
 
 from ..config import MASK_CONVENTIONS
 from .batcher import Batcher, QueueFull, ShuttingDown
+from .docs_page import render_docs
 from .metrics import Metrics
 from .uploads import (CONFIG_FIELDS, FIELD_TYPES, BadRequest, check_text, decode_image, decode_mask,
                       mask_convention_field, parse_config)
+from .warnings_capture import call_capturing
 
 log = logging.getLogger("lime_fast.serve")
 STATIC = Path(__file__).with_name("static")
@@ -226,9 +232,12 @@ def _openapi_body(base) -> dict:
                             "(alpha < 128: DALL-E 2, MagicBrush), opaque (alpha >= 128) or auto"},
     }
     for name in CONFIG_FIELDS:
-        kind = kinds.get(FIELD_TYPES[name], "string")
-        props[name] = {"type": kind, "description": f"EditConfig.{name} ({FIELD_TYPES[name]}); default "
-                       f"{getattr(base, name)!r}. Tuples: comma-separated (0,1) or a JSON list."}
+        hint, value = FIELD_TYPES[name], getattr(base, name)
+        about = f"EditConfig.{name} ({hint.__name__ if isinstance(hint, type) else hint}); omitted: the model's default"
+        if "tuple" in str(hint):
+            about += "; comma-separated (0,1) or a JSON list"
+        props[name] = {"type": kinds.get(hint, "string"), "description": about,
+                       "default": list(value) if isinstance(value, tuple) else value}
     return {"requestBody": {"required": True, "content": {"multipart/form-data": {
         "schema": {"type": "object", "required": ["image", "instruction"], "properties": props}}}}}
 
@@ -239,7 +248,20 @@ def _png(img) -> bytes:
     return buf.getvalue()
 
 
-def _result_json(result, job, request_id: str) -> dict:
+def warning_headers(warned: list[str], max_chars: int = 2000) -> dict[str, str]:
+    """The edit's warnings as response headers: ``X-Lime-Warning-Count`` always, ``X-Lime-Warnings`` (the
+    messages joined by " | ", cut to ``max_chars``) when there are any. Header values must be latin-1
+    and one line, and a message may quote the instruction: non-ASCII is written as backslash escapes and
+    control characters (a CR/LF would start a new header) become spaces."""
+    headers = {"X-Lime-Warning-Count": str(len(warned))}
+    if warned:
+        text = " | ".join(warned).encode("ascii", "backslashreplace").decode("ascii")
+        text = re.sub(r"[\x00-\x1f\x7f]", " ", text)
+        headers["X-Lime-Warnings"] = text if len(text) <= max_chars else text[: max_chars - 3] + "..."
+    return headers
+
+
+def _result_json(result, job, request_id: str, warned: list[str] = ()) -> dict:
     from .. import viz
 
     b64 = lambda img: base64.b64encode(_png(img)).decode("ascii")  # noqa: E731
@@ -260,6 +282,7 @@ def _result_json(result, job, request_id: str) -> dict:
         "batch_size": job.batch_size,
         "queue_seconds": round(job.started - job.submitted, 4),
         "timings": {k: round(v, 4) for k, v in result.timings.items()},
+        "warnings": list(warned),
     }
 
 
@@ -417,20 +440,21 @@ class Service:
         self.limiter.take(request.client.host if request.client else "?")
         rid = request_id(request.headers.get("x-request-id", ""))
         want_json = wants_json(fmt, request.headers.get("accept", ""))
-        image, mask, text, edit_cfg = await self._inputs(request)
+        image, mask, text, edit_cfg, warned = await self._inputs(request)
         job = self._submit(image, text, mask, edit_cfg)
         result = await self._wait(request, job)
         if result is None:
             return Response(status_code=499)  # the client left; nobody reads it ('disconnected')
+        warned = list(dict.fromkeys(warned + job.warnings))
         headers = {"X-Request-Id": rid, "X-Lime-Batch-Size": str(job.batch_size),
                    "X-Lime-Queue-Seconds": f"{job.started - job.submitted:.4f}",
-                   "X-Lime-Edit-Seconds": f"{result.timings.get('total', 0.0):.4f}"}
+                   "X-Lime-Edit-Seconds": f"{result.timings.get('total', 0.0):.4f}", **warning_headers(warned)}
         if want_json:
-            return JSONResponse(await run_in_threadpool(_result_json, result, job, rid), headers=headers)
+            return JSONResponse(await run_in_threadpool(_result_json, result, job, rid, warned), headers=headers)
         return Response(await run_in_threadpool(_png, result.image), media_type="image/png", headers=headers)
 
     async def _inputs(self, request) -> tuple:
-        """(image, instruction, mask or None, EditConfig) from the form, decoded in the thread pool."""
+        """(image, mask or None, instruction, EditConfig, [warnings]) from the form, decoded in the thread pool."""
         from starlette.concurrency import run_in_threadpool
 
         form = await read_form(request)
@@ -441,14 +465,18 @@ class Service:
             if edit_cfg.segment_backend == "cuml" and not self.has_cuml:
                 raise BadRequest(400, "segment_backend=cuml needs cuML, which this server does not have")
             text = check_text(instruction)
-            image = await run_in_threadpool(decode_image, await upload.read(), "image", self.cfg.max_pixels)
+            # the pictures are decoded in the thread pool; what reading them warns (e.g. how the mask
+            # was read) goes to the client with the answer
+            image, warned = await run_in_threadpool(call_capturing, decode_image, await upload.read(), "image",
+                                                    self.cfg.max_pixels)
             mask = None
             if mask_upload is not None:
-                mask = await run_in_threadpool(decode_mask, await mask_upload.read(), image.size, self.cfg.max_pixels,
-                                               convention)
+                mask, more = await run_in_threadpool(call_capturing, decode_mask, await mask_upload.read(), image.size,
+                                                     self.cfg.max_pixels, convention)
+                warned += more
         finally:
             await form.close()
-        return image, mask, text, edit_cfg
+        return image, mask, text, edit_cfg, warned
 
     def _submit(self, image, text, mask, edit_cfg):
         try:
@@ -520,7 +548,7 @@ def create_app(engine_or_model, config: ServeConfig | None = None, *, device=Non
     or a model (hub id, folder, ``shapes-ip2p``; loaded now, once per ``device``). The batcher's
     workers start and stop with the app's lifespan (uvicorn runs it; with Starlette's TestClient use
     ``with TestClient(app)``). The routes are thin: the work is ``Service``'s and the module's functions."""
-    from fastapi import Depends, FastAPI, Request
+    from fastapi import Depends, FastAPI, Query, Request
     from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException
@@ -546,7 +574,9 @@ def create_app(engine_or_model, config: ServeConfig | None = None, *, device=Non
         finally:  # lime_fast.serve.server has already given running edits their grace period
             await run_in_threadpool(batcher.stop, cfg.grace_s)
 
-    app = FastAPI(title="lime-fast", version=__version__, lifespan=lifespan,
+    # docs_url=None, redoc_url=None: FastAPI's pages load Swagger UI / ReDoc from a CDN (blank offline);
+    # /docs is ours (lime_fast.serve.docs_page), rendered from the same OpenAPI description
+    app = FastAPI(title="lime-fast", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="LIME localized image editing as a service, with dynamic batching. "
                               "POST /v1/edit with multipart form data; see docs/service.md.")
     app.state.batcher, app.state.metrics, app.state.config, app.state.service = batcher, metrics, cfg, svc
@@ -555,7 +585,8 @@ def create_app(engine_or_model, config: ServeConfig | None = None, *, device=Non
 
     @app.post("/v1/edit", openapi_extra=_openapi_body(svc.base), summary="Edit a picture as an instruction says",
               responses=EDIT_RESPONSES)
-    async def edit(request: Request, format: str | None = None,
+    async def edit(request: Request, format: str | None = Query(None, description="png (the default) or json; "
+                                                                 "without it, Accept: application/json asks for JSON"),
                    credentials: HTTPAuthorizationCredentials | None = Depends(bearer)):
         t0, status = time.monotonic(), 500
         try:
@@ -586,7 +617,7 @@ def create_app(engine_or_model, config: ServeConfig | None = None, *, device=Non
 
 
 def _read_routes(app, svc: Service, bearer) -> None:
-    """The GET routes: health, the model and limits, metrics (those two behind the token), the page."""
+    """The GET routes: health, the model and limits, metrics (those two behind the token), the page, /docs."""
     from fastapi import Depends
     from fastapi.security import HTTPAuthorizationCredentials
     from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
@@ -594,6 +625,7 @@ def _read_routes(app, svc: Service, bearer) -> None:
     cfg, metrics, batcher = svc.cfg, svc.metrics, svc.batcher
     page = (STATIC / "index.html").read_text(encoding="utf-8")
     script = (STATIC / "app.js").read_text(encoding="utf-8")
+    rendered: dict[str, str] = {}
 
     @app.get("/healthz", summary="Liveness, queue depth, whether a token is needed")
     async def healthz():
@@ -619,6 +651,12 @@ def _read_routes(app, svc: Service, bearer) -> None:
     @app.get("/", include_in_schema=False)
     async def index():
         return HTMLResponse(page, headers={"Content-Security-Policy": CSP})
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs():
+        if "docs" not in rendered:  # after every route is registered; the description never changes
+            rendered["docs"] = render_docs(app.openapi())
+        return HTMLResponse(rendered["docs"], headers={"Content-Security-Policy": CSP})
 
     @app.get("/favicon.ico", include_in_schema=False)
     async def favicon():  # browsers ask for it; no content beats a 404 in their console

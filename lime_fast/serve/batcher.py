@@ -20,7 +20,9 @@ Retry-After). A job whose client gave up (timeout, disconnect) is cancelled: sti
 dropped before it runs; already running, its batch stops between UNet steps once every job in it is
 cancelled (``edit_batch``'s ``should_stop``), else it finishes for the others and the cancelled
 job's result is discarded. A batch that raises is retried one job at a time, so one failing edit
-fails alone.
+fails alone. The ``LimeWarning`` s a batch raises are captured in its worker's thread
+(``lime_fast.serve.warnings_capture``) and shared out to its jobs (``attribute_warnings``), so each
+client learns what was adjusted in its edit.
 
 Shutdown has two steps: ``drain`` (takes no new jobs and answers every queued one with
 ``ShuttingDown`` at once; running batches go on) and, if they outlive the grace period,
@@ -36,7 +38,6 @@ import itertools
 import logging
 import threading
 import time
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -46,6 +47,7 @@ import PIL.Image
 from ..config import EditConfig
 from ..errors import EditCancelled
 from ..inputs import working_size
+from .warnings_capture import capture_warnings
 
 log = logging.getLogger("lime_fast.serve")
 
@@ -73,6 +75,8 @@ class Job:
     config: the resolved EditConfig. key: (working (w, h), EditConfig values): jobs batch together
     only with equal keys. future: resolves to the ``EditResult``.
     submitted / started: ``time.monotonic()`` seconds; batch_size: edits in the batch it ran in.
+    warnings: the text of the ``LimeWarning`` s its edit raised (``attribute_warnings``), set before
+    the future resolves.
     abandoned: its caller gave up (set by ``Batcher.cancel`` / ``abandon_running``; read by the worker).
     """
 
@@ -86,6 +90,7 @@ class Job:
     submitted: float = field(default_factory=time.monotonic)
     started: float | None = None
     batch_size: int = 0
+    warnings: list[str] = field(default_factory=list)
     abandoned: bool = False
 
     @property
@@ -99,9 +104,9 @@ def batch_key(image: PIL.Image.Image, config: EditConfig, multiple: int) -> tupl
     """What must match for two edits to share an ``edit_batch``: the working size the engine brings
     the image to (``lime_fast.inputs.working_size``) and every config field but the seed (one config
     per batch; ``edit_batch`` takes one seed per edit)."""
-    with warnings.catch_warnings():  # the edit itself warns about shrinking large images
-        warnings.simplefilter("ignore")
-        size = working_size(*image.size, multiple, config.max_side)
+    # warn=False, not catch_warnings: the edit itself warns about shrinking large images, and
+    # catch_warnings here (the event loop's thread) would swap the hook the workers capture through
+    size = working_size(*image.size, multiple, config.max_side, warn=False)
     return (size, dataclasses.astuple(config.replace(seed=0)))
 
 
@@ -273,15 +278,18 @@ class Batcher:
             job.started, job.batch_size = t0, len(group)
         masks = [j.mask for j in group]
         try:
-            results = engine.edit_batch(
-                [j.image for j in group],
-                [j.instruction for j in group],
-                masks=masks if any(m is not None for m in masks) else None,
-                seeds=[j.config.seed for j in group],
-                progress=False,
-                should_stop=lambda: all(j.abandoned for j in group),
-                config=group[0].config,
-            )
+            # the warnings raised in this thread during this batch only (capture_warnings is per thread:
+            # other engines' workers run their batches at the same time)
+            with capture_warnings() as caught:
+                results = engine.edit_batch(
+                    [j.image for j in group],
+                    [j.instruction for j in group],
+                    masks=masks if any(m is not None for m in masks) else None,
+                    seeds=[j.config.seed for j in group],
+                    progress=False,
+                    should_stop=lambda: all(j.abandoned for j in group),
+                    config=group[0].config,
+                )
         except EditCancelled as e:  # every caller is gone: nobody waits for these
             log.info("a batch of %d stopped early: its callers are gone", len(group))
             for job in group:
@@ -302,8 +310,28 @@ class Batcher:
         if self.metrics is not None:
             self.metrics.observe_batch(len(group), seconds, getattr(results[0], "unet_evals", 0))
         log.debug("batch of %d at %s in %.2f s", len(group), group[0].key[0], seconds)
-        for job, result in zip(group, results):
+        for job, result, mine in zip(group, results, attribute_warnings(caught, group)):
+            job.warnings = mine
             _settle(job, result=result)
+
+
+def attribute_warnings(messages: list[str], group: list[Job]) -> list[list[str]]:
+    """Each job's share of its batch's warnings, each message once, in order. A batch of one gets them
+    all. In a larger batch a warning about one edit must not reach the others' clients (it may quote
+    that edit's instruction): a message that quotes instructions (as ``repr``, the way lime_fast's
+    warnings do) goes to the jobs with those instructions, one about "the mask" to the jobs that
+    have a mask, and the rest (the working size, k-means, CUDA graphs) concern the whole batch."""
+    unique = list(dict.fromkeys(messages))
+    if len(group) == 1:
+        return [unique]
+    shares: list[list[str]] = [[] for _ in group]
+    for text in unique:
+        quoted = [i for i, j in enumerate(group) if repr(j.instruction) in text]
+        if not quoted and text.startswith("the mask"):
+            quoted = [i for i, j in enumerate(group) if j.mask is not None]
+        for i in quoted or range(len(group)):
+            shares[i].append(text)
+    return shares
 
 
 def _settle(job: Job, result=None, error: BaseException | None = None) -> None:

@@ -10,6 +10,33 @@ function showError(message) {
   $("error").hidden = !message;
 }
 
+function showWarnings(messages) {
+  // what the server adjusted in this edit (a shrunk picture, how a mask was read, ...)
+  const list = $("warnings");
+  list.replaceChildren(...messages.map((m) => Object.assign(document.createElement("li"), { textContent: m })));
+  list.hidden = !messages.length;
+}
+
+// A picture is shown only once it has loaded: one with no source, or one that fails to load (a file
+// the browser cannot read), stays hidden and its grey frame shows instead of a broken-image icon.
+const PICS = ["input", "overlay", "heatmap", "result"];
+for (const id of PICS) {
+  $(id).addEventListener("load", () => { $(id).hidden = false; });
+  $(id).addEventListener("error", () => { $(id).hidden = true; });
+}
+
+function setPic(id, src) {
+  const img = $(id);
+  img.hidden = true;
+  if (src) img.src = src; else img.removeAttribute("src");
+}
+
+function clearResults() {
+  for (const id of ["overlay", "heatmap", "result"]) setPic(id, "");
+  showWarnings([]);
+  $("info").textContent = "";
+}
+
 function authHeaders() {
   const t = $("token").value.trim();
   return t ? { Authorization: "Bearer " + t } : {};
@@ -40,7 +67,6 @@ async function loadDefaults() {
 $("image").addEventListener("change", () => {
   const file = $("image").files[0];
   if (!file) return;
-  const url = URL.createObjectURL(file);
   const img = $("input");
   img.onload = () => {
     const c = $("maskcanvas");
@@ -48,9 +74,10 @@ $("image").addEventListener("change", () => {
     c.height = img.naturalHeight;
     maskDrawn = false;
   };
-  img.src = url;
-  for (const id of ["overlay", "heatmap", "result"]) $(id).removeAttribute("src");
-  $("info").textContent = "";
+  img.onerror = () => showError("the browser cannot show this file as a picture; the server may refuse it too");
+  showError("");
+  setPic("input", URL.createObjectURL(file));
+  clearResults();
 });
 
 function canvasPoint(ev) {
@@ -127,6 +154,7 @@ $("form").addEventListener("submit", async (ev) => {
   showError("");
   const file = $("image").files[0];
   if (!file) return showError("choose a picture first");
+  setProgress(0, "sending…");  // at once: the previous edit's "done" or "failed" is not this one's
   const form = new FormData();
   form.append("image", file);
   form.append("instruction", $("instruction").value);
@@ -137,6 +165,7 @@ $("form").addEventListener("submit", async (ev) => {
     if (v) form.append(name, v);
   }
   $("submit").disabled = true;
+  clearResults();  // a failed edit must not leave the previous one's pictures looking like its result
   const t0 = performance.now();
   // No per-step progress comes from the server: the bar is an estimate from its recent seconds per
   // batch (the time one request takes once it runs), and the elapsed time is shown as it is.
@@ -151,9 +180,10 @@ $("form").addEventListener("submit", async (ev) => {
     const body = xhr.response || {};
     if (xhr.status !== 200) throw new Error(`${xhr.status}: ${body.error || xhr.statusText}`);
     const png = (b64) => (b64 ? "data:image/png;base64," + b64 : "");
-    $("overlay").src = png(body.overlay_png);
-    if (body.heatmap_png) $("heatmap").src = png(body.heatmap_png); else $("heatmap").removeAttribute("src");
-    $("result").src = png(body.image_png);
+    setPic("overlay", png(body.overlay_png));
+    setPic("heatmap", png(body.heatmap_png));
+    setPic("result", png(body.image_png));
+    showWarnings(body.warnings || []);
     const words = body.tokens.length ? body.tokens.join(", ") : "(none: " + (body.fallback || "mask given") + ")";
     $("info").textContent = `content words: ${words}; silenced: ${body.silenced.join(", ") || "-"}; ` +
       `RoI ${(100 * body.roi_area).toFixed(1)}% of the picture; batch of ${body.batch_size}; ` +
@@ -161,6 +191,7 @@ $("form").addEventListener("submit", async (ev) => {
     setProgress(1, `done in ${((performance.now() - t0) / 1000).toFixed(1)} s`);
   } catch (e) {
     setProgress(0, "failed");
+    clearResults();
     showError(e.message);
   } finally {
     clearInterval(timer);
