@@ -232,7 +232,7 @@ def test_user_mask_of_another_size(engine, shapes, fast):
 
 
 def test_full_mask_warns_and_is_finite(engine, shapes, fast):
-    with pytest.warns(LimeWarning, match="whole image"):
+    with pytest.warns(LimeWarning, match="covers 100% of the image"):
         r = engine.edit(shapes, "make the red circle blue", mask=np.ones((128, 128), bool), progress=False, **fast)
     assert r.roi_mask.all() and np.isfinite(np.asarray(r.image, dtype=float)).all()
 
