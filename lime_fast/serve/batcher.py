@@ -31,7 +31,6 @@ Shutdown has two steps: ``drain`` (takes no new jobs and answers every queued on
 
 from __future__ import annotations
 
-from ..errors import LimeError
 import concurrent.futures
 import dataclasses
 import itertools
@@ -45,7 +44,7 @@ import numpy as np
 import PIL.Image
 
 from ..config import EditConfig
-from ..errors import EditCancelled
+from ..errors import EditCancelled, LimeError
 from ..inputs import working_size
 from .warnings_capture import capture_warnings
 
