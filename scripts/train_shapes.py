@@ -56,17 +56,43 @@ SEED_STRIDE = 1_000_003  # stage offsets in the sample-seed counter
 
 
 def parse_args(argv=None):
+    """The command line -> argparse.Namespace (``--smoke`` already applied to the sizes and steps)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    # the groups add their flags in the order --help lists them
+    _add_budget_args(p)
+    _add_optimizer_args(p)
+    _add_model_args(p)
+    _add_attention_args(p)
+    _add_continue_args(p)
+    _add_machine_args(p)
+    _add_mode_args(p)
+    a = p.parse_args(argv)
+    _check_args(p, a)
+    if a.smoke:
+        _apply_smoke(a)
+    return a
+
+
+def _add_budget_args(p):
+    """Where to write, the seed and how long each stage trains (minutes or fixed step counts)."""
     p.add_argument("--out", required=True, help="output folder (diffusers pipeline + model card)")
     p.add_argument("--minutes", type=float, default=90.0, help="total time budget (both stages)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vae-frac", type=float, default=0.15, help="share of the budget for the VAE stage")
     p.add_argument("--vae-steps", type=int, default=None, help="fix the VAE steps (overrides the time budget)")
     p.add_argument("--unet-steps", type=int, default=None, help="fix the UNet steps (overrides the time budget)")
+
+
+def _add_optimizer_args(p):
+    """Batch size, learning rates (stage 2, stage 1) and warmup steps."""
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--vae-lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=200)
+
+
+def _add_model_args(p):
+    """The models' widths and depths, the EMA and the InstructPix2Pix objective."""
     p.add_argument("--width", type=int, default=48, help="UNet width of the first block (then 2x, 2x, 2x)")
     p.add_argument("--text-width", type=int, default=64)
     p.add_argument("--text-layers", type=int, default=3)
@@ -76,6 +102,10 @@ def parse_args(argv=None):
     p.add_argument("--prediction", choices=("v_prediction", "epsilon"), default="v_prediction",
                    help="UNet target. v: from scratch, epsilon gives almost no gradient towards copying the "
                         "source at high noise (a 40-min epsilon run sampled flat red images; x0 error 1.17 at t=999)")
+
+
+def _add_attention_args(p):
+    """The cross-attention losses and silencing: grounding, padding drop, LIME's regularization, BOS sink."""
     p.add_argument("--attn-loss", type=float, default=0.0,
                    help="weight of the grounding loss on the content words' cross-attention (0: off; see grounding_loss)")
     p.add_argument("--pad-drop", type=float, default=0.0,
@@ -87,6 +117,10 @@ def parse_args(argv=None):
                    help="weight of the BOS-sink loss (0: off; see sink_loss): teaches the UNet to park attention on BOS")
     p.add_argument("--sink-share", type=float, default=0.7,
                    help="the BOS share of each pixel's cross-attention below which sink_loss penalises")
+
+
+def _add_continue_args(p):
+    """Starting from a saved pipeline and continuing its data."""
     p.add_argument("--init", default=None,
                    help="start from this saved pipeline (its VAE, UNet and text encoder) instead of from scratch; "
                         "use with --vae-steps 0 to keep its VAE")
@@ -96,6 +130,10 @@ def parse_args(argv=None):
     p.add_argument("--first-batch", type=int, default=0,
                    help="start each stage's data at this batch (with --init: continue on samples the starting "
                         "run never drew)")
+
+
+def _add_machine_args(p):
+    """Logging, threads, saved dtype, device, autocast and data workers."""
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--dtype", choices=("float32", "float16"), default="float16", help="dtype of the saved weights")
@@ -105,6 +143,10 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=int, default=0,
                    help="processes that draw and tokenize the batches (a 64x64 sample takes ~1 ms: at batch 256 "
                         "the data would take longer than an H200's step without them)")
+
+
+def _add_mode_args(p):
+    """Compact checkpoints and assembling them (device runs), and the smoke mode (tests)."""
     p.add_argument("--compact", action="store_true",
                    help="write a compact checkpoint to --out (fp16 safetensors per model, state.json, train.log: at "
                         "most 8 files of <= 15 MiB, what a device call can bring back) instead of the pipeline; "
@@ -116,7 +158,10 @@ def parse_args(argv=None):
                    help="no training: build the diffusers pipeline, loss curves and model card in --out from a "
                         "compact checkpoint folder")
     p.add_argument("--smoke", action="store_true", help="a few steps of each stage at tiny widths (tests)")
-    a = p.parse_args(argv)
+
+
+def _check_args(p, a):
+    """Exit through ``p.error`` on flags that do not go together."""
     if a.ckpt_minutes and not a.compact:
         p.error("--ckpt-minutes needs --compact")
     if a.vae_decoder_only and not a.init:
@@ -124,12 +169,14 @@ def parse_args(argv=None):
     if not (0 <= a.pad_drop and 0 <= a.lime_share and a.pad_drop + a.lime_share <= 1):
         p.error(f"--pad-drop {a.pad_drop} and --lime-share {a.lime_share}: shares of disjoint sets of samples, "
                 "each at least 0 and together at most 1")
-    if a.smoke:
-        a.width, a.text_width, a.text_layers, a.vae_width, a.batch = 16, 32, 1, 16, 4
-        a.vae_steps = 3 if a.vae_steps is None else a.vae_steps
-        a.unet_steps = 3 if a.unet_steps is None else a.unet_steps
-        a.warmup, a.log_every = 1, 1
-    return a
+
+
+def _apply_smoke(a):
+    """--smoke: tiny widths and batch, 3 steps per stage unless fixed, warmup and logging every step."""
+    a.width, a.text_width, a.text_layers, a.vae_width, a.batch = 16, 32, 1, 16, 4
+    a.vae_steps = 3 if a.vae_steps is None else a.vae_steps
+    a.unet_steps = 3 if a.unet_steps is None else a.unet_steps
+    a.warmup, a.log_every = 1, 1
 
 
 # --- models ---------------------------------------------------------------------------------------
@@ -203,6 +250,22 @@ def lr_at(step: int, total: int, base: float, warmup: int) -> float:
 
 def _steps_for(seconds: float, sec_per_step: float) -> int:
     return max(1, int(seconds / max(sec_per_step, 1e-6)))
+
+
+def _probe_total(curve: Curve, start: float, probe: int, budget_s: float, log, tag: str) -> int:
+    """The stage's step count from the speed of its first ``probe`` steps (started at ``start``, time.time()
+    seconds) and the ``budget_s`` seconds it has in all; logged as "[tag] s/step -> steps"."""
+    curve.flush()  # waits for the device: the probe's time is real
+    spent = time.time() - start
+    total = max(probe + 1, probe + _steps_for(budget_s - spent, spent / probe))
+    log(f"[{tag}] {spent / probe:.2f} s/step -> {total} steps")
+    return total
+
+
+def _set_lr(opt, lr: float) -> None:
+    """Set every parameter group's learning rate of ``opt`` to ``lr``."""
+    for g in opt.param_groups:
+        g["lr"] = lr
 
 
 # --- where and how: device, autocast, data -------------------------------------------------------
@@ -310,12 +373,8 @@ def train_vae(a, vae, budget_s, log, device=torch.device("cpu"), amp=False):
     data = batches(a, Batches(a.first_batch * a.batch, a.batch), device) if total != 0 else iter(())
     while total is None or step < total:
         if total is None and step == probe:  # fix the step count from the measured speed
-            curve.flush()  # waits for the device: the probe's time is real
-            spent = time.time() - start
-            total = max(probe + 1, probe + _steps_for(budget_s - spent, spent / probe))
-            log(f"[vae] {spent / probe:.2f} s/step -> {total} steps")
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, total or 10**9, a.vae_lr, min(a.warmup, 50))
+            total = _probe_total(curve, start, probe, budget_s, log, "vae")
+        _set_lr(opt, lr_at(step, total or 10**9, a.vae_lr, min(a.warmup, 50)))
         b = next(data)
         x = torch.cat([b["source"][: a.batch // 2], b["target"][a.batch // 2 :]])  # both halves of the data
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
@@ -455,122 +514,179 @@ def install_grounding(unet, state: dict) -> None:
     unet.set_attn_processor({k: GroundingAttn(state) if k.endswith("attn2.processor") else v for k, v in procs.items()})
 
 
+class Stage2:
+    """What stage 2's steps share: the run's arguments ``a``, the models (the VAE frozen), the trained
+    parameters (UNet then text encoder) with their optimiser and EMA copies (None: --ema 0), the noise
+    generator, the training noise's cumulative alphas ``acp`` [1000], the empty instruction's token ids
+    ``empty_ids`` [1, 77], GroundingAttn's ``state`` (installed on the UNet only when ``grounding``: any
+    attention flag is on) and the curves."""
+
+    def __init__(self, a, vae, unet, text_encoder, tokenizer, device, amp):
+        self.a, self.vae, self.unet, self.text_encoder, self.tokenizer = a, vae, unet, text_encoder, tokenizer
+        self.device, self.amp = device, amp
+        self.acp = training_alphas_cumprod().to(device)
+        self.params = list(unet.parameters()) + list(text_encoder.parameters())
+        self.opt = torch.optim.AdamW(self.params, lr=a.lr, weight_decay=1e-2)
+        self.ema = [p.detach().clone() for p in self.params] if a.ema > 0 else None
+        self.gen = torch.Generator(device).manual_seed(a.seed + 2)
+        self.empty_ids = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length,
+                                   return_tensors="pt").input_ids.to(device)
+        self.state = {"maps": []}
+        self.grounding = a.attn_loss > 0 or a.pad_drop > 0 or a.sink > 0 or a.lime_share > 0
+        if self.grounding:
+            install_grounding(unet, self.state)
+        self.curves = {"unet_eps": Curve(), "grounding": Curve(), "mass_in": Curve(), "bos_share": Curve()}
+
+
+def _stage2_curves(s: Stage2) -> dict:
+    """{"unet_eps", "grounding", "mass_in", "bos_share"} -> per-step floats (the last three empty without
+    GroundingAttn)."""
+    return {k: list(c.flush()) for k, c in s.curves.items()}
+
+
+def _noised_latents(s: Stage2, b: dict):
+    """(zt, z_src, t, target) of batch b: the noised target latents zt [B, 4, 16, 16] at timesteps t [B],
+    the source latents z_src (posterior mode, unscaled as InstructPix2Pix does) and the UNet's target
+    (the noise, or v for --prediction v_prediction)."""
+    B, gen, device = s.a.batch, s.gen, s.device
+    with torch.no_grad():
+        post = s.vae.encode(torch.cat([b["target"], b["source"]])).latent_dist
+        eps = torch.randn(post.mean[:B].shape, generator=gen, device=device)
+        z0 = (post.mean[:B] + post.std[:B] * eps) * s.vae.config.scaling_factor
+        z_src = post.mode()[B:]
+    noise = torch.randn(z0.shape, generator=gen, device=device)
+    t = torch.randint(0, 1000, (B,), generator=gen, device=device)
+    ac = s.acp[t].view(B, 1, 1, 1)
+    zt = ac.sqrt() * z0 + (1 - ac).sqrt() * noise
+    target = noise if s.a.prediction == "epsilon" else ac.sqrt() * noise - (1 - ac).sqrt() * z0
+    return zt, z_src, t, target
+
+
+def _conditioning_dropout(s: Stage2, z_src: torch.Tensor):
+    """(drop_text [B, 1, 1] bool, z_src with the dropped images zeroed). InstructPix2Pix's dropout, p each:
+    r < p drops the text only, p <= r < 2p both, 2p <= r < 3p the image only."""
+    B, p = s.a.batch, s.a.dropout
+    r = torch.rand(B, generator=s.gen, device=s.device)
+    drop_text = (r < 2 * p).view(B, 1, 1)
+    keep_image = ~((r >= p) & (r < 3 * p))
+    return drop_text, z_src * keep_image.view(B, 1, 1, 1).float()
+
+
+def _set_silencing(s: Stage2, b: dict, t: torch.Tensor, drop_text: torch.Tensor) -> torch.Tensor:
+    """Fill GroundingAttn's state for batch b (keep rows, --pad-drop and --lime-share samples) and return
+    the content weights [B, T] grounding_loss uses (zero for the samples whose text was dropped)."""
+    a, B, state, device = s.a, s.a.batch, s.state, s.device
+    ids = b["ids"]
+    T = ids.shape[1]
+    eos = (ids == s.tokenizer.eos_token_id).int().argmax(1)  # first EOS (CLIP pads with EOS)
+    state["keep"] = torch.arange(T, device=device)[None] <= eos[:, None]
+    u = torch.rand(B, generator=s.gen, device=device)
+    state["pad_drop"] = (u < a.pad_drop) & ~drop_text.view(B)
+    if a.lime_share > 0:  # every branch, the text-dropped ones too: the engine regularizes all three
+        lime = (u >= a.pad_drop) & (u < a.pad_drop + a.lime_share) & (t >= LIME_MIN_T)
+        # a LIME sample's keep row matters only where lime_roi silences, so it can replace the padding rule
+        state["keep"] = torch.where(lime[:, None], b["lime_keep"], state["keep"])
+        state["lime_roi"] = lime_rois(lime, b["mask"])
+    state["all"] = torch.arange(B, device=device)
+    state["maps"].clear()
+    return b["content"] * (~drop_text.view(B, 1)).float()
+
+
+def _predict(s: Stage2, ids, drop_text, zt, z_src, t) -> torch.Tensor:
+    """The UNet's prediction [B, 4, 16, 16] on [zt, z_src], the text of the drop_text samples replaced by
+    the empty instruction's."""
+    B = s.a.batch
+    with torch.autocast(s.device.type, dtype=torch.bfloat16, enabled=s.amp):
+        emb = s.text_encoder(torch.cat([ids, s.empty_ids]))[0]
+        emb, empty = emb[:B], emb[B:]
+        emb = torch.where(drop_text, empty.expand_as(emb), emb)
+        return s.unet(torch.cat([zt, z_src], 1), t, encoder_hidden_states=emb).sample
+
+
+def _add_attention_losses(s: Stage2, loss: torch.Tensor, mask: torch.Tensor, content: torch.Tensor) -> torch.Tensor:
+    """``loss`` plus the weighted grounding and sink losses on the cross-attention maps GroundingAttn kept
+    this step (mask [B, 64, 64] bool true edit region, content [B, T]); their values go to the curves."""
+    maps = [m.float() for m in s.state["maps"]]
+    s.state["maps"].clear()
+    g_loss, mass = grounding_loss(maps, mask, content)
+    s_loss, bos = sink_loss(maps, s.a.sink_share)
+    s.curves["grounding"].add(g_loss)
+    s.curves["mass_in"].add(mass)
+    s.curves["bos_share"].add(bos)
+    if s.a.attn_loss > 0:
+        loss = loss + s.a.attn_loss * g_loss
+    if s.a.sink > 0:
+        loss = loss + s.a.sink * s_loss
+    return loss
+
+
+def _unet_step(s: Stage2, b: dict, step: int) -> None:
+    """One optimiser step of stage 2 on batch b (the learning rate already set), then the EMA update."""
+    zt, z_src, t, target = _noised_latents(s, b)
+    drop_text, z_src = _conditioning_dropout(s, z_src)
+    content = _set_silencing(s, b, t, drop_text) if s.grounding else None
+    pred = _predict(s, b["ids"], drop_text, zt, z_src, t)
+    mse = F.mse_loss(pred.float(), target)
+    loss = _add_attention_losses(s, mse, b["mask"], content) if s.grounding else mse
+    s.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(s.params, 1.0)
+    s.opt.step()
+    if s.ema is not None:
+        d = min(s.a.ema, (1 + step) / (10 + step))  # small at first: the EMA does not hold on to the initial weights
+        with torch.no_grad():
+            torch._foreach_lerp_(s.ema, [q.detach() for q in s.params], 1 - d)
+    s.curves["unet_eps"].add(mse)
+
+
+def _log_unet(s: Stage2, step: int, start: float, log) -> None:
+    """The log line of ``step``: the losses' means over the last --log-every steps, lr, seconds since ``start``."""
+    a, c = s.a, s.curves
+    extra = (f" grounding {c['grounding'].recent(a.log_every):.4f} mass in {c['mass_in'].recent(a.log_every):.3f}"
+             f" BOS {c['bos_share'].recent(a.log_every):.3f}") if s.grounding else ""
+    log(f"[unet] step {step:5d} loss {c['unet_eps'].recent(a.log_every):.4f}{extra} lr {s.opt.param_groups[0]['lr']:.2e}"
+        f"  {time.time() - start:7.1f}s")
+
+
+def _stage2_finish(s: Stage2) -> None:
+    """The EMA weights into the models, diffusers' attention processors back, both models in eval mode."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    if s.ema is not None:
+        with torch.no_grad():
+            for p_, e in zip(s.params, s.ema):
+                p_.copy_(e)
+    if s.grounding:
+        s.unet.set_attn_processor(AttnProcessor2_0())
+    s.unet.eval()
+    s.text_encoder.eval()
+
+
 def train_unet(a, vae, unet, text_encoder, tokenizer, budget_s, log, device=torch.device("cpu"), amp=False, checkpoint=None):
     """Stage 2 -> (curves {"unet_eps", "grounding", "mass_in", "bos_share"}, steps, seconds).
     ``checkpoint(step, total, weights, curves)``, if given, is called every ``--ckpt-minutes`` with the EMA
     weights (the parameters' order)."""
-    from diffusers.models.attention_processor import AttnProcessor2_0
-
-    acp = training_alphas_cumprod().to(device)
-    sf = vae.config.scaling_factor
-    params = list(unet.parameters()) + list(text_encoder.parameters())
-    opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=1e-2)
-    ema = [p.detach().clone() for p in params] if a.ema > 0 else None
-    gen = torch.Generator(device).manual_seed(a.seed + 2)
-    empty_ids = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt").input_ids.to(device)
-    state = {"maps": []}
-    grounding = a.attn_loss > 0 or a.pad_drop > 0 or a.sink > 0 or a.lime_share > 0
-    if grounding:
-        install_grounding(unet, state)
-    attn_curve, mass_curve, bos_curve = Curve(), Curve(), Curve()
+    s = Stage2(a, vae, unet, text_encoder, tokenizer, device, amp)
     total = a.unet_steps
     start = last_ckpt = time.time()
-    curve, step, probe = Curve(), 0, max(3, min(10, a.warmup))
+    step, probe = 0, max(3, min(10, a.warmup))
     unet.train()
     text_encoder.train()
-
-    def stage2_curves():
-        return {"unet_eps": list(curve.flush()), "grounding": list(attn_curve.flush()), "mass_in": list(mass_curve.flush()),
-                "bos_share": list(bos_curve.flush())}
-
-    data = batches(a, Batches(SEED_STRIDE + a.first_batch * a.batch, a.batch, tokenizer, content=grounding), device) if total != 0 else iter(())
+    first = SEED_STRIDE + a.first_batch * a.batch  # stage 2's seeds lie SEED_STRIDE after stage 1's
+    data = batches(a, Batches(first, a.batch, tokenizer, content=s.grounding), device) if total != 0 else iter(())
     while total is None or step < total:
         if total is None and step == probe:
-            curve.flush()  # waits for the device: the probe's time is real
-            spent = time.time() - start
-            total = max(probe + 1, probe + _steps_for(budget_s - spent, spent / probe))
-            log(f"[unet] {spent / probe:.2f} s/step -> {total} steps")
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, total or 10**9, a.lr, a.warmup)
-        b = next(data)
-        B = a.batch
-        with torch.no_grad():
-            post = vae.encode(torch.cat([b["target"], b["source"]])).latent_dist
-            z0 = (post.mean[:B] + post.std[:B] * torch.randn(post.mean[:B].shape, generator=gen, device=device)) * sf
-            z_src = post.mode()[B:]  # unscaled, as InstructPix2Pix does
-        noise = torch.randn(z0.shape, generator=gen, device=device)
-        t = torch.randint(0, 1000, (B,), generator=gen, device=device)
-        ac = acp[t].view(B, 1, 1, 1)
-        zt = ac.sqrt() * z0 + (1 - ac).sqrt() * noise
-
-        ids = b["ids"]
-        r = torch.rand(B, generator=gen, device=device)
-        p = a.dropout
-        drop_text = (r < 2 * p).view(B, 1, 1)
-        keep_image = ~((r >= p) & (r < 3 * p))
-        z_src = z_src * keep_image.view(B, 1, 1, 1).float()
-
-        if grounding:
-            T = ids.shape[1]
-            eos = (ids == tokenizer.eos_token_id).int().argmax(1)  # first EOS (CLIP pads with EOS)
-            state["keep"] = torch.arange(T, device=device)[None] <= eos[:, None]
-            u = torch.rand(B, generator=gen, device=device)
-            state["pad_drop"] = (u < a.pad_drop) & ~drop_text.view(B)
-            if a.lime_share > 0:  # every branch, the text-dropped ones too: the engine regularizes all three
-                lime = (u >= a.pad_drop) & (u < a.pad_drop + a.lime_share) & (t >= LIME_MIN_T)
-                # a LIME sample's keep row matters only where lime_roi silences, so it can replace the padding rule
-                state["keep"] = torch.where(lime[:, None], b["lime_keep"], state["keep"])
-                state["lime_roi"] = lime_rois(lime, b["mask"])
-            state["all"] = torch.arange(B, device=device)
-            state["maps"].clear()
-            content = b["content"] * (~drop_text.view(B, 1)).float()
-
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            emb = text_encoder(torch.cat([ids, empty_ids]))[0]
-            emb, empty = emb[:B], emb[B:]
-            emb = torch.where(drop_text, empty.expand_as(emb), emb)
-            pred = unet(torch.cat([zt, z_src], 1), t, encoder_hidden_states=emb).sample
-        target = noise if a.prediction == "epsilon" else ac.sqrt() * noise - (1 - ac).sqrt() * z0
-        mse = F.mse_loss(pred.float(), target)
-        loss = mse
-        if grounding:
-            maps = [m.float() for m in state["maps"]]
-            state["maps"].clear()
-            g_loss, mass = grounding_loss(maps, b["mask"], content)
-            s_loss, bos = sink_loss(maps, a.sink_share)
-            attn_curve.add(g_loss)
-            mass_curve.add(mass)
-            bos_curve.add(bos)
-            if a.attn_loss > 0:
-                loss = loss + a.attn_loss * g_loss
-            if a.sink > 0:
-                loss = loss + a.sink * s_loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        if ema is not None:
-            d = min(a.ema, (1 + step) / (10 + step))
-            with torch.no_grad():
-                torch._foreach_lerp_(ema, [q.detach() for q in params], 1 - d)
-        curve.add(mse)
+            total = _probe_total(s.curves["unet_eps"], start, probe, budget_s, log, "unet")
+        _set_lr(s.opt, lr_at(step, total or 10**9, a.lr, a.warmup))
+        _unet_step(s, next(data), step)
         if step % a.log_every == 0 or step == (total or 0) - 1:
-            extra = (f" grounding {attn_curve.recent(a.log_every):.4f} mass in {mass_curve.recent(a.log_every):.3f}"
-                     f" BOS {bos_curve.recent(a.log_every):.3f}") if grounding else ""
-            log(f"[unet] step {step:5d} loss {curve.recent(a.log_every):.4f}{extra} lr {opt.param_groups[0]['lr']:.2e}  {time.time() - start:7.1f}s")
+            _log_unet(s, step, start, log)
         step += 1
         if checkpoint is not None and a.ckpt_minutes > 0 and time.time() - last_ckpt > 60 * a.ckpt_minutes:
-            checkpoint(step, total, ema if ema is not None else params, stage2_curves())
+            checkpoint(step, total, s.ema if s.ema is not None else s.params, _stage2_curves(s))
             last_ckpt = time.time()
-    if ema is not None:
-        with torch.no_grad():
-            for p_, e in zip(params, ema):
-                p_.copy_(e)
-    if grounding:
-        unet.set_attn_processor(AttnProcessor2_0())
-    unet.eval()
-    text_encoder.eval()
-    return stage2_curves(), step, time.time() - start
+    _stage2_finish(s)
+    return _stage2_curves(s), step, time.time() - start
 
 
 # --- outputs --------------------------------------------------------------------------------------
@@ -639,7 +755,8 @@ def _reproduce_block(folder: Path) -> str:
     return body[: body.find("```")].strip()
 
 
-def write_card(out: Path, info: dict):
+def _card_command(info: dict) -> str:
+    """The card's reproduce command: with --init, the starting checkpoint's own command(s) first, numbered."""
     cmd = info["command"]
     if info.get("init"):  # the chain: the starting checkpoint's own command(s) first
         before = _reproduce_block(Path(info["init"]))
@@ -651,9 +768,14 @@ def write_card(out: Path, info: dict):
             cmd = f"{before}\n# {k + 1}. this model\n{cmd}"
         elif before:
             cmd = f"# 1. the starting checkpoint ({info['init']}), as its model card states\n{before}\n# 2. this model\n{cmd}"
-    grounding = ""
+    return cmd
+
+
+def _attention_notes(info: dict) -> str:
+    """The card's training bullets on the attention flags (grounding and padding drop, BOS sink, LIME share)."""
+    notes = ""
     if info["attn_loss"] > 0 or info["pad_drop"] > 0:
-        grounding = f"""
+        notes = f"""
 - grounding (so that LIME can use the model): weight {info['attn_loss']} on a token-level grounding
   loss, the mean over cross-attention layers and content words (lime_fast.tokens) of (1 - m)^2, m the
   share of the word's head-averaged attention map inside the true edit region (TokenCompose-style);
@@ -661,39 +783,78 @@ def write_card(out: Path, info: dict):
   after EOS hidden from the cross-attention of {info['pad_drop']:.0%} of the captioned samples, so
   the words, not the padding, carry the instruction."""
     if info.get("sink", 0) > 0:
-        grounding += f"""
+        notes += f"""
 - BOS sink: weight {info['sink']} on the mean over cross-attention layers and pixels of
   relu({info['sink_share']} - p_BOS)^2 (`sink_loss`), so that BOS, the same for every instruction, is a
   no-op the UNet parks attention on, as Stable Diffusion's does; BOS share at the end {info['bos_final']:.3f}
   (last 100 steps, all pixels, layers and heads)."""
     if info.get("lime_share", 0) > 0:
-        grounding += f"""
+        notes += f"""
 - trained under LIME's regularization on {info['lime_share']:.0%} of the samples (`--lime-share`): at
   levels {', '.join(map(str, LIME_LEVELS))}, for timesteps {LIME_MIN_T}-999, the pixels inside the true edit region attend only to
   the tokens LIME keeps (BOS, stop words and padding silenced), in every conditioning-dropout branch,
   as the engine's regularized edit does; the rest of the samples are trained as before. LIME's
   regularization is therefore something this model has seen, not only a change at sampling time."""
-    partial = (f"\n- **a checkpoint written at step {info['partial']} of the {info['unet_steps']}-step schedule** (the run "
-               "was cut off before its end; the reproduce command runs the whole schedule)") if info.get("partial") else ""
+    return notes
+
+
+def _partial_note(info: dict) -> str:
+    """' a checkpoint written at step ...' for a run cut off before its end ('' otherwise)."""
+    return (f"\n- **a checkpoint written at step {info['partial']} of the {info['unet_steps']}-step schedule** (the run "
+            "was cut off before its end; the reproduce command runs the whole schedule)") if info.get("partial") else ""
+
+
+def _start_note(info: dict) -> str:
+    """'- started from ...' (with --init: what of its VAE was kept; '' otherwise)."""
     kept = " (its VAE kept)" if info["vae_steps"] == 0 else " (its VAE encoder kept)" if info.get("vae_decoder_only") else ""
-    start = f"\n- started from `{info['init']}`{kept}" if info.get("init") else ""
+    return f"\n- started from `{info['init']}`{kept}" if info.get("init") else ""
+
+
+def _stage1_line(info: dict) -> str:
+    """The card's stage 1 bullet (without its '- ')."""
+    if not info["vae_steps"]:
+        return "stage 1 (VAE): none, the starting checkpoint's VAE is kept"
+    loss = " decoder only, the encoder kept, L1 + L2" if info.get("vae_decoder_only") else ", L1 + L2 + 1e-6 KL"
+    return (f"stage 1 (VAE{loss}, lr {info['vae_lr']}): {info['vae_steps']} steps, {info['vae_seconds']:.0f} s, "
+            f"final reconstruction loss {info['vae_final']:.4f}")
+
+
+def _stage2_line(info: dict) -> str:
+    """The card's stage 2 bullet (without its '- ')."""
+    if not info["unet_steps"]:
+        return "stage 2 (UNet + text encoder): none, the starting checkpoint's are kept"
+    return (f"stage 2 (UNet + text encoder, {info['prediction']} MSE, lr {info['lr']} warmup {info['warmup']} + cosine to "
+            f"10%, EMA {info['ema']},\n  conditioning dropout {info['dropout']} text / {info['dropout']} both / "
+            f"{info['dropout']} image): {info['unet_steps']} steps,\n  {info['unet_seconds']:.0f} s, final loss "
+            f"{info['unet_final']:.4f} (mean of the last 100 steps)")
+
+
+def _seeds_line(info: dict) -> str:
+    """The sample seeds each stage drew: 'VAE stage seeds a..b, UNet stage seeds c..d'."""
+    first, n = info.get("first_batch", 0) * info["batch"], info["batch"]
+    vae = f"VAE stage seeds {first}..{first + info['vae_steps'] * n - 1}, " if info['vae_steps'] else ""
+    unet = (f"UNet stage seeds {SEED_STRIDE + first}..{SEED_STRIDE + first + info['unet_steps'] * n - 1}"
+            if info['unet_steps'] else "no UNet stage")
+    return vae + unet
+
+
+def write_card(out: Path, info: dict):
+    """Write ``out``/README.md, the model card of a run (``info``: run_info's dict)."""
+    cmd = _card_command(info)
     runs = cmd.count("python scripts/train_shapes.py")
-    stage2 = (f"stage 2 (UNet + text encoder, {info['prediction']} MSE, lr {info['lr']} warmup {info['warmup']} + cosine to "
-              f"10%, EMA {info['ema']},\n  conditioning dropout {info['dropout']} text / {info['dropout']} both / "
-              f"{info['dropout']} image): {info['unet_steps']} steps,\n  {info['unet_seconds']:.0f} s, final loss "
-              f"{info['unet_final']:.4f} (mean of the last 100 steps)") if info["unet_steps"] else \
-        "stage 2 (UNet + text encoder): none, the starting checkpoint's are kept"
-    first = info.get("first_batch", 0) * info["batch"]
+    trained = f"in {runs} runs" if runs > 1 else "from scratch"
+    where = "on the CPU" if "threads" in info["machine"] else "on a GPU"
+    attention = _attention_notes(info)  # formatted even without a stage 2, so an info missing its keys fails as before
     text = f"""# shapes-ip2p: a small InstructPix2Pix-layout model trained on synthetic shapes
 
-Trained {f"in {runs} runs" if runs > 1 else "from scratch"} {"on the CPU" if "threads" in info["machine"] else "on a GPU"} by `scripts/train_shapes.py` on `lime_fast.testing.shapes` data, so that
+Trained {trained} {where} by `scripts/train_shapes.py` on `lime_fast.testing.shapes` data, so that
 lime_fast's edit quality can be checked offline. Not a general image editor.
 
 ## Data
 `lime_fast.testing.shapes.make_sample(seed, size={SIZE})`: {SIZE}x{SIZE} images of 2-4 flat-coloured shapes (circle,
 square, triangle, star, diamond) on plain or textured backgrounds; edits recolour one object, recolour all
 objects of one shape, or change the background, phrased in many ways. Fresh samples every step:
-{f"VAE stage seeds {first}..{first + info['vae_steps'] * info['batch'] - 1}, " if info['vae_steps'] else ""}{f"UNet stage seeds {SEED_STRIDE + first}..{SEED_STRIDE + first + info['unet_steps'] * info['batch'] - 1}" if info['unet_steps'] else "no UNet stage"}.
+{_seeds_line(info)}.
 
 ## Model
 | component | parameters | notes |
@@ -707,9 +868,9 @@ scaled_linear 0.00085..0.012, 1000 steps. Weights saved as {info['dtype']} safet
 
 ## Training
 - seed {info['seed']}, batch {info['batch']}, AdamW, threads {info['threads']}
-- {f"stage 1 (VAE{' decoder only, the encoder kept, L1 + L2' if info.get('vae_decoder_only') else ', L1 + L2 + 1e-6 KL'}, lr {info['vae_lr']}): {info['vae_steps']} steps, {info['vae_seconds']:.0f} s, final reconstruction loss {info['vae_final']:.4f}" if info['vae_steps'] else "stage 1 (VAE): none, the starting checkpoint's VAE is kept"}
-- {stage2}{start}{grounding if info['unet_steps'] else ""}
-- total time {info['total_seconds'] / 60:.1f} min on: {info['machine']}{partial}
+- {_stage1_line(info)}
+- {_stage2_line(info)}{_start_note(info)}{attention if info['unet_steps'] else ""}
+- total time {info['total_seconds'] / 60:.1f} min on: {info['machine']}{_partial_note(info)}
 - VAE reconstruction PSNR (posterior mean, held-out seeds 5,000,000+): {info.get('vae_psnr', float('nan')):.2f} dB
 
 ![loss curves](loss.png)
@@ -859,7 +1020,110 @@ def assemble(a) -> Path:
     return out
 
 
+class Run:
+    """One training run: its arguments, device and bf16 autocast, log function, start (time.time()
+    seconds), tokenizer, models (built, or loaded from --init, on ``device``) and their parameter counts,
+    and stage 1's results once ``_stage1`` ran (the VAE's curve, steps, seconds and scaling_factor)."""
+
+    def __init__(self, a, device, amp, log):
+        from lime_fast.clip_bpe import clip_tokenizer
+
+        self.a, self.device, self.amp, self.log = a, device, amp, log
+        self.t0 = time.time()
+        self.tokenizer = clip_tokenizer()
+        vae, unet, text_encoder = load_models(a.init) if a.init else build_models(a, self.tokenizer)
+        self.vae, self.unet, self.text_encoder = vae.to(device), unet.to(device), text_encoder.to(device)
+        self.params = {name: n_params(m) for name, m in
+                       (("vae", self.vae), ("unet", self.unet), ("text_encoder", self.text_encoder))}
+        log(f"parameters: {self.params}; device {device}, bf16 autocast {amp}, {a.workers} data workers")
+        self.vae_curve, self.vae_steps, self.vae_s, self.sf = [], 0, 0.0, float("nan")
+
+
+def _open_log(path: Path):
+    """(log, file): ``log(msg)`` prints msg and appends it to ``path`` (flushed, so a cut-off run keeps it)."""
+    log_file = open(path, "w")
+
+    def log(msg):
+        print(msg, flush=True)
+        log_file.write(msg + "\n")
+        log_file.flush()
+
+    return log, log_file
+
+
+def _stage1(run: Run, budget_s: float) -> None:
+    """Stage 1 (the VAE, --vae-frac of ``budget_s`` seconds), then the latents' scaling_factor into the VAE's
+    config (kept as loaded when --init's latents stay)."""
+    a, vae = run.a, run.vae
+    run.vae_curve, run.vae_steps, run.vae_s = train_vae(a, vae, budget_s * a.vae_frac, run.log, run.device, run.amp)
+    if a.init and (run.vae_steps == 0 or a.vae_decoder_only):  # the loaded latents: keep their measured scaling factor
+        run.sf = float(vae.config.scaling_factor)
+    else:
+        run.sf = measure_scaling(vae, n=64 if a.smoke else 512, device=run.device)
+        vae.register_to_config(scaling_factor=run.sf)
+    run.log(f"scaling_factor {run.sf:.4f}")
+
+
+def run_info(run: Run, unet_steps: int, unet_s: float, curves: dict, psnr: float = float("nan")) -> dict:
+    """What the model card and state.json record: the arguments, sizes, step counts, seconds, final losses
+    (means of the last 100 steps), machine and the reproduce command."""
+    def final(k):  # nan for a curve that is empty, or absent from a checkpoint older than the curve
+        return float(np.mean(curves[k][-100:])) if curves.get(k) else float("nan")
+
+    return dict(
+        vars(run.a),
+        params=run.params,
+        vae_steps=run.vae_steps,
+        unet_steps=unet_steps,
+        vae_seconds=run.vae_s,
+        unet_seconds=unet_s,
+        total_seconds=time.time() - run.t0,
+        scaling_factor=run.sf,
+        vae_final=final("vae_rec"),
+        vae_psnr=psnr,
+        grounding_final=final("grounding"),
+        mass_final=final("mass_in"),
+        bos_final=final("bos_share"),
+        unet_final=final("unet_eps"),
+        unet_widths=tuple(run.unet.config.block_out_channels),
+        machine=machine(run.a, run.device),
+        command=reproduce_command(run.a, run.vae_steps, unet_steps),
+    )
+
+
+def _checkpointer(run: Run, out: Path):
+    """With --compact and --ckpt-minutes: train_unet's ``checkpoint(step, total, weights, stage2 curves)``,
+    which writes a compact checkpoint marked incomplete to ``out`` (weights: the UNet's then the text
+    encoder's parameters, in named_parameters order); otherwise None."""
+    a, unet, text_encoder = run.a, run.unet, run.text_encoder
+    if not (a.compact and a.ckpt_minutes > 0):
+        return None
+    names = ([("unet", n) for n, _ in unet.named_parameters()]
+             + [("text_encoder", n) for n, _ in text_encoder.named_parameters()])
+
+    def write_checkpoint(step, total, weights, stage2):
+        over = {"unet": {}, "text_encoder": {}}
+        for (m, n), w in zip(names, weights):
+            over[m][n] = w
+        curves = {"vae_rec": run.vae_curve, **stage2}
+        info = run_info(run, total, time.time() - run.t0 - run.vae_s, curves)
+        models = {"vae": run.vae, "unet": (unet, over["unet"]), "text_encoder": (text_encoder, over["text_encoder"])}
+        save_compact(out, models, {"complete": False, "step": step, "curves": curves, "info": info}, run.log)
+
+    return write_checkpoint
+
+
+def _save(run: Run, out: Path, curves: dict, info: dict) -> None:
+    """The trained models into ``out``: a compact checkpoint (--compact), else the pipeline and model card."""
+    if run.a.compact:
+        save_compact(out, {"vae": run.vae, "unet": run.unet, "text_encoder": run.text_encoder},
+                     {"complete": True, "step": info["unet_steps"], "curves": curves, "info": info}, run.log)
+    else:
+        write_pipeline(run.a, out, run.vae, run.unet, run.text_encoder, run.tokenizer, curves, info)
+
+
 def main(argv=None) -> Path:
+    """Train (or with --assemble, assemble) as the command line says -> the output folder."""
     a = parse_args(argv)
     torch.set_num_threads(a.threads)
     if a.assemble:
@@ -869,79 +1133,18 @@ def main(argv=None) -> Path:
     device, amp = device_and_amp(a)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    log_file = open(out / "train.log", "w")
-
-    def log(msg):
-        print(msg, flush=True)
-        log_file.write(msg + "\n")
-        log_file.flush()
-
-    from lime_fast.clip_bpe import clip_tokenizer
-
-    t0 = time.time()
-    tokenizer = clip_tokenizer()
-    vae, unet, text_encoder = load_models(a.init) if a.init else build_models(a, tokenizer)
-    vae, unet, text_encoder = vae.to(device), unet.to(device), text_encoder.to(device)
-    params = {"vae": n_params(vae), "unet": n_params(unet), "text_encoder": n_params(text_encoder)}
-    log(f"parameters: {params}; device {device}, bf16 autocast {amp}, {a.workers} data workers")
+    log, log_file = _open_log(out / "train.log")
+    run = Run(a, device, amp, log)
     budget = a.minutes * 60.0
-    vae_curve, vae_steps, vae_s = train_vae(a, vae, budget * a.vae_frac, log, device, amp)
-    if a.init and (vae_steps == 0 or a.vae_decoder_only):  # the loaded latents: keep their measured scaling factor
-        sf = float(vae.config.scaling_factor)
-    else:
-        sf = measure_scaling(vae, n=64 if a.smoke else 512, device=device)
-        vae.register_to_config(scaling_factor=sf)
-    log(f"scaling_factor {sf:.4f}")
-
-    def info_at(vae_steps, unet_steps, unet_s, curves, psnr=float("nan")):
-        def final(k):  # nan for a curve that is empty, or absent from a checkpoint older than the curve
-            return float(np.mean(curves[k][-100:])) if curves.get(k) else float("nan")
-
-        return dict(
-            vars(a),
-            params=params,
-            vae_steps=vae_steps,
-            unet_steps=unet_steps,
-            vae_seconds=vae_s,
-            unet_seconds=unet_s,
-            total_seconds=time.time() - t0,
-            scaling_factor=sf,
-            vae_final=final("vae_rec"),
-            vae_psnr=psnr,
-            grounding_final=final("grounding"),
-            mass_final=final("mass_in"),
-            bos_final=final("bos_share"),
-            unet_final=final("unet_eps"),
-            unet_widths=tuple(unet.config.block_out_channels),
-            machine=machine(a, device),
-            command=reproduce_command(a, vae_steps, unet_steps),
-        )
-
-    checkpoint = None
-    if a.compact and a.ckpt_minutes > 0:
-        names = [("unet", n) for n, _ in unet.named_parameters()] + [("text_encoder", n) for n, _ in text_encoder.named_parameters()]
-
-        def write_checkpoint(step, total, weights, stage2):
-            over = {"unet": {}, "text_encoder": {}}
-            for (m, n), w in zip(names, weights):
-                over[m][n] = w
-            curves = {"vae_rec": vae_curve, **stage2}
-            state = {"complete": False, "step": step, "curves": curves, "info": info_at(vae_steps, total, time.time() - t0 - vae_s, curves)}
-            save_compact(out, {"vae": vae, "unet": (unet, over["unet"]), "text_encoder": (text_encoder, over["text_encoder"])}, state, log)
-
-        checkpoint = write_checkpoint
-
-    stage2, unet_steps, unet_s = train_unet(
-        a, vae, unet, text_encoder, tokenizer, budget - (time.time() - t0), log, device, amp, checkpoint)
-    psnr = vae_psnr(vae, n=32 if a.smoke else 512, device=device)
+    _stage1(run, budget)
+    checkpoint = _checkpointer(run, out)
+    stage2, unet_steps, unet_s = train_unet(a, run.vae, run.unet, run.text_encoder, run.tokenizer,
+                                            budget - (time.time() - run.t0), log, device, amp, checkpoint)
+    psnr = vae_psnr(run.vae, n=32 if a.smoke else 512, device=device)
     log(f"VAE reconstruction PSNR on held-out pictures: {psnr:.2f} dB")
-    curves = {"vae_rec": vae_curve, **stage2}
-    info = info_at(vae_steps, unet_steps, unet_s, curves, psnr)
-    if a.compact:
-        save_compact(out, {"vae": vae, "unet": unet, "text_encoder": text_encoder},
-                     {"complete": True, "step": unet_steps, "curves": curves, "info": info}, log)
-    else:
-        write_pipeline(a, out, vae, unet, text_encoder, tokenizer, curves, info)
+    curves = {"vae_rec": run.vae_curve, **stage2}
+    info = run_info(run, unet_steps, unet_s, curves, psnr)
+    _save(run, out, curves, info)
     log(f"saved to {out} in {info['total_seconds']:.0f} s")
     log_file.close()
     return out
