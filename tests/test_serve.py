@@ -1,6 +1,8 @@
-"""lime-fast serve: the batcher (with a fake engine), the HTTP service on loopback (real uvicorn, real
-HTTP client) with the shipped shapes model, its refusals, the command line, and the page in headless
-Chromium (skipped when Debian's chromium and chromium-driver are not installed)."""
+"""lime-fast serve's app (lime_fast.serve.app): the routes over HTTP on loopback (real uvicorn, real HTTP
+client) with a fake engine and with the shipped shapes model, its refusals, the command line, the page
+in headless Chromium (skipped when Debian's chromium and chromium-driver are not installed), and the
+request handling's plain functions. The batcher, the warnings capture and the process rules have their
+own files (test_serve_batcher.py, test_serve_warnings_capture.py, test_serve_server.py)."""
 
 import asyncio
 import base64
@@ -26,11 +28,8 @@ pytest.importorskip("fastapi", reason="the serve extra is not installed: pip ins
 httpx = pytest.importorskip("httpx", reason="the tests' HTTP client is not installed: pip install httpx")
 uvicorn = pytest.importorskip("uvicorn")
 
-from lime_fast.config import EditConfig  # noqa: E402
-from lime_fast.engine import EditResult  # noqa: E402
-from lime_fast.errors import EditCancelled  # noqa: E402
-from lime_fast.serve.app import ServeConfig, create_app  # noqa: E402
-from lime_fast.serve.batcher import Batcher, QueueFull  # noqa: E402
+from lime_fast.serve.app import RateLimiter, ServeConfig, create_app  # noqa: E402
+from lime_fast.testing.fakes import FakeEngine, WarningEngine, hold, picture, wait_until  # noqa: E402
 from lime_fast.serve.uploads import BadRequest, parse_field  # noqa: E402
 from lime_fast.testing.shapes import make_sample  # noqa: E402
 
@@ -80,61 +79,6 @@ def metric(text: str, name: str) -> float:
     return float(m.group(1))
 
 
-# --- a fake engine for the batcher and the fault tests ------------------------------------------
-class FakeEngine:
-    """``edit_batch`` that returns each input as its 'edit' and records the batches it was given.
-
-    gate: edits block until it is set (to hold a batch 'running'). delay: seconds per call.
-    fail_on: an instruction that makes the whole batch raise ValueError.
-    """
-
-    multiple = 32
-
-    def __init__(self, delay=0.0, fail_on=None):
-        self.default_config = EditConfig(steps=4)
-        self.delay, self.fail_on = delay, fail_on
-        self.calls: list[list[str]] = []
-        self.seeds: list[list[int] | None] = []
-        self.gate = threading.Event()
-        self.gate.set()
-        self.active = self.max_active = 0
-        self.steps, self.stopped = 10, 0
-        self._lock = threading.Lock()
-
-    def edit_batch(self, images, instructions, masks=None, seeds=None, progress=False, config=None, should_stop=None):
-        with self._lock:
-            self.active += 1
-            self.max_active = max(self.max_active, self.active)
-            self.calls.append(list(instructions))
-            self.seeds.append(None if seeds is None else list(seeds))
-        try:
-            assert self.gate.wait(30), "test gate never opened"
-            for _ in range(self.steps):  # 'UNet steps' of delay / steps seconds each, as the engine asks should_stop
-                time.sleep(self.delay / self.steps)
-                if should_stop is not None and should_stop():
-                    self.stopped += 1
-                    raise EditCancelled("stopped")
-            if self.fail_on in instructions:
-                raise ValueError(f"cannot edit {self.fail_on!r}")
-            return [EditResult(image=im, roi_mask=np.zeros((im.height, im.width), bool), roi_grid=np.zeros((4, 4), bool),
-                               segments=None, heatmap=None, tokens=[s], silenced=[], instruction=s, input_image=im,
-                               timings={"total": self.delay}, unet_evals=1) for im, s in zip(images, instructions)]
-        finally:
-            with self._lock:
-                self.active -= 1
-
-
-def picture(size=(64, 64), value=0):
-    return PIL.Image.new("RGB", size, (value, 0, 0))
-
-
-def wait_until(cond, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.005)
-
-
 async def async_wait_until(cond, timeout=10.0):
     deadline = time.monotonic() + timeout
     while not cond():
@@ -142,231 +86,7 @@ async def async_wait_until(cond, timeout=10.0):
         await asyncio.sleep(0.005)
 
 
-@pytest.fixture
-def fake():
-    return FakeEngine()
-
-
-def hold(batcher, engine, name="blocker"):
-    """Occupy the worker with one batch that waits on the engine's gate; returns its job."""
-    engine.gate.clear()
-    job = batcher.submit(picture(), name, None, engine.default_config)
-    wait_until(lambda: engine.active == 1)
-    return job
-
-
-# --- the batcher ----------------------------------------------------------------------------------
-def test_batcher_groups_by_working_size_and_config(fake):
-    b = Batcher([fake], max_batch=8, window_s=0.0).start()
-    try:
-        hold(b, fake)
-        cfg, other = fake.default_config, fake.default_config.replace(text_guidance=2.5)
-        jobs = [b.submit(picture((64, 64)), "a1", None, cfg),
-                b.submit(picture((96, 96)), "b1", None, cfg),           # another working size (96 -> 96)
-                b.submit(picture((65, 63)), "a2", None, cfg),           # rounds to 64 x 64: same batch as a1
-                b.submit(picture((64, 64)), "c1", None, other),         # another config
-                b.submit(picture((64, 64)), "a3", None, cfg.replace(seed=7))]  # another seed: same batch, own seed
-        fake.gate.set()
-        results = [j.future.result(10) for j in jobs]
-    finally:
-        b.stop()
-    assert fake.calls == [["blocker"], ["a1", "a2", "a3"], ["b1"], ["c1"]]  # oldest key first, each key together
-    assert fake.seeds[1] == [cfg.seed, cfg.seed, 7]  # edit_batch gets one seed per edit
-    assert [r.instruction for r in results] == ["a1", "b1", "a2", "c1", "a3"]
-    assert [j.batch_size for j in jobs] == [3, 1, 3, 1, 3]
-
-
-def test_batcher_window_collects_close_arrivals_only(fake):
-    b = Batcher([fake], max_batch=8, window_s=0.5).start()
-    try:
-        first = b.submit(picture(), "w1", None, fake.default_config)
-        time.sleep(0.05)
-        second = b.submit(picture(), "w2", None, fake.default_config)
-        first.future.result(10), second.future.result(10)
-        assert first.started - first.submitted >= 0.45  # a batch short of max_batch waits out the window
-        late = b.submit(picture(), "w3", None, fake.default_config)
-        late.future.result(10)
-    finally:
-        b.stop()
-    assert fake.calls == [["w1", "w2"], ["w3"]]
-
-
-def test_batcher_max_batch_and_no_batching(fake):
-    b = Batcher([fake], max_batch=4, window_s=0.0).start()
-    try:
-        hold(b, fake)
-        jobs = [b.submit(picture(), f"j{i}", None, fake.default_config) for i in range(10)]
-        fake.gate.set()
-        [j.future.result(10) for j in jobs]
-    finally:
-        b.stop()
-    assert [len(c) for c in fake.calls] == [1, 4, 4, 2]
-    assert sum(fake.calls[1:], []) == [f"j{i}" for i in range(10)]  # each once, in order
-
-    single = FakeEngine()
-    b = Batcher([single], max_batch=1, window_s=0.05).start()
-    try:
-        jobs = [b.submit(picture(), f"s{i}", None, single.default_config) for i in range(3)]
-        [j.future.result(10) for j in jobs]
-    finally:
-        b.stop()
-    assert single.calls == [["s0"], ["s1"], ["s2"]]
-
-
-def test_batcher_queue_full(fake):
-    b = Batcher([fake], max_batch=2, window_s=0.0, max_queue=3).start()
-    try:
-        hold(b, fake)  # running: not counted in the queue
-        queued = [b.submit(picture(), f"q{i}", None, fake.default_config) for i in range(3)]
-        with pytest.raises(QueueFull) as e:
-            b.submit(picture(), "one too many", None, fake.default_config)
-        assert e.value.retry_after >= 1 and b.depth == 3
-        fake.gate.set()
-        [j.future.result(10) for j in queued]
-        b.submit(picture(), "room again", None, fake.default_config).future.result(10)
-    finally:
-        b.stop()
-
-
-def test_batcher_cancel_queued_job_never_runs_running_batch_unbroken(fake):
-    b = Batcher([fake], max_batch=8, window_s=0.05).start()
-    try:
-        hold(b, fake)
-        keep, drop = (b.submit(picture(), n, None, fake.default_config) for n in ("keep", "drop"))
-        assert b.cancel(drop) and drop.future.cancelled() and b.depth == 1
-        fake.gate.set()
-        assert keep.future.result(10).instruction == "keep"
-        # now cancel one edit of a batch that is already running: the other still gets its result
-        fake.gate.clear()
-        x1, x2 = (b.submit(picture(), n, None, fake.default_config) for n in ("x1", "x2"))
-        wait_until(lambda: fake.active == 1)
-        assert not b.cancel(x1)  # too late to drop: it runs, its result is not used
-        fake.gate.set()
-        assert x2.future.result(10).instruction == "x2"
-    finally:
-        b.stop()
-    assert fake.calls == [["blocker"], ["keep"], ["x1", "x2"]]
-
-
-def test_batcher_failing_edit_fails_alone():
-    engine = FakeEngine(fail_on="bad")
-    b = Batcher([engine], max_batch=8, window_s=0.0).start()
-    try:
-        hold(b, engine)
-        jobs = [b.submit(picture(), n, None, engine.default_config) for n in ("good1", "bad", "good2")]
-        engine.gate.set()
-        assert jobs[0].future.result(10).instruction == "good1"
-        assert jobs[2].future.result(10).instruction == "good2"
-        with pytest.raises(ValueError, match="bad"):
-            jobs[1].future.result(10)
-    finally:
-        b.stop()
-    assert engine.calls[1:] == [["good1", "bad", "good2"], ["good1"], ["bad"], ["good2"]]
-
-
-def test_batcher_one_worker_per_engine_never_concurrent_on_one():
-    engines = [FakeEngine(delay=0.05), FakeEngine(delay=0.05)]
-    b = Batcher(engines, max_batch=2, window_s=0.0).start()
-    try:
-        jobs = [b.submit(picture(), f"e{i}", None, engines[0].default_config) for i in range(12)]
-        assert sorted(j.future.result(10).instruction for j in jobs) == sorted(f"e{i}" for i in range(12))
-    finally:
-        b.stop()
-    assert all(e.max_active == 1 for e in engines) and all(e.calls for e in engines)
-    assert sorted(sum(engines[0].calls + engines[1].calls, [])) == sorted(f"e{i}" for i in range(12))
-
-
-def test_batcher_stop_fails_queued_jobs(fake):
-    b = Batcher([fake], max_batch=1, window_s=0.0).start()
-    hold(b, fake)
-    queued = b.submit(picture(), "q", None, fake.default_config)
-    threading.Timer(0.2, fake.gate.set).start()
-    b.stop()
-    with pytest.raises(Exception, match="shutting down"):
-        queued.future.result(1)
-
-
 # --- an edit's warnings reach its client ------------------------------------------------------------
-class WarningEngine(FakeEngine):
-    """A FakeEngine whose edits warn as the real engine's do: one warning per edit quoting its instruction,
-    and one about the whole batch. ``barrier``: every edit_batch waits there (two engines' batches overlap)."""
-
-    def __init__(self, barrier=None, **kw):
-        super().__init__(**kw)
-        self.barrier = barrier
-
-    def edit_batch(self, images, instructions, **kw):
-        import warnings
-
-        from lime_fast.errors import InputWarning, LimeWarning
-
-        if self.barrier is not None:
-            self.barrier.wait(10)
-        for s in instructions:
-            warnings.warn(f"Instruction {s!r} has no content word", LimeWarning, stacklevel=2)
-        warnings.warn(f"the image is {images[0].width} x {images[0].height}; it is processed smaller", InputWarning, stacklevel=2)
-        warnings.warn("a library's own deprecation", DeprecationWarning, stacklevel=2)  # not the client's business
-        return super().edit_batch(images, instructions, **kw)
-
-
-def test_capture_warnings_is_per_thread_and_puts_the_hooks_back():
-    import warnings
-
-    from lime_fast.errors import LimeWarning
-    from lime_fast.serve.warnings_capture import capture_warnings
-
-    show, filters = warnings.showwarning, list(warnings.filters)
-    barrier, got = threading.Barrier(2), {}
-
-    def worker(name):
-        with capture_warnings() as caught:
-            barrier.wait(10)  # both captures open at once
-            for _ in range(2):  # the same message twice (same code line): both reach the client
-                warnings.warn(f"from {name}", LimeWarning)
-            warnings.warn("not ours", UserWarning)
-            barrier.wait(10)
-        got[name] = caught
-
-    threads = [threading.Thread(target=worker, args=(n,)) for n in ("a", "b")]
-    with warnings.catch_warnings(record=True) as outer:  # the log still gets everything
-        [t.start() for t in threads]
-        [t.join(20) for t in threads]
-        with capture_warnings() as mine, capture_warnings() as inner:  # nested, on this thread
-            warnings.warn("nested", LimeWarning)
-    assert got == {"a": ["from a", "from a"], "b": ["from b", "from b"]}
-    assert mine == inner == ["nested"]
-    assert sum(str(w.message) in ("from a", "from b") for w in outer) == 4
-    assert warnings.showwarning is show and warnings.filters == filters
-
-
-def test_attribute_warnings_gives_no_client_another_edit_s_instruction():
-    from lime_fast.serve.batcher import Job, attribute_warnings
-
-    cfg = EditConfig()
-    mask = np.ones((64, 64), bool)
-    jobs = [Job(picture(), "make it red", None, cfg, ()), Job(picture(), "make it blue", mask, cfg, ())]
-    messages = ["Instruction 'make it red' has no content word", "the image is 96 x 96; it is processed smaller",
-                "Instruction 'make it blue' has no content word", "the mask covers 100% of the image",
-                "the image is 96 x 96; it is processed smaller"]
-    red, blue = attribute_warnings(messages, jobs)
-    assert red == ["Instruction 'make it red' has no content word", "the image is 96 x 96; it is processed smaller"]
-    assert blue == ["the image is 96 x 96; it is processed smaller", "Instruction 'make it blue' has no content word",
-                    "the mask covers 100% of the image"]
-    assert attribute_warnings(messages, jobs[:1]) == [list(dict.fromkeys(messages))]  # alone: all of them, once each
-
-
-def test_batcher_attaches_each_job_its_warnings_with_engines_in_parallel():
-    barrier = threading.Barrier(2)  # each engine's first batch waits for the other's: they overlap
-    engines = [WarningEngine(barrier), WarningEngine(barrier)]
-    b = Batcher(engines, max_batch=2, window_s=0.2).start()
-    try:
-        jobs = [b.submit(picture(), f"edit {i}", None, engines[0].default_config) for i in range(4)]
-        [j.future.result(20) for j in jobs]
-    finally:
-        b.stop()
-    assert sorted(len(e.calls) for e in engines) == [1, 1] and all(len(e.calls[0]) == 2 for e in engines)
-    for i, job in enumerate(jobs):
-        assert job.warnings == [f"Instruction 'edit {i}' has no content word", "the image is 64 x 64; it is processed smaller"]
 
 
 def test_http_answers_carry_the_warnings_of_the_edit_and_of_reading_the_mask():
@@ -1006,3 +726,29 @@ def test_cross_origin_edits_need_a_token():
         with pytest.raises(BadRequest) as e:
             check_origin(None, origin, "127.0.0.1:8000")
         assert e.value.status == 403 and "--token" in e.value.message
+
+
+def test_rate_limiter_allows_a_minutes_burst_then_refills():
+    now = [0.0]
+    rl = RateLimiter(6, clock=lambda: now[0])  # 6 a minute: one every 10 s
+    for _ in range(6):
+        rl.take("a")
+    with pytest.raises(BadRequest) as e:
+        rl.take("a")
+    assert e.value.status == 429 and e.value.headers["Retry-After"] == "10"
+    rl.take("b")  # per client
+    now[0] = 10.0
+    rl.take("a")
+    RateLimiter(None).take("a")  # no limit
+    with pytest.raises(ValueError, match="rate_limit"):
+        ServeConfig(rate_limit=0)
+
+
+def test_rate_limiter_forgets_full_buckets_first():
+    now = [0.0]
+    rl = RateLimiter(60, max_clients=3, clock=lambda: now[0])
+    for c in "abc":
+        rl.take(c)
+    now[0] = 100.0  # all refilled
+    rl.take("d")
+    assert set(rl._buckets) == {"d"}

@@ -1,7 +1,7 @@
 """lime_fast.serve.server: shutdown with a queue (SIGTERM), slow and stalled clients under a lowered
-open-file limit, the connection cap, the log-line limiter; and the batcher's drain, abandon and
-byte bound, the rate limiter and the body timeout they rely on. The process tests run a real
-uvicorn in a subprocess with a fake engine (edits of known duration), bounded in count and time."""
+open-file limit, a stalled body, the connection cap and the log-line limiter. The process tests run a
+real uvicorn in a subprocess with a fake engine (lime_fast.testing.fakes: edits of known duration),
+bounded in count and time."""
 
 import json
 import logging
@@ -16,7 +16,6 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import PIL.Image
 import pytest
 
@@ -24,42 +23,21 @@ pytest.importorskip("fastapi", reason="the serve extra is not installed: pip ins
 httpx = pytest.importorskip("httpx", reason="the tests' HTTP client is not installed: pip install httpx")
 pytest.importorskip("uvicorn")
 
-from lime_fast.config import EditConfig  # noqa: E402
-from lime_fast.serve.app import RateLimiter, ServeConfig  # noqa: E402
-from lime_fast.serve.batcher import Batcher, QueueFull, ShuttingDown  # noqa: E402
+from lime_fast.serve.app import ServeConfig  # noqa: E402
 from lime_fast.serve.server import RepeatFilter, connection_cap  # noqa: E402
-from lime_fast.serve.uploads import BadRequest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
 # A server with a fake engine whose edits take DELAY seconds in 10 'steps' (asking should_stop after each).
 SERVER = textwrap.dedent('''
-    import sys, time, numpy as np
-    from lime_fast.config import EditConfig
-    from lime_fast.errors import EditCancelled
-    from lime_fast.results import EditResult
+    import sys
     from lime_fast.serve.app import ServeConfig, create_app
     from lime_fast.serve.server import serve
+    from lime_fast.testing.fakes import FakeEngine
 
     port, delay, grace, header_timeout = int(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
-
-    class SlowEngine:
-        multiple = 32
-        default_config = EditConfig(steps=4)
-        device = "fake"
-
-        def edit_batch(self, images, instructions, masks=None, seeds=None, progress=False, config=None, should_stop=None):
-            for _ in range(10):
-                time.sleep(delay / 10)
-                if should_stop is not None and should_stop():
-                    raise EditCancelled("stopped")
-            return [EditResult(image=im, roi_mask=np.zeros((im.height, im.width), bool), roi_grid=np.zeros((4, 4), bool),
-                               segments=None, heatmap=None, tokens=[s], silenced=[], instruction=s, input_image=im,
-                               timings={"total": delay}, unet_evals=1) for im, s in zip(images, instructions)]
-
     cfg = ServeConfig(max_batch=1, grace_s=grace, header_timeout_s=header_timeout, body_timeout_s=1.0)
-    app = create_app(SlowEngine(), cfg)
-    serve(app, "127.0.0.1", port, log_level="info")
+    serve(create_app(FakeEngine(delay=delay), cfg), "127.0.0.1", port, log_level="info")
     print("EXITED CLEANLY", flush=True)
 ''')
 
@@ -221,112 +199,6 @@ def test_a_stalled_body_gets_408(tmp_path):
 
 
 # --- the pieces, without processes ---------------------------------------------------------------
-class StepEngine:
-    """Edits of ``steps`` x ``step_s`` seconds that ask should_stop after each step."""
-
-    multiple = 32
-
-    def __init__(self, steps=50, step_s=0.01):
-        self.default_config = EditConfig(steps=4)
-        self.steps, self.step_s, self.stopped, self.started = steps, step_s, 0, threading.Event()
-
-    def edit_batch(self, images, instructions, masks=None, seeds=None, progress=False, config=None, should_stop=None):
-        from lime_fast.errors import EditCancelled
-
-        self.started.set()
-        for _ in range(self.steps):
-            time.sleep(self.step_s)
-            if should_stop():
-                self.stopped += 1
-                raise EditCancelled("stopped")
-        return [object() for _ in images]
-
-    def stop_seen(self, timeout: float) -> bool:
-        """Whether a batch stopped early within ``timeout`` seconds."""
-        deadline = time.monotonic() + timeout
-        while self.stopped == 0 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        return self.stopped > 0
-
-
-def picture(size=(32, 32)):
-    return PIL.Image.new("RGB", size)
-
-
-def test_drain_answers_the_queue_and_abandon_stops_the_running_batch():
-    engine = StepEngine(steps=500)
-    b = Batcher([engine], max_batch=1, window_s=0).start()
-    try:
-        running = b.submit(picture(), "a", None, EditConfig())
-        assert engine.started.wait(10)
-        queued = [b.submit(picture(), f"q{i}", None, EditConfig()) for i in range(3)]
-        assert b.drain() == 3
-        for job in queued:
-            assert isinstance(job.future.exception(timeout=1), ShuttingDown)
-        with pytest.raises(ShuttingDown):
-            b.submit(picture(), "late", None, EditConfig())
-        assert not running.future.done()
-        assert b.abandon_running() == 1
-        assert isinstance(running.future.exception(timeout=1), ShuttingDown)
-        assert engine.stop_seen(5), "the abandoned batch did not stop"
-    finally:
-        b.stop(5)
-
-
-def test_a_batch_stops_between_steps_once_every_caller_gave_up():
-    engine = StepEngine(steps=500)
-    b = Batcher([engine], max_batch=2, window_s=0.2).start()
-    try:
-        jobs = [b.submit(picture(), f"e{i}", None, EditConfig()) for i in range(2)]
-        assert engine.started.wait(10)
-        b.cancel(jobs[0])
-        time.sleep(0.1)
-        assert engine.stopped == 0  # one caller still waits: the batch goes on
-        b.cancel(jobs[1])
-        assert engine.stop_seen(5), "the batch ran on with nobody waiting"
-    finally:
-        b.stop(5)
-
-
-def test_the_queue_is_bounded_in_bytes():
-    engine = StepEngine(steps=1)
-    big = picture((512, 512))  # 768 KiB decoded
-    b = Batcher([engine], max_batch=1, max_queue_bytes=2 * 512 * 512 * 3)  # not started: everything stays queued
-    b.submit(big, "a", None, EditConfig())
-    b.submit(big, "b", None, EditConfig())
-    with pytest.raises(QueueFull, match="MiB of pictures waiting"):
-        b.submit(big, "c", None, EditConfig())
-    lone = Batcher([engine], max_batch=1, max_queue_bytes=10)
-    lone.submit(big, "first", None, EditConfig())  # larger than the bound, but alone: taken
-    assert lone._pending[0].nbytes == 512 * 512 * 3
-    with_mask = Batcher([engine]).submit(big, "m", np.ones((512, 512), bool), EditConfig())
-    assert with_mask.nbytes == 512 * 512 * 4
-
-
-def test_rate_limiter_allows_a_minutes_burst_then_refills():
-    now = [0.0]
-    rl = RateLimiter(6, clock=lambda: now[0])  # 6 a minute: one every 10 s
-    for _ in range(6):
-        rl.take("a")
-    with pytest.raises(BadRequest) as e:
-        rl.take("a")
-    assert e.value.status == 429 and e.value.headers["Retry-After"] == "10"
-    rl.take("b")  # per client
-    now[0] = 10.0
-    rl.take("a")
-    RateLimiter(None).take("a")  # no limit
-    with pytest.raises(ValueError, match="rate_limit"):
-        ServeConfig(rate_limit=0)
-
-
-def test_rate_limiter_forgets_full_buckets_first():
-    now = [0.0]
-    rl = RateLimiter(60, max_clients=3, clock=lambda: now[0])
-    for c in "abc":
-        rl.take(c)
-    now[0] = 100.0  # all refilled
-    rl.take("d")
-    assert set(rl._buckets) == {"d"}
 
 
 def test_repeat_filter_limits_a_repeated_line():
