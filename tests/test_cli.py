@@ -238,7 +238,7 @@ def test_a_user_mask_with_save_roi_writes_what_the_edit_produces(tmp_path, photo
     first = roi_dir / "turn1" if then else roi_dir
     assert sorted(p.name for p in first.iterdir()) == ["overlay.png", "panel.png", "roi.png"]
     if then:
-        assert sorted(p.name for p in (roi_dir / "turn2").iterdir()) == [f"{n}.png" for n in sorted(("roi", "overlay", "segments", "heatmap", "panel"))]
+        assert sorted(p.name for p in (roi_dir / "turn2").iterdir()) == [f"{n}.png" for n in sorted(("roi", "overlay", "segments", "segment_ids", "heatmap", "panel"))]
         assert (tmp_path / "out.turn1.png").is_file()
     assert out.is_file()
 
