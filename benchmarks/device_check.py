@@ -19,6 +19,7 @@ others; ``STEPS`` lists them and ``PLANS`` orders them):
   - bench_edit.py: diffusers vs lime_fast on the full-size random-weight replica, 512 x 512 fp16;
     bench_sdxl.py: the same for the SDXL InstructPix2Pix replica (1024, or 768 and 1024);
   - bench_segment.py: native vs materialized at 512 x 512; bench_batch.py: the batch runner;
+    bench_refine.py: ``EditResult.refine`` against the automatic edit it redoes (shapes-ip2p);
   - the faster modes: ``bench_edit.py::test_mode`` for the modes without compilation (speed and
     fidelity against the faithful path, see benchmarks/modes.py), the cold compile cost
     (compile_cost.py), then the compiled modes, which find the compile-cost step's artifacts in the
@@ -66,6 +67,7 @@ STEPS = {
                  {"LIME_BENCH_SDXL_SIZES": "1024"}),
     "segment": ("bench_segment", ["benchmarks/bench_segment.py", "--benchmark-only", "-q"], 90),
     "batch_runner": ("bench_batch", ["benchmarks/bench_batch.py", "--benchmark-only", "-q"], 90),
+    "refine": ("bench_refine: refine vs automatic edit (shapes-ip2p)", ["benchmarks/bench_refine.py", "--benchmark-only", "-q"], 90),
     # the faster modes, each mode's row printed as soon as it is done (a step cut short keeps them). The
     # compiled-modes step runs in a new process on the cache the compile-cost step filled: its "compile"
     # row's first edit is the warm-cache figure, compile_cost.py's the cold one.
@@ -85,7 +87,7 @@ PLANS = {
     "second": ["profile", "edit", "attention", "sdxl1024", "tests"],  # the first plan again, after fixes
     "modes": ["modes_eager", "tests_modes"],
     "compiled": ["compile_cost", "modes_compiled"],
-    "all": ["tests", "profile", "attention", "edit", "edit_slow", "sdxl", "segment", "batch_runner", "tests_modes",
+    "all": ["tests", "profile", "attention", "edit", "edit_slow", "sdxl", "segment", "batch_runner", "refine", "tests_modes",
             "modes_eager", "compile_cost", "modes_compiled"],
 }
 

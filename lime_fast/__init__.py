@@ -15,12 +15,13 @@ import importlib
 from .config import DEFAULT_MODEL, EditConfig, EngineOptions  # noqa: E402
 from .errors import (  # noqa: E402
     BatchError, ConfigError, EditCancelled, InputWarning, LimeError, LimeWarning, MaskError, ModelLoadError,
-    NonFiniteLatentsError, TurnError, UnsupportedModeError,
+    NonFiniteLatentsError, RefineError, RefineUnavailableError, SessionError, TurnError, UnsupportedModeError,
 )
 
 _LAZY = {
     "LimeEngine": "engine", "Encoded": "engine", "EditResult": "results", "accelerate": "graphs",
     "edit": "api", "get_engine": "api", "_ENGINES": "api", "edit_turns": "turns",
+    "Refinement": "refine",
 }
 
 
@@ -51,6 +52,10 @@ __all__ = [
     "MaskError",
     "ModelLoadError",
     "NonFiniteLatentsError",
+    "RefineError",
+    "RefineUnavailableError",
+    "Refinement",
+    "SessionError",
     "TurnError",
     "UnsupportedModeError",
     "accelerate",

@@ -1,6 +1,8 @@
 """``lime-fast`` command line: ``edit`` one image, ``batch`` a JSONL manifest, or run the offline ``demo``.
 
     lime-fast edit photo.jpg "make her outfit black" -o edited.png --save-roi roi/
+    lime-fast edit photo.jpg "make her outfit black" -o edited.png --save-session s/
+    lime-fast edit photo.jpg "make her outfit black" -o fixed.png --session s/ --add 3,5 --drop 2
     lime-fast batch edits.jsonl --out results/ [--ray --workers 4]
     lime-fast demo --out lime_fast_demo
     lime-fast eval MagicBrush/test --out eval/ --clip CLIP_DIR --dino DINO_DIR   (lime_fast.evaluate)
@@ -22,7 +24,8 @@ from pathlib import Path
 
 from .config import DEFAULT_MODEL, MASK_CONVENTIONS, EditConfig, field_docs
 
-PICTURES = ("roi", "overlay", "segments", "heatmap", "panel")
+PICTURES = ("roi", "overlay", "segments", "segment_ids", "heatmap", "panel")
+_LOCALIZED = ("segments", "segment_ids", "heatmap")  # pictures of the localization: none with a user mask
 
 
 class UsageError(LimeError):
@@ -99,10 +102,22 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--mask", help="mask image of the region to edit (white = edit; see --mask-convention); skips "
                    "localization (first turn only)")
     add_mask_convention_arg(e, what="; default auto")
-    e.add_argument("--model", default=DEFAULT_MODEL, help=model_help)
+    e.add_argument("--model", default=None, help=model_help + " (with --session: the session's)")
     e.add_argument("--device", help="cuda, cpu, cuda:1, ... (default: cuda when available)")
     e.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), help="default float16 on CUDA, float32 on CPU")
-    e.add_argument("--save-roi", metavar="DIR", help="write the RoI mask, overlay, segment map, heatmap and a panel as PNGs")
+    e.add_argument("--save-roi", metavar="DIR", help="write the RoI mask, overlay, segment map (also with each "
+                   "segment's id: segment_ids.png), heatmap and a panel as PNGs")
+    s = e.add_argument_group("correcting the region without localizing again (lime_fast/session.py)")
+    s.add_argument("--save-session", metavar="DIR", help="also write this edit's localization (segments, heatmap, "
+                   "RoI, settings, model pin) and DIR/segment_ids.png, to re-run it later with --session DIR")
+    s.add_argument("--session", metavar="DIR", help="re-run the edit saved in DIR (same image, instruction, model and "
+                   "settings) with the region corrected by --add / --drop / --segments / --mask; skips the "
+                   "localization pass and k-means")
+    s.add_argument("--add", action="append", metavar="IDS", help="segment ids to add to the RoI, e.g. 3,5 (repeatable)")
+    s.add_argument("--drop", action="append", metavar="IDS", help="segment ids to remove from the RoI, e.g. 2")
+    s.add_argument("--segments", metavar="IDS", help="the region is exactly these segments (then --add / --drop)")
+    s.add_argument("--mask-mode", choices=("replace", "add", "cut"), help="with --session: how --mask changes the "
+                   "region: replace it (default), add to it, or cut from it (after --add / --drop)")
     e.add_argument("--force", action="store_true", help="overwrite existing output files")
     e.add_argument("--strict", action="store_true",
                    help="refuse inputs that would otherwise be adjusted with a warning (a mask of another aspect "
@@ -167,7 +182,7 @@ def plan_outputs(outs: list[Path], roi_dirs: list[Path], *, user_mask: bool, inp
     planned: dict[Path, tuple[int, str]] = {}
     wanted = [(path, (k, "image")) for k, path in enumerate(outs)]
     for k, d in enumerate(roi_dirs):
-        names = [n for n in PICTURES if not (user_mask and k == 0 and n in ("segments", "heatmap"))]
+        names = [n for n in PICTURES if not (user_mask and k == 0 and n in _LOCALIZED)]
         wanted += [(d / f"{n}.png", (k, n)) for n in names]
     sources = {Path(p).expanduser().resolve(): str(p) for p in inputs if isinstance(p, (str, Path))}
     seen: dict[Path, tuple[int, str]] = {}  # resolved output -> what goes there
@@ -188,12 +203,46 @@ def _label(what: tuple[int, str]) -> str:
     return f"the edited image of turn {k + 1}" if name == "image" else f"the {name} picture of turn {k + 1}"
 
 
+def _ids(values, flag: str) -> list[int]:
+    """Segment ids of comma-separated flag values ("3,5", repeatable) -> [3, 5]; UsageError naming the flag."""
+    ids = []
+    for value in values or ():
+        for part in str(value).split(","):
+            if not part.strip().lstrip("-").isdigit():
+                raise UsageError(f"{flag} takes segment ids separated by commas (e.g. 3,5); got {value!r}")
+            ids.append(int(part))
+    return ids
+
+
+def _check_session_args(args) -> None:
+    """The session flags fit together (before anything is read or loaded)."""
+    refining = args.add or args.drop or args.segments is not None or args.mask_mode
+    if args.session is None and refining:
+        raise UsageError("--add, --drop, --segments and --mask-mode correct a saved edit's region: give --session DIR "
+                         "(written by --save-session)")
+    if args.session is not None and (args.then or args.save_session):
+        raise UsageError("--session re-runs one saved edit: it takes neither --then nor --save-session")
+    if args.save_session and (args.then or args.mask):
+        raise UsageError("--save-session saves an automatic localization: it takes neither --then nor --mask")
+    if args.save_session:
+        from .io import OutputError
+        from .session import FILES
+
+        existing = [str(Path(args.save_session) / f) for f in FILES if (Path(args.save_session) / f).exists()]
+        if existing and not args.force:
+            raise OutputError(f"refusing to overwrite {', '.join(existing)} (use --force)")
+
+
 def _edit(args) -> int:
     from .errors import TurnError
     from .inputs import EditInputs, check_instruction
     from .io import check_outputs, save_all
     from .models import config_multiple, local_checkpoint, model_location, resolve_device, shipped
 
+    _check_session_args(args)
+    if args.session is not None:
+        return _edit_session(args)
+    args.model = args.model or DEFAULT_MODEL
     # 1. arguments, output locations, inputs: no torch, no model, nothing written
     out = Path(args.output)
     instructions = [check_instruction(t) for t in [args.instruction, *(args.then or [])]]
@@ -203,6 +252,8 @@ def _edit(args) -> int:
         roi_dirs = [Path(args.save_roi)] if len(outs) == 1 else [Path(args.save_roi) / f"turn{k}" for k in range(1, len(outs) + 1)]
     planned = plan_outputs(outs, roi_dirs, user_mask=bool(args.mask), inputs=[args.image, args.mask])
     check_outputs(planned, args.force)
+    if args.save_session:
+        check_outputs([Path(args.save_session) / "segment_ids.png"], force=True)  # the folder is writable
     cfg = model_config(args.model, config_overrides(args))
     info = shipped(args.model)
     with warnings.catch_warnings():
@@ -249,6 +300,64 @@ def _edit(args) -> int:
         return 130 if isinstance(e, KeyboardInterrupt) else 2
     if roi_dirs:
         print("pictures: " + ", ".join(str(p) for p, (_, n) in planned.items() if n != "image"))
+    if args.save_session:
+        from .batch.keys import model_pin
+        from .session import write
+
+        write(args.save_session, results[0], model=args.model, pin=model_pin(args.model), dtype=str(engine.dtype),
+              config=cfg)
+        print(f"session: {args.save_session} (segment ids: {Path(args.save_session) / 'segment_ids.png'}; correct the "
+              f"region with --session {args.save_session} --add IDS --drop IDS)")
+    return 0
+
+
+def _edit_session(args) -> int:
+    """``lime-fast edit IMAGE INSTRUCTION --session DIR [--add ..] [--drop ..] [--segments ..] [--mask ..]``:
+    the saved edit re-run with a corrected region: encode + edit pass + decode (``lime_fast.refine``)."""
+    import time
+
+    from . import session as sessions
+    from .batch.keys import model_pin
+    from .inputs import check_instruction, load_image
+    from .io import check_outputs, save_all
+    from .models import resolve_device
+
+    out = Path(args.output)
+    add, drop = _ids(args.add, "--add"), _ids(args.drop, "--drop")
+    only = None if args.segments is None else _ids([args.segments], "--segments")
+    saved = sessions.read(args.session)
+    model = args.model or saved.model
+    planned = plan_outputs([out], [Path(args.save_roi)] if args.save_roi else [], user_mask=False,
+                           inputs=[args.image, args.mask])
+    check_outputs(planned, args.force)
+    image = load_image(args.image)
+    sessions.check(saved, pin=model_pin(model), overrides=config_overrides(args), image=image,
+                   instruction=check_instruction(args.instruction))
+    from .models import quiet_libraries
+
+    quiet_libraries()
+    import lime_fast
+    from .refine import refine
+
+    engine = lime_fast.get_engine(model, device=resolve_device(args.device), torch_dtype=_dtype(args.dtype))
+    sessions.check_dtype(saved, str(engine.dtype))
+    t0 = time.perf_counter()
+    cache, job = engine.prepare_refine(image, saved.instruction, saved.config)
+    encode = time.perf_counter() - t0
+    if tuple(job.grid) != saved.segments.shape:
+        raise sessions.SessionError(f"the session's grid is {saved.segments.shape}, this edit's {job.grid}; edit anew")
+    result = refine(cache, base_roi=saved.roi, segments=saved.segments, heatmap=saved.heatmap, input_image=job.images[0],
+                    add=add, remove=drop, only=only, mask=args.mask, mask_mode=args.mask_mode or "replace",
+                    mask_convention=args.mask_convention, progress=not args.quiet, skipped=("localize", "segment"),
+                    extra_timings={"encode": encode, "total": encode})
+    pictures = result.pictures() if args.save_roi else {}
+    for path in planned:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    save_all({path: result.image if name == "image" else pictures[name] for path, (_, name) in planned.items()})
+    ref = result.refinement
+    print(f"wrote {out}  (session {args.session}: localization reused; segments added {list(ref.added) or '-'}, removed "
+          f"{list(ref.removed) or '-'}; RoI {result.roi_mask.mean():.1%} of the image; {result.unet_evals} UNet "
+          f"evaluations, {result.timings['total']:.1f} s)")
     return 0
 
 

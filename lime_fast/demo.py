@@ -87,7 +87,7 @@ def run_demo(out_dir: str | Path, progress: bool = True, seed: int = DEMO_SEED, 
         return pic.resize((pic.width * scale, pic.height * scale), PIL.Image.NEAREST)
 
     pictures = {"input": sample.source, "target": sample.target, "ip2p": plain.image, "edited": result.image,
-                **{k: v for k, v in result.pictures().items() if k not in ("overlay", "panel")}}
+                **{k: v for k, v in result.pictures().items() if k not in ("overlay", "panel", "segment_ids")}}
     pictures = {k: big(v) for k, v in pictures.items()}
     pictures["overlay"] = viz.overlay(pictures["input"], result.roi_mask)  # drawn at the enlarged size: thin rings
     strip = [("input", pictures["input"]), ("RoI (automatic)", pictures["overlay"])]

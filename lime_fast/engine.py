@@ -23,6 +23,7 @@ import copy
 import threading
 import time
 import warnings
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,7 @@ from .errors import ConfigError, EditCancelled, LimeWarning, ModelLoadError, Non
 from .graphs import PassGraphs, compiled, graphed_forward
 from .inputs import EditInputs
 from .localize import heatmaps, normalized, roi_from_segments
+from .refine import RefineCache
 from .models import load_error, local_checkpoint, model_location, pixel_multiple, resolve_device, shipped
 from .results import EditResult
 from .sampling import PassPlan, draw_noise, is_ancestral, make_scheduler, run_pass, stepper_of
@@ -92,6 +94,14 @@ class Encoded:
         empty = self.empty_pooled.expand(self.batch, -1)
         return {"added_text_embeds": torch.cat([self.pooled, empty, empty]),
                 "added_time_ids": self.time_ids.repeat(3 * self.batch, 1)}
+
+    def one(self, b: int) -> Encoded:
+        """Edit b alone (batch 1), in tensors of its own (a slice would keep the whole batch's memory alive)."""
+        if self.batch == 1:
+            return self
+        pick = lambda t: None if t is None else t[b : b + 1].clone()  # noqa: E731
+        return Encoded(pick(self.image_latents), pick(self.text_embeds), self.empty_embeds, [self.roles[b]],
+                       pick(self.keep), pick(self.content), pick(self.pooled), self.empty_pooled, self.time_ids)
 
     def select(self, idx: Sequence[int], idx_device: torch.Tensor) -> Encoded:
         """The edits ``idx`` of this batch (``idx_device``: the same indices as a device tensor)."""
@@ -221,6 +231,9 @@ class LimeEngine:
         # runs with the deep blocks reused (lime_fast.stepcache).
         self.stepcache = StepCache(unet, self.controller, self._unet, opts.compile)
         self.graphs = PassGraphs(enabled=self.use_cuda_graphs)
+        # Results keep their edit's latents, embeddings and noise for EditResult.refine (lime_fast/refine.py:
+        # ~1.3 MB per result for SD 1.5 at 512 x 512 in fp16); False: results keep nothing and cannot refine.
+        self.keep_for_refine = True
 
     # --- loading --------------------------------------------------------------------------
     @classmethod
@@ -586,6 +599,7 @@ class LimeEngine:
                           "segments are those of the last iteration (raise kmeans_max_iter)", LimeWarning, stacklevel=3)
         timings = clock.seconds()
         evals = self.unet_evals - evals0
+        caches = self._refine_caches(enc, noise, seeds, cfg, job.working_size)
         results = []
         for b, role in enumerate(enc.roles):
             j = auto.index(b) if b in auto else None
@@ -593,6 +607,59 @@ class LimeEngine:
                 job, b, got["pixels"][b], got["roi"][b], role,
                 segments=None if j is None else got["segments"][j].astype(np.int64),
                 heatmap=None if j is None else got["heat"][j].astype(np.float32),
-                timings=timings, unet_evals=evals,
+                timings=timings, unet_evals=evals, cache=caches[b],
             ))
         return results
+
+    # --- refining a finished edit's region (lime_fast/refine.py) ---------------------------
+    def _refine_caches(self, enc: Encoded, noise, seeds: list[int], cfg: EditConfig,
+                       working_size: tuple[int, int]) -> list[RefineCache | None]:
+        """Per edit of a batch, what ``EditResult.refine`` reuses: its ``Encoded`` and noise as batch-1
+        tensors of their own on the device, with a weak reference to this engine (a result must not keep a
+        model loaded). None each when ``keep_for_refine`` is off."""
+        if not self.keep_for_refine:
+            return [None] * enc.batch
+        me, (init, steps) = weakref.ref(self), noise
+        if enc.batch == 1:
+            return [RefineCache(me, enc, noise, seeds[0], cfg, working_size)]
+        return [RefineCache(me, enc.one(b), (init[b : b + 1].clone(), steps[:, b : b + 1].clone()), seeds[b], cfg,
+                            working_size) for b in range(enc.batch)]
+
+    def refine_pass(self, cache: RefineCache, roi_grid: np.ndarray, progress: bool = True):
+        """Stage 2 and the decode of one cached edit with the region ``roi_grid`` (bool [gh, gw]; all False:
+        plain InstructPix2Pix, as an empty user mask): (pixels uint8 [h, w, 3] at the working size, seconds
+        per stage 'edit', 'decode', UNet evaluations). The same calls, inputs and noise as the edit's own
+        pass, so the same region gives the same pixels."""
+        with self._lock:
+            if getattr(self._probe.processor, "ctl", None) is not self.controller:
+                install(self.unet, self.controller)
+            return self._refine_locked(cache, roi_grid, progress)
+
+    @torch.no_grad()
+    def _refine_locked(self, cache: RefineCache, roi_grid: np.ndarray, progress: bool):
+        clock, evals0 = _Clock(self.device), self.unet_evals
+        roi = torch.from_numpy(roi_grid[None].copy()).to(self.device)
+        regularized = bool(roi_grid.any())  # as _edit_locked: an empty region runs the plain plan
+        latents, finite = self._edit_pass(cache.enc, roi if regularized else None, cache.cfg, [cache.seed], progress,
+                                          cache.noise)
+        clock("edit")
+        pixels = (self.decode(latents) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+        clock("decode")
+        got = _to_host({"pixels": pixels, "finite": finite})
+        self._check_finite(got["finite"], "edit", self.dtype)
+        timings = clock.seconds()
+        timings.pop("total")  # lime_fast.refine.refine measures the whole call
+        return got["pixels"][0], timings, self.unet_evals - evals0
+
+    def prepare_refine(self, image, instruction: str, cfg: EditConfig) -> tuple[RefineCache, EditInputs]:
+        """Stage 0 alone for one edit (encode and draw the noise of ``cfg.seed``): the ``RefineCache`` of an
+        edit whose localization was saved elsewhere (``lime-fast edit --session``), and its checked inputs
+        (for the grid and the loaded image). Encoding is a VAE encode and a text encode: a small part of an
+        edit next to the localization pass and k-means it lets a session skip."""
+        self.check_config(cfg)
+        job = EditInputs.build([image], [instruction], None, multiple=self.multiple, cfg=cfg,
+                               trained_size=self.trained_size)
+        with self._lock, torch.no_grad():
+            enc = self.encode(self.preprocess(job.working_images()), job.instructions, roi_words=cfg.roi_words)
+            noise = self.draw_noise(enc, cfg, [cfg.seed])
+        return RefineCache(weakref.ref(self), enc, noise, int(cfg.seed), cfg, job.working_size), job

@@ -56,3 +56,18 @@ class TurnError(LimeError):
     def __init__(self, message: str, turn: int, results: list):
         super().__init__(message)
         self.turn, self.results = turn, results
+
+
+class RefineError(LimeError, ValueError):
+    """A refinement cannot be made as asked: a segment id or point outside the edit, a segment both added
+    and removed, segments asked of an edit that had none (its region was a user mask), ..."""
+
+
+class RefineUnavailableError(LimeError, RuntimeError):
+    """A result can no longer be refined: its cache was dropped (``EditResult.release``, pickling), or the
+    engine that made it was unloaded (garbage-collected). Re-run the edit."""
+
+
+class SessionError(LimeError, ValueError):
+    """A saved ``lime-fast edit`` session cannot be used: another model, settings, image or instruction than
+    the ones it was written for, or a missing or damaged file."""

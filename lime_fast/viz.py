@@ -81,3 +81,46 @@ def panel(images: list[tuple[str, PIL.Image.Image]], height: int = 256) -> PIL.I
         draw.text((x, pad), c, fill=(0, 0, 0))
         x += t.width + pad
     return out
+
+
+def _label_cell(cells: np.ndarray) -> np.ndarray:
+    """(row, col) of the cell of ``cells`` [N, 2] nearest their centroid: a segment's number is drawn on the
+    segment itself even when the segment is not convex (its centroid may lie outside it)."""
+    centre = cells.mean(0)
+    return cells[np.argmin(((cells - centre) ** 2).sum(1))]
+
+
+def segment_id_image(labels: np.ndarray, size: tuple[int, int] | None = None, roi: np.ndarray | None = None,
+                     min_side: int = 384) -> PIL.Image.Image:
+    """The segment map with each segment's id written on it, and a legend below, for choosing segments by id
+    (``EditResult.refine``, ``lime-fast edit --session DIR --add 3``).
+
+    labels: int [gh, gw]; size: (W, H) of the input (the map is drawn at that shape, enlarged so its long
+    side is at least ``min_side`` pixels, nearest, so the numbers are readable on a small input); roi: bool
+    [gh, gw] or None, for the legend's share of each segment inside the RoI. Numbers use PIL's default
+    font, black on a white box at the segment's cell nearest its centroid; the legend lists id, colour,
+    share of the image and share in the RoI."""
+    gh, gw = labels.shape
+    w, h = size if size is not None else (gw, gh)
+    scale = max(1.0, min_side / max(w, h))
+    w, h = round(w * scale), round(h * scale)
+    ids = [int(i) for i in np.unique(labels)]
+    row_h, pad = 16, 6
+    out = PIL.Image.new("RGB", (w, h + pad + row_h * len(ids) + pad), (255, 255, 255))
+    out.paste(segment_image(labels, (w, h)), (0, 0))
+    draw = PIL.ImageDraw.Draw(out)
+    for i in ids:
+        r, c = _label_cell(np.argwhere(labels == i))
+        x, y = (c + 0.5) * w / gw, (r + 0.5) * h / gh
+        box = draw.textbbox((x, y), str(i), anchor="mm")
+        draw.rectangle((box[0] - 2, box[1] - 2, box[2] + 2, box[3] + 2), fill=(255, 255, 255), outline=(0, 0, 0))
+        draw.text((x, y), str(i), fill=(0, 0, 0), anchor="mm")
+    for k, i in enumerate(ids):
+        y = h + pad + k * row_h
+        draw.rectangle((pad, y + 2, pad + 12, y + 12), fill=tuple(int(v) for v in PALETTE[i % len(PALETTE)]), outline=(0, 0, 0))
+        cells = labels == i
+        text = f"segment {i}: {cells.mean():.0%} of the image"
+        if roi is not None:
+            text += f", {roi[cells].mean():.0%} in the RoI"
+        draw.text((pad + 18, y + 1), text, fill=(0, 0, 0))
+    return out

@@ -22,7 +22,7 @@ def test_edit_caches_engines_and_returns_everything(tiny_dir, shapes, fast, tmp_
     assert r1.image.size == r2.image.size == shapes.size
     assert r1.tokens == ["red", "circle", "blue"] and r2.tokens == ["blue", "square", "green"]
     paths = r1.save_pictures(tmp_path, prefix="x_")
-    assert sorted(p.name for p in paths.values()) == sorted(f"x_{n}.png" for n in ("roi", "overlay", "segments", "heatmap", "panel"))
+    assert sorted(p.name for p in paths.values()) == sorted(f"x_{n}.png" for n in ("roi", "overlay", "segments", "segment_ids", "heatmap", "panel"))
     lime_fast._ENGINES.clear()
 
 

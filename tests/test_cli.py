@@ -238,7 +238,7 @@ def test_a_user_mask_with_save_roi_writes_what_the_edit_produces(tmp_path, photo
     first = roi_dir / "turn1" if then else roi_dir
     assert sorted(p.name for p in first.iterdir()) == ["overlay.png", "panel.png", "roi.png"]
     if then:
-        assert sorted(p.name for p in (roi_dir / "turn2").iterdir()) == [f"{n}.png" for n in sorted(("roi", "overlay", "segments", "heatmap", "panel"))]
+        assert sorted(p.name for p in (roi_dir / "turn2").iterdir()) == [f"{n}.png" for n in sorted(("roi", "overlay", "segments", "segment_ids", "heatmap", "panel"))]
         assert (tmp_path / "out.turn1.png").is_file()
     assert out.is_file()
 
@@ -259,3 +259,79 @@ def test_outputs_that_collide_are_refused_before_any_work(tmp_path, photo, case,
     err = capsys.readouterr().err
     assert ("two outputs" in err) if case.endswith("roi.png") else ("is the input" in err)
     assert all(p.read_bytes() == b for p, b in before.items()) and not (tmp_path / "roi").exists()
+
+
+# --- segment ids and sessions (lime_fast/session.py) -----------------------------------------------
+
+
+def _session_edit(photo, out, model, *extra):
+    return ["edit", str(photo), "make the red circle blue", "-o", str(out), "--model", str(model), *FAST_ARGS, *extra]
+
+
+def test_save_roi_writes_a_segment_map_with_ids(tmp_path, photo, tiny_dir):
+    roi_dir = tmp_path / "roi"
+    assert main(_session_edit(photo, tmp_path / "o.png", tiny_dir, "--save-roi", str(roi_dir))) == 0
+    ids = PIL.Image.open(roi_dir / "segment_ids.png")
+    plain = PIL.Image.open(roi_dir / "segments.png")
+    assert ids.width >= 384 and ids.height > ids.width  # enlarged, with a legend below
+    assert np.asarray(ids).std() > 0 and plain.size == (128, 128)
+
+
+def test_session_rerun_with_a_corrected_region(tmp_path, photo, tiny_dir, capsys):
+    import lime_fast
+
+    first, sess = tmp_path / "first.png", tmp_path / "sess"
+    assert main(_session_edit(photo, first, tiny_dir, "--save-session", str(sess))) == 0
+    assert all((sess / f).is_file() for f in ("session.json", "localization.npz", "segment_ids.png"))
+    assert "--session" in capsys.readouterr().out
+    # the same region again: the first edit's image, bit for bit, without a localization pass
+    same = tmp_path / "same.png"
+    assert main(_session_edit(photo, same, tiny_dir, "--session", str(sess))) == 0
+    assert np.array_equal(np.asarray(PIL.Image.open(same)), np.asarray(PIL.Image.open(first)))
+    # the API's refinement of the same edit gives the CLI's corrected image
+    seg = np.load(sess / "localization.npz")["segments"]
+    roi = np.load(sess / "localization.npz")["roi"]
+    add = next(int(i) for i in np.unique(seg) if not roi[seg == i].any())
+    fixed, pics = tmp_path / "fixed.png", tmp_path / "pics"
+    assert main(_session_edit(photo, fixed, tiny_dir, "--session", str(sess), "--add", str(add), "--save-roi", str(pics))) == 0
+    assert f"added [{add}]" in capsys.readouterr().out
+    engine = lime_fast.get_engine(str(tiny_dir), device="cpu")
+    auto = engine.edit(PIL.Image.open(photo), "make the red circle blue", steps=3, top_k=5, progress=False)
+    assert np.array_equal(auto.segments, seg)
+    assert np.array_equal(np.asarray(PIL.Image.open(fixed)), np.asarray(auto.refine(add=add).image))
+    assert (pics / "segment_ids.png").is_file()
+    # exactly some segments; a painted mask replaces the region like --mask on a plain edit
+    assert main(_session_edit(photo, tmp_path / "only.png", tiny_dir, "--session", str(sess), "--segments", f"{add}")) == 0
+    mask = tmp_path / "m.png"
+    PIL.Image.fromarray(np.pad(np.full((40, 40), 255, np.uint8), 44)).save(mask)
+    via_session, direct = tmp_path / "ms.png", tmp_path / "md.png"
+    assert main(_session_edit(photo, via_session, tiny_dir, "--session", str(sess), "--mask", str(mask))) == 0
+    assert main(_session_edit(photo, direct, tiny_dir, "--mask", str(mask))) == 0
+    assert np.array_equal(np.asarray(PIL.Image.open(via_session)), np.asarray(PIL.Image.open(direct)))
+
+
+def test_session_refuses_another_model_setting_image_or_instruction(tmp_path, photo, tiny_dir, tiny_dir_heads, capsys):
+    sess = tmp_path / "sess"
+    assert main(_session_edit(photo, tmp_path / "a.png", tiny_dir, "--save-session", str(sess))) == 0
+    capsys.readouterr()
+    other = tmp_path / "other.png"
+    PIL.Image.open(photo).transpose(PIL.Image.FLIP_LEFT_RIGHT).save(other)
+    cases = [
+        (_session_edit(photo, tmp_path / "x.png", tiny_dir_heads, "--session", str(sess)), "written with the model"),
+        (_session_edit(photo, tmp_path / "x.png", tiny_dir, "--session", str(sess), "--seed", "7"), "seed=42"),
+        (_session_edit(other, tmp_path / "x.png", tiny_dir, "--session", str(sess)), "not the one"),
+        (["edit", str(photo), "make it green", "-o", str(tmp_path / "x.png"), "--session", str(sess), *FAST_ARGS],
+         "for the instruction"),
+        (_session_edit(photo, tmp_path / "x.png", tiny_dir, "--session", str(sess), "--add", "99"), "no segment 99"),
+        (_session_edit(photo, tmp_path / "x.png", tiny_dir, "--session", str(sess), "--add", "a"), "segment ids"),
+        (_session_edit(photo, tmp_path / "x.png", tiny_dir, "--session", str(tmp_path)), "no session"),
+        (_session_edit(photo, tmp_path / "x.png", tiny_dir, "--add", "1"), "give --session"),
+        (_session_edit(photo, tmp_path / "x.png", tiny_dir, "--save-session", str(sess)), "refusing to overwrite"),
+    ]
+    for args, message in cases:
+        assert main(args) == 2, message
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "x.png").exists()
+    (sess / "localization.npz").write_bytes(b"broken")
+    assert main(_session_edit(photo, tmp_path / "x.png", tiny_dir, "--session", str(sess))) == 2
+    assert "damaged" in capsys.readouterr().err
