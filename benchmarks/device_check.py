@@ -163,8 +163,7 @@ def main(argv=None) -> int:
 
     import tempfile
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import modes as fast_modes
+    import modes as fast_modes  # a sibling: this script runs from benchmarks/
 
     # one fresh inductor cache folder per run: the compile-cost step starts cold, the compiled modes reuse it
     cache = tempfile.mkdtemp(prefix="lime-inductor-")

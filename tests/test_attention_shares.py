@@ -7,9 +7,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-import attention_shares  # noqa: E402
+import attention_shares
 
 
 def test_role_of_every_position():

@@ -1,11 +1,6 @@
 """benchmarks/keep_variants.py: the stricter keep rules silence exactly what they say."""
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-
-import keep_variants  # noqa: E402
+import keep_variants
 
 
 def test_rules_on_one_instruction():

@@ -6,14 +6,10 @@ constants' comments. The subset is fixed (seeds 5,000,000..), so a change that b
 or the regularized edit shows up here, offline, in about a minute and a half on 2 CPU cores.
 """
 
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-
-import quality  # noqa: E402
+import quality
 
 N = 16
 # Measured on these 16 samples (this CPU, 2026-12-02, shapes-ip2p after run 9: 1,500 UNet steps on run 8
