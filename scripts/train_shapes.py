@@ -706,6 +706,7 @@ def plot_losses(curves: dict, path: Path, width: int = 900, panel_h: int = 300):
     import PIL.Image
     import PIL.ImageDraw
 
+    curves = curves or {"no training steps were run": []}  # (--vae-steps 0 --unet-steps 0): one empty panel
     img = PIL.Image.new("RGB", (width, panel_h * len(curves)), "white")
     d = PIL.ImageDraw.Draw(img)
     L, R, T, Bm = 70, 20, 30, 45

@@ -186,6 +186,13 @@ def _train(*args):
                           capture_output=True, text=True, timeout=300)
 
 
+def test_zero_training_steps_still_write_the_card_and_its_plot(tmp_path):
+    proc = _train("--out", tmp_path / "zero", "--smoke", "--vae-steps", 0, "--unet-steps", 0)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("README.md", "loss.png", "loss.json", "model_index.json"):
+        assert (tmp_path / "zero" / name).is_file(), name
+
+
 @pytest.fixture(scope="module")
 def smoke_checkpoint(tmp_path_factory):
     """One smoke training run (a few steps at tiny widths), shared by the tests that need a checkpoint."""
