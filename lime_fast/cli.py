@@ -290,8 +290,8 @@ def _edit(args) -> int:
               f"of the image; {result.unet_evals} UNet evaluations, {result.timings['total']:.1f} s)")
 
     try:
-        lime_fast.edit_turns(job.images[0], job.instructions, masks=job.masks, model=engine, progress=not args.quiet,
-                             on_turn=save_turn, config=cfg)
+        results = lime_fast.edit_turns(job.images[0], job.instructions, masks=job.masks, model=engine,
+                                       progress=not args.quiet, on_turn=save_turn, config=cfg)
     except (TurnError, KeyboardInterrupt) as e:
         if not written:
             raise
