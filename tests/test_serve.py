@@ -338,6 +338,95 @@ def test_the_real_engine_s_warnings_reach_the_client(live, sample_png):
     assert plain.json()["warnings"] == [] and plain.headers["x-lime-warning-count"] == "0"
 
 
+def b64decode_png(text: str) -> np.ndarray:
+    return decode(base64.b64decode(text))
+
+
+def test_refine_route_equals_the_api_refine_and_chains(live, shapes_engine):
+    """edit (JSON: a session) -> refine with add / remove: the route's picture is bit for bit
+    ``EditResult.refine`` of the same edit made through the API (the server's edit ran as a batch of one,
+    the same computation as ``engine.edit``). A JSON refine's session chains: taking the added segment out
+    again gives the first edit's picture back, bit for bit."""
+    sample = make_sample(5_000_001, 64)
+    files = {"image": ("s.png", png_bytes(sample.source), "image/png")}
+    with live.client(headers=AUTH) as c:
+        body = c.post("/v1/edit?format=json", data={"instruction": sample.instruction, **FAST}, files=files).json()
+        grid, roi = np.array(body["segment_grid"]), np.array(body["roi_grid"], bool)
+        ids = [int(i) for i in np.unique(grid)]
+        inside = body["roi_segments"]
+        add, remove = [i for i in ids if i not in inside][:1], inside[:1]
+        refined = c.post("/v1/refine", data={"session": body["session"], "add": str(add[0]), "remove": str(remove[0])})
+        step1 = c.post("/v1/refine?format=json", data={"session": body["session"], "add": str(add[0])}).json()
+        step2 = c.post("/v1/refine?format=json", data={"session": step1["session"], "remove": str(add[0])}).json()
+        limits = c.get("/v1/models").json()["limits"]
+    assert len(body["session"]) >= 22 and body["grid"] == [64, 64] and roi.any()
+    assert inside == [i for i in ids if roi[grid == i].mean() >= 0.5] and len(ids) > len(inside)
+    assert body["segment_ids_png"] and body["refinement"] is None
+    local = shapes_engine.edit(sample.source, sample.instruction, progress=False, **{k: int(v) for k, v in FAST.items()})
+    assert np.array_equal(local.segments, grid) and np.array_equal(np.asarray(local.image, np.int16), b64decode_png(body["image_png"]))
+    assert refined.status_code == 200 and refined.headers["content-type"] == "image/png", refined.text[:300]
+    expected = local.refine(add=add, remove=remove)
+    assert np.array_equal(decode(refined.content), np.asarray(expected.image, np.int16))
+    assert step1["refinement"]["added"] == add and add[0] in step1["roi_segments"] and step1["session"] != body["session"]
+    assert step1["unet_evals"] == int(FAST["steps"]) < body["unet_evals"]  # the edit pass only
+    assert np.array_equal(b64decode_png(step2["image_png"]), b64decode_png(body["image_png"]))
+    assert (limits["max_sessions"], limits["session_mb"], limits["session_ttl_s"]) == (16, 256.0, 600.0)
+
+
+def test_refine_refusals_name_the_problem(live, sample_png):
+    """An unknown session is a 404; segments asked of an edit made with a mask (nothing was segmented), an
+    id the edit does not have, ids that are not ids, a mask of the wrong size: 400s saying so."""
+    mask = np.zeros((64, 64), np.uint8)
+    mask[8:40, 16:48] = 255
+    with live.client(headers=AUTH) as c:
+        auto = c.post("/v1/edit?format=json", data={"instruction": "make the circle red", **FAST},
+                      files={"image": ("s.png", sample_png.read_bytes(), "image/png")}).json()["session"]
+        masked = c.post("/v1/edit?format=json", data={"instruction": "make the circle red", **FAST},
+                        files={"image": ("s.png", sample_png.read_bytes(), "image/png"),
+                               "mask": ("m.png", png_bytes(PIL.Image.fromarray(mask)), "image/png")}).json()
+        small = png_bytes(PIL.Image.new("L", (32, 32), 255))
+        cases = [
+            (dict(data={"session": "no-such-session", "add": "1"}), 404, "no such session"),
+            (dict(data={"session": masked["session"], "add": "0"}), 400, "this edit has no segments"),
+            (dict(data={"session": auto, "add": "99"}), 400, "there is no segment 99"),
+            (dict(data={"session": auto, "add": "1", "remove": "1"}), 400, "both added and removed"),
+            (dict(data={"session": auto, "add": "a,b"}), 400, "add: expected segment ids"),
+            (dict(data={"add": "1"}), 400, "session is missing"),
+            (dict(data={"session": auto, "colour": "red"}), 400, "unknown field(s): colour"),
+            (dict(data={"session": auto, "mask_mode": "add"}), 400, "without a mask"),
+            (dict(data={"session": auto}, files={"mask": ("m.png", small, "image/png")}), 400, "mask is 32 x 32"),
+            (dict(json={"session": auto}), 415, "multipart/form-data or application/x-www-form-urlencoded"),
+        ]
+        for request, status, message in cases:
+            r = c.post("/v1/refine", **request)
+            assert r.status_code == status and message in r.json()["error"], (request, r.status_code, r.text[:300])
+        # a mask edit is refined with a mask; the session still serves after the refusals
+        ok = c.post("/v1/refine?format=json", data={"session": masked["session"], "mask_mode": "cut"},
+                    files={"mask": ("m.png", png_bytes(PIL.Image.fromarray(mask * (np.arange(64) < 20)[:, None])), "image/png")})
+        assert ok.status_code == 200 and ok.json()["segment_grid"] is None and ok.json()["refinement"]["mask_mode"] == "cut"
+        cut = np.asarray(PIL.Image.open(io.BytesIO(base64.b64decode(ok.json()["roi_mask_png"])))) > 127
+        assert (cut == ((mask > 127) & (np.arange(64) >= 20)[:, None])).all()  # the region minus the painted rows"
+    assert masked["segment_grid"] is None and masked["roi_segments"] is None and masked["session"]
+
+
+def test_a_session_is_the_client_s_own_without_a_token(shapes_engine, sample_png):
+    """Without a token a session is bound to the address that made it: another address (127.0.0.2 is
+    loopback too) gets the same 404 as for an id that never existed."""
+    srv = LiveServer(create_app(shapes_engine, ServeConfig(max_batch=1, batch_window_ms=0, model_name="shapes-ip2p")))
+    try:
+        with srv.client() as mine, httpx.Client(base_url=srv.url, timeout=120,
+                                                transport=httpx.HTTPTransport(local_address="127.0.0.2")) as other:
+            sid = mine.post("/v1/edit?format=json", data={"instruction": "make the circle red", **FAST},
+                            files={"image": ("s.png", sample_png.read_bytes(), "image/png")}).json()["session"]
+            foreign = other.post("/v1/refine", data={"session": sid})
+            unknown = other.post("/v1/refine", data={"session": sid[::-1]})
+            own = mine.post("/v1/refine", data={"session": sid})
+    finally:
+        srv.close()
+    assert foreign.status_code == unknown.status_code == 404 and foreign.json() == unknown.json()
+    assert own.status_code == 200 and own.headers["content-type"] == "image/png"
+
+
 def test_docs_page_is_rendered_here_with_no_external_asset(live):
     with live.client() as c:
         r = c.get("/docs")
