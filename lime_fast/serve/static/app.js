@@ -246,7 +246,7 @@ function drawRegion() {
       const [gy, gx] = cellAt(c, x, y), i = 4 * (y * c.width + x);
       const [ry, rx] = cellAt(c, Math.min(c.width - 1, x + 1), Math.min(c.height - 1, y + 1));
       if (seg(gy, rx) !== seg(gy, gx) || seg(ry, gx) !== seg(gy, gx)) img.data.set([20, 20, 20, 210], i);
-      else if (inRegion(gy, gx)) img.data.set([255, 40, 40, 115], i);
+      else if (inRegion(gy, gx)) img.data.set([255, 30, 30, 150], i);
     }
   }
   ctx.putImageData(img, 0, 0);
