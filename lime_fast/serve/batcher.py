@@ -17,11 +17,13 @@ than the window, so whatever queued meanwhile with its key goes at once (no extr
 A refinement (``POST /v1/refine``) is a job of another kind: a call (``submit_call``) bound to the
 engine that made the edit it refines, since its cached tensors live on that engine's device. It
 waits in the same queue, in arrival order, and only that engine's worker takes it, alone (it never
-shares a batch). Why a job kind and not a lock the refine would take in the thread pool: queued
-like an edit, a refine is bounded by the same ``max_queue`` (503), counted in ``depth`` and
+shares a batch). Why a job kind and not a lock the refine would take in the thread pool (the
+engine's own lock already keeps its passes from overlapping, so this is not about memory safety):
+queued like an edit, a refine is bounded by the same ``max_queue`` (503), counted in ``depth`` and
 Retry-After, dropped when its client leaves before it starts, answered ``ShuttingDown`` by ``drain``,
-and its warnings are captured in the worker's thread like an edit's; a lock would keep it outside
-all of that, hold a thread-pool thread while it waits, and give no arrival order.
+and its warnings are captured in the worker's thread like an edit's; every pass on an engine runs
+in its one worker, in arrival order. A lock would keep a refine outside all of that, hold a
+thread-pool thread while it waits, and let it overtake queued edits or wait behind later ones.
 
 Edits never run concurrently on one engine: each engine has exactly one worker. The queue is
 bounded in jobs and in bytes of decoded pictures (``QueueFull`` when full; the app answers 503 with
