@@ -929,3 +929,43 @@ def test_rate_limiter_forgets_full_buckets_first():
     now[0] = 100.0  # all refilled
     rl.take("d")
     assert set(rl._buckets) == {"d"}
+
+
+def test_refine_form_ids_and_region_fields():
+    """POST /v1/refine's fields as plain functions: ids, the form's rules, the RoI's segments."""
+    from starlette.datastructures import UploadFile
+
+    from lime_fast.serve.app import parse_ids, roi_segment_ids, split_refine_form
+
+    assert parse_ids("add", "3,5") == parse_ids("add", " 3 5 ") == parse_ids("add", "[3, 5]") == (3, 5)
+    assert parse_ids("add", "") == ()
+    for bad in ("a", "3;5", "-1", "1.5", "9" * 7):
+        with pytest.raises(BadRequest, match="add: expected segment ids"):
+            parse_ids("add", bad)
+    mask = UploadFile(io.BytesIO(b"m"), filename="m.png")
+    form = split_refine_form([("session", " abc "), ("add", "1"), ("remove", "2,3"), ("mask", mask), ("mask_mode", "cut")])
+    assert (form.session, form.add, form.remove, form.segments, form.mask, form.mask_mode) == ("abc", (1,), (2, 3), None, mask, "cut")
+    assert split_refine_form([("session", "s"), ("segments", "4")]).segments == (4,)
+    cases = [([("add", "1")], "session is missing"), ([("session", "s"), ("session", "t")], "given 2 times"),
+             ([("session", "s"), ("segments", "")], "segments is empty"), ([("session", "s"), ("mask", "text")], "file upload"),
+             ([("session", "s"), ("mask", mask), ("mask_mode", "xor")], "mask_mode must be one of replace, add, cut"),
+             ([("session", "s"), ("mask_convention", "inverted")], "mask_convention must be one of"),
+             ([("session", "s"), ("add", mask)], "add must be a text field")]
+    for items, message in cases:
+        with pytest.raises(BadRequest) as e:
+            split_refine_form(items)
+        assert e.value.status == 400 and message in e.value.message, (items, e.value.message)
+    segments = np.array([[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 2, 2]])
+    roi = np.array([[1, 1, 1, 0], [1, 1, 1, 0], [0, 0, 0, 0]], bool)
+    assert roi_segment_ids(segments, roi) == [0, 1]  # 0 wholly, 1 half: in; 2 not at all
+    with pytest.raises(ValueError, match="max_sessions >= 0"):
+        ServeConfig(max_sessions=-1)
+    with pytest.raises(ValueError, match="session_ttl_s > 0"):
+        ServeConfig(session_ttl_s=0)
+
+
+def test_cli_session_flags_reach_the_config(capsys):
+    from lime_fast.cli import main
+
+    assert main(["serve", "--sessions", "-1"]) == 2
+    assert "max_sessions >= 0" in capsys.readouterr().err
