@@ -226,3 +226,77 @@ def test_the_queue_is_bounded_in_bytes():
     assert lone._pending[0].nbytes == 512 * 512 * 3
     with_mask = Batcher([engine]).submit(big, "m", np.ones((512, 512), bool), EditConfig())
     assert with_mask.nbytes == 512 * 512 * 4
+
+
+# --- call jobs (POST /v1/refine): bound to one engine, in arrival order with the edits, alone -----------
+
+
+def test_a_call_waits_for_the_running_batch_then_runs_alone_before_later_edits(fake):
+    import warnings
+
+    from lime_fast.errors import LimeWarning
+
+    b = Batcher([fake], max_batch=8, window_s=0.0).start()
+    seen = []
+
+    def task(engine):
+        seen.append((engine is fake, fake.active))  # nothing else runs on the engine meanwhile
+        warnings.warn("the refined region is empty", LimeWarning)
+        return "refined"
+
+    try:
+        hold(b, fake)
+        call = b.submit_call(fake, task)
+        later = b.submit(picture(), "after", None, fake.default_config)
+        time.sleep(0.1)
+        assert not seen and b.depth == 2  # queued behind the held batch, counted in the queue
+        fake.gate.set()
+        assert call.future.result(10) == "refined" and later.future.result(10).instruction == "after"
+    finally:
+        b.stop()
+    assert seen == [(True, 0)] and call.started <= later.started and call.ran_on is fake
+    assert fake.calls == [["blocker"], ["after"]]  # the call never joined a batch
+    assert call.warnings == ["the refined region is empty"] and call.batch_size == 1
+
+
+def test_a_call_runs_only_on_its_engine_s_worker():
+    engines = [FakeEngine(), FakeEngine()]
+    b = Batcher(engines, max_batch=1, window_s=0.0).start()
+    try:
+        for e in engines:
+            e.gate.clear()
+        blocker = b.submit(picture(), "blocker", None, engines[0].default_config)
+        wait_until(lambda: engines[0].active + engines[1].active == 1)  # one worker holds it, the other is idle
+        busy = engines[0] if engines[0].active else engines[1]
+        call = b.submit_call(busy, lambda engine: engine)
+        time.sleep(0.1)
+        assert not call.future.done() and b.depth == 1  # the idle worker did not take it
+        for e in engines:
+            e.gate.set()
+        assert call.future.result(10) is busy
+        blocker.future.result(10)
+    finally:
+        b.stop()
+
+
+def test_a_call_s_failure_cancel_and_shutdown_reach_its_caller(fake):
+    b = Batcher([fake], max_batch=1, window_s=0.0).start()
+    try:
+        def boom(engine):
+            raise ValueError("segment 9 is not in this edit")
+
+        with pytest.raises(ValueError, match="segment 9"):
+            b.submit_call(fake, boom).future.result(10)
+        with pytest.raises(ValueError, match="no worker here"):
+            b.submit_call(FakeEngine(), lambda e: None)
+        hold(b, fake)
+        ran = []
+        dropped = b.submit_call(fake, ran.append)
+        assert b.cancel(dropped) and b.depth == 0
+        queued = b.submit_call(fake, ran.append)
+        threading.Timer(0.2, fake.gate.set).start()
+    finally:
+        b.stop()
+    with pytest.raises(ShuttingDown):
+        queued.future.result(1)
+    assert ran == []

@@ -10,7 +10,12 @@ here, ``lime_fast.serve.docs_page``, as FastAPI's own docs page needs a CDN):
                       or ``?format=json``) with the image, RoI mask, overlay and heatmap as base64 PNGs,
                       the content words, timings, the batch it ran in and the edit's warnings (what
                       was adjusted: a shrunk picture, how a mask was read, ...; PNG answers carry them
-                      in the X-Lime-Warnings header).
+                      in the X-Lime-Warnings header). A JSON answer also carries a ``session`` id, the
+                      segment map and the RoI's segments, for correcting the region:
+    POST /v1/refine   multipart or urlencoded: session, add / remove / segments (comma-separated segment
+                      ids), optional mask (file) and mask_mode (replace, add, cut). Reruns only the edit
+                      pass of the session's edit with the corrected region (``EditResult.refine``) and
+                      answers like /v1/edit (its JSON has a new session id, so refinements chain).
     GET  /healthz     liveness and queue depth (never needs the token)
     GET  /v1/models   the model, its default EditConfig, the server's limits
     GET  /metrics     Prometheus text (``lime_fast.serve.metrics``)
@@ -40,9 +45,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import MASK_CONVENTIONS
+from ..errors import RefineError, RefineUnavailableError
+from ..refine import MASK_MODES
 from .batcher import Batcher, QueueFull, ShuttingDown
 from .docs_page import render_docs
 from .metrics import Metrics
+from .sessions import SessionNotFound, SessionStore, owner_key
 from .uploads import (CONFIG_FIELDS, FIELD_TYPES, BadRequest, check_text, decode_image, decode_mask,
                       mask_convention_field, parse_config)
 from .warnings_capture import call_capturing
@@ -51,6 +59,7 @@ log = logging.getLogger("lime_fast.serve")
 STATIC = Path(__file__).with_name("static")
 TOKEN_ENV = "LIME_FAST_TOKEN"
 RESERVED = ("image", "mask", "instruction")
+REFINE_FIELDS = ("session", "add", "remove", "segments", "mask", "mask_mode", "mask_convention")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
 
@@ -83,6 +92,13 @@ class ServeConfig:
     header_timeout_s: a connection that has not sent its request line and headers within this
         many seconds is closed.
     body_timeout_s: a request whose body stalls (no bytes) for this many seconds gets 408.
+    max_sessions: most edits kept for ``POST /v1/refine`` (``lime_fast.serve.sessions``): each JSON answer
+        of /v1/edit and /v1/refine keeps its result (its encoding and noise on the device, e.g. 1.3 MB
+        for SD 1.5 at 512 x 512 in fp16) under a session id; past the bound the least recently used
+        session is dropped. 0: keep none (JSON answers have ``session: null``).
+    session_mb: most MiB of device memory the kept results may hold (their ``refine_bytes`` summed);
+        past it the least recently used sessions are dropped; a result larger than all of it is not kept.
+    session_ttl_s: a session unused for this many seconds expires (its tensors are released).
     """
 
     max_batch: int = 8
@@ -100,6 +116,9 @@ class ServeConfig:
     max_connections: int | None = None
     header_timeout_s: float = 10.0
     body_timeout_s: float = 30.0
+    max_sessions: int = 16
+    session_mb: float = 256.0
+    session_ttl_s: float = 600.0
 
     def __post_init__(self):
         for name in ("max_batch", "max_queue", "max_upload_bytes", "max_pixels", "max_steps"):
@@ -116,6 +135,9 @@ class ServeConfig:
             raise ValueError(f"rate_limit must be > 0 edits per minute (or None for no limit), got {self.rate_limit}")
         if self.max_connections is not None and self.max_connections < 1:
             raise ValueError(f"max_connections must be >= 1, got {self.max_connections}")
+        if self.max_sessions < 0 or self.session_mb < 0 or not self.session_ttl_s > 0:
+            raise ValueError(f"need max_sessions >= 0, session_mb >= 0 and session_ttl_s > 0; got {self.max_sessions}, "
+                             f"{self.session_mb}, {self.session_ttl_s}")
         if self.token is not None and not self.token.strip():
             raise ValueError("the token is empty: give a secret string, or none for no authentication")
 
@@ -242,6 +264,32 @@ def _openapi_body(base) -> dict:
         "schema": {"type": "object", "required": ["image", "instruction"], "properties": props}}}}}
 
 
+def _openapi_refine_body() -> dict:
+    ids = "comma-separated segment ids (e.g. 3,5): the segment_grid / segment_ids_png of the JSON answer show them"
+    props = {
+        "session": {"type": "string", "description": "the session id of a JSON answer of /v1/edit or /v1/refine; "
+                    "bound to the token (or, without one, the address) that made it"},
+        "add": {"type": "string", "description": f"segments to add to the region: {ids}"},
+        "remove": {"type": "string", "description": f"segments to take out of the region: {ids}"},
+        "segments": {"type": "string", "description": f"start from exactly these segments instead of the session's "
+                     f"region: {ids}"},
+        "mask": {"type": "string", "format": "binary", "description": "optional painted region (white = region), the "
+                 "input picture's size"},
+        "mask_mode": {"type": "string", "enum": list(MASK_MODES), "default": "replace",
+                      "description": "replace: the region is the mask (then add / remove); add / cut: union with it / "
+                      "minus it (after add / remove)"},
+        "mask_convention": {"type": "string", "enum": list(MASK_CONVENTIONS), "default": "auto",
+                            "description": "how the mask marks its region, as for /v1/edit"},
+    }
+    return {"description": "Reruns only the regularized edit pass (and the decode) of the session's edit on its "
+                           "cached encoding and noise, with the region corrected; the same image bit for bit as "
+                           "EditResult.refine. Runs in the batch worker of the engine that made the edit, queued "
+                           "with the edits. Sessions: --sessions, --session-mb, --session-ttl (GET /v1/models). "
+                           "Also accepts application/x-www-form-urlencoded without a mask.",
+            "requestBody": {"required": True, "content": {"multipart/form-data": {
+                "schema": {"type": "object", "required": ["session"], "properties": props}}}}}
+
+
 def _png(img) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
@@ -261,7 +309,40 @@ def warning_headers(warned: list[str], max_chars: int = 2000) -> dict[str, str]:
     return headers
 
 
-def _result_json(result, job, request_id: str, warned: list[str] = ()) -> dict:
+def roi_segment_ids(segments, roi_grid) -> list[int]:
+    """The ids of the segments (int [gh, gw]) at least half inside the RoI (bool [gh, gw]), ascending: an
+    automatic RoI is a union of whole segments, so these are exactly its segments; a painted or brushed
+    region may cut segments, and then the ones mostly inside it count."""
+    import numpy as np
+
+    ids = np.unique(segments)
+    return [int(i) for i in ids if roi_grid[segments == i].mean() >= 0.5]
+
+
+def region_json(result, session: str | None) -> dict:
+    """What a client needs to correct the region: the session id (None: not kept), the segment map as
+    rows of ids (int [gh][gw]: a click at input pixel (x, y) is cell (floor(y * gh / H), floor(x * gw / W))),
+    the RoI on the same grid (0/1 rows), the RoI's segments (``roi_segment_ids``), the numbered
+    segment picture (base64 PNG, ``viz.segment_id_image``) and how the region was refined (None for an
+    edit). Segment fields are None when the edit had a user mask (nothing was segmented)."""
+    from .. import viz
+
+    seg, roi, ref = result.segments, result.roi_grid, getattr(result, "refinement", None)
+    return {
+        "session": session,
+        "grid": [int(roi.shape[1]), int(roi.shape[0])],
+        "roi_grid": roi.astype(int).tolist(),
+        "segment_grid": None if seg is None else seg.astype(int).tolist(),
+        "roi_segments": None if seg is None else roi_segment_ids(seg, roi),
+        "segment_ids_png": None if seg is None else base64.b64encode(_png(viz.segment_id_image(
+            seg, result.input_image.size, roi))).decode("ascii"),
+        "refinement": None if ref is None else {"segments": None if ref.segments is None else list(ref.segments),
+                                                "added": list(ref.added), "removed": list(ref.removed),
+                                                "mask_mode": ref.mask_mode, "skipped": list(ref.skipped)},
+    }
+
+
+def _result_json(result, job, request_id: str, warned: list[str] = (), session: str | None = None) -> dict:
     from .. import viz
 
     b64 = lambda img: base64.b64encode(_png(img)).decode("ascii")  # noqa: E731
@@ -283,6 +364,7 @@ def _result_json(result, job, request_id: str, warned: list[str] = ()) -> dict:
         "queue_seconds": round(job.started - job.submitted, 4),
         "timings": {k: round(v, 4) for k, v in result.timings.items()},
         "warnings": list(warned),
+        **region_json(result, session),
     }
 
 
@@ -359,6 +441,69 @@ def split_form(items: list[tuple[str, object]]) -> tuple:
     return image, mask, instruction, fields
 
 
+def parse_ids(name: str, text: str) -> tuple[int, ...]:
+    """A form field of segment ids ("3,5", "3 5" or "[3, 5]") -> (3, 5); BadRequest 400 naming the field
+    otherwise. Empty: () (nothing to add or remove)."""
+    parts = [p for p in re.split(r"[\s,]+", text.strip().strip("[]")) if p]
+    if not all(re.fullmatch(r"\d{1,6}", p) for p in parts):
+        raise BadRequest(400, f"{name}: expected segment ids separated by commas (e.g. 3,5; the segment_ids picture "
+                              f"shows them), got {text[:80]!r}")
+    return tuple(int(p) for p in parts)
+
+
+@dataclass
+class RefineForm:
+    """A ``POST /v1/refine`` request's fields. add / remove: segment ids; segments: start from exactly
+    these (None: from the session's region); mask: the upload or None; mask_mode: how it applies."""
+
+    session: str
+    add: tuple[int, ...] = ()
+    remove: tuple[int, ...] = ()
+    segments: tuple[int, ...] | None = None
+    mask: object = None
+    mask_mode: str = "replace"
+    mask_convention: str = "auto"
+
+
+def split_refine_form(items: list[tuple[str, object]]) -> RefineForm:
+    """A refine form's (name, value) items -> ``RefineForm``; BadRequest 400 naming the first problem (an
+    unknown or repeated field, no session, ids that are not ids, a mask that is not a file, a mask_mode
+    without a mask or not one of replace, add, cut)."""
+    from starlette.datastructures import UploadFile
+
+    unknown = sorted({k for k, _ in items} - set(REFINE_FIELDS))
+    if unknown:
+        raise BadRequest(400, f"unknown field(s): {', '.join(unknown)}. Send session, and any of add, remove, segments "
+                              "(comma-separated segment ids), mask (a file) with mask_mode and mask_convention")
+    values: dict[str, list] = {}
+    for k, v in items:
+        values.setdefault(k, []).append(v)
+    repeated = [k for k, vs in values.items() if len(vs) > 1]
+    if repeated:
+        raise BadRequest(400, f"{repeated[0]} was given {len(values[repeated[0]])} times; give it once")
+    one = {k: vs[0] for k, vs in values.items()}
+    for k, v in one.items():
+        if k != "mask" and not isinstance(v, str):
+            raise BadRequest(400, f"{k} must be a text field, not a file")
+    if not one.get("session", "").strip():
+        raise BadRequest(400, "session is missing: send the session id a JSON answer of /v1/edit gave")
+    mask = one.get("mask")
+    if mask is not None and not isinstance(mask, UploadFile):
+        raise BadRequest(400, "mask must be a file upload (curl -F mask=@region.png), not a text field")
+    mode = one.get("mask_mode", "replace").strip()
+    if mode not in MASK_MODES:
+        raise BadRequest(400, f"mask_mode must be one of {', '.join(MASK_MODES)}; got {mode!r}")
+    if "mask_mode" in one and mask is None:
+        raise BadRequest(400, "mask_mode was given without a mask: send the mask file too")
+    segments = None if "segments" not in one else parse_ids("segments", one["segments"])
+    if segments == ():
+        raise BadRequest(400, "segments is empty: name at least one segment id, or leave it out to start from the "
+                              "session's region")
+    convention = mask_convention_field({"mask_convention": [one.get("mask_convention", "auto")]})
+    return RefineForm(one["session"].strip(), parse_ids("add", one.get("add", "")), parse_ids("remove", one.get("remove", "")),
+                      segments, mask, mode, convention)
+
+
 async def read_form(request):
     """The request's multipart form, with bounded parts; BadRequest 415 for another content type, 400 for
     a body python-multipart cannot parse."""
@@ -366,9 +511,12 @@ async def read_form(request):
     from starlette.requests import ClientDisconnect
 
     ctype = request.headers.get("content-type", "")
-    if not ctype.lower().startswith("multipart/form-data"):
-        raise BadRequest(415, f"send multipart/form-data (got {ctype or 'no content type'!r}): e.g. "
-                              "curl -F image=@photo.png -F instruction='make the circle red' URL")
+    refine = request.url.path == "/v1/refine"
+    kinds = ("multipart/form-data", "application/x-www-form-urlencoded") if refine else ("multipart/form-data",)
+    if not ctype.lower().startswith(kinds):
+        example = ("curl -F session=ID -F add=3 URL" if refine
+                   else "curl -F image=@photo.png -F instruction='make the circle red' URL")
+        raise BadRequest(415, f"send {' or '.join(kinds)} (got {ctype or 'no content type'!r}): e.g. {example}")
     try:
         return await request.form(max_files=2, max_fields=len(CONFIG_FIELDS) + 8, max_part_size=64 * 1024)
     except (BodyTooLarge, BodyStalled, ClientDisconnect, HTTPException):
@@ -424,6 +572,7 @@ class Service:
     limits: dict
     has_cuml: bool
     limiter: "RateLimiter"
+    sessions: SessionStore = None
 
     @property
     def base(self):
@@ -445,13 +594,77 @@ class Service:
         result = await self._wait(request, job)
         if result is None:
             return Response(status_code=499)  # the client left; nobody reads it ('disconnected')
+        return await self._answer(result, job, rid, want_json, warned, self._owner(request, credentials))
+
+    def _owner(self, request, credentials) -> str:
+        """Who the request's sessions belong to (``lime_fast.serve.sessions.owner_key``)."""
+        return owner_key(self.cfg.token, credentials.credentials if credentials is not None else None,
+                         request.client.host if request.client else None)
+
+    async def _answer(self, result, job, rid: str, want_json: bool, warned: list[str], owner: str):
+        """The PNG or JSON answer of an edit or a refinement; a JSON answer keeps the result as a session."""
+        from starlette.concurrency import run_in_threadpool
+        from starlette.responses import JSONResponse, Response
+
         warned = list(dict.fromkeys(warned + job.warnings))
         headers = {"X-Request-Id": rid, "X-Lime-Batch-Size": str(job.batch_size),
                    "X-Lime-Queue-Seconds": f"{job.started - job.submitted:.4f}",
                    "X-Lime-Edit-Seconds": f"{result.timings.get('total', 0.0):.4f}", **warning_headers(warned)}
         if want_json:
-            return JSONResponse(await run_in_threadpool(_result_json, result, job, rid, warned), headers=headers)
+            sid = self.sessions.add(result, owner, job.ran_on)
+            return JSONResponse(await run_in_threadpool(_result_json, result, job, rid, warned, sid), headers=headers)
         return Response(await run_in_threadpool(_png, result.image), media_type="image/png", headers=headers)
+
+    async def refine(self, request, fmt: str | None, credentials):
+        """POST /v1/refine apart from HTTP framing: authorize, find the caller's session (404 otherwise), queue
+        the refinement on the engine that made the edit (``Batcher.submit_call``: it runs in that engine's
+        worker, never beside an edit on it), wait, answer like ``edit``."""
+        from starlette.responses import Response
+
+        authorize(self.cfg.token, credentials)
+        check_origin(self.cfg.token, request.headers.get("origin"), request.headers.get("host"))
+        self.limiter.take(request.client.host if request.client else "?")
+        rid = request_id(request.headers.get("x-request-id", ""))
+        want_json = wants_json(fmt, request.headers.get("accept", ""))
+        owner = self._owner(request, credentials)
+        form, session, mask, warned = await self._refine_inputs(request, owner)
+        result = session.result
+
+        def task(engine):  # in the engine's worker thread
+            return result.refine(add=form.add, remove=form.remove, segments=form.segments, mask=mask,
+                                 mask_mode=form.mask_mode)
+
+        try:
+            job = self.batcher.submit_call(session.engine or self.engines[0], task, mask=mask)
+        except QueueFull as e:
+            raise BadRequest(503, f"{e}: try again in {e.retry_after} s", {"Retry-After": str(e.retry_after)}) from None
+        except ShuttingDown as e:
+            raise BadRequest(503, str(e), {"Retry-After": "5"}) from None
+        refined = await self._wait(request, job)
+        if refined is None:
+            return Response(status_code=499)
+        return await self._answer(refined, job, rid, want_json, warned, owner)
+
+    async def _refine_inputs(self, request, owner: str) -> tuple:
+        """(RefineForm, the owner's ``Session`` (BadRequest 404 when there is none), mask bool [H, W] at the
+        session's input size or None, [warnings of reading the mask]) from the form."""
+        from starlette.concurrency import run_in_threadpool
+
+        form = await read_form(request)
+        try:
+            fields = split_refine_form(form.multi_items())
+            try:
+                session = self.sessions.get(fields.session, owner)
+            except SessionNotFound as e:
+                raise BadRequest(404, str(e)) from None
+            mask, warned = None, []
+            if fields.mask is not None:
+                mask, warned = await run_in_threadpool(call_capturing, decode_mask, await fields.mask.read(),
+                                                       session.result.input_image.size, self.cfg.max_pixels,
+                                                       fields.mask_convention)
+        finally:
+            await form.close()
+        return fields, session, mask, warned
 
     async def _inputs(self, request) -> tuple:
         """(image, mask or None, instruction, EditConfig, [warnings]) from the form, decoded in the thread pool."""
@@ -506,6 +719,10 @@ class Service:
             return done_fut.result()
         except ShuttingDown as e:
             raise BadRequest(503, str(e), {"Retry-After": "5"}) from None
+        except RefineError as e:  # the client's request: an unknown id, segments of a mask edit, ...
+            raise BadRequest(400, str(e)) from None
+        except RefineUnavailableError:  # released (evicted) while the refinement waited
+            raise BadRequest(404, "the session expired while the refinement waited; run the edit again") from None
         except (TypeError, ValueError) as e:  # settings this model cannot run (checked ones never get here)
             raise BadRequest(400, f"the edit failed with these settings: {e}") from None
 
@@ -526,6 +743,7 @@ class Service:
             "batching": {"max_batch": cfg.max_batch, "batch_window_ms": cfg.batch_window_ms, "max_queue": cfg.max_queue},
             "limits": {"max_upload_bytes": cfg.max_upload_bytes, "max_pixels": cfg.max_pixels, "timeout_s": cfg.timeout_s,
                        "max_queue_mb": cfg.max_queue_mb, "rate_limit_per_minute": cfg.rate_limit,
+                       "max_sessions": cfg.max_sessions, "session_mb": cfg.session_mb, "session_ttl_s": cfg.session_ttl_s,
                        **self.limits},
         }
 
@@ -537,6 +755,17 @@ EDIT_RESPONSES = {  # what /docs lists for POST /v1/edit
     401: {"description": "missing or wrong bearer token"},
     408: {"description": "the body stalled"}, 413: {"description": "upload or picture too large"},
     415: {"description": "not a picture"}, 429: {"description": "rate limit (Retry-After)"},
+    503: {"description": "queue full or shutting down (Retry-After)"}, 504: {"description": "timed out"},
+}
+REFINE_RESPONSES = {  # what /docs lists for POST /v1/refine
+    200: {"content": {"image/png": {}, "application/json": {}},
+          "description": "the refined picture (PNG), or JSON (format=json) as /v1/edit's with a new session id"},
+    400: {"description": "a bad field, an unknown segment id, a segment both added and removed, segments of an edit "
+                         "made with a mask (it has none), a mask of the wrong size"},
+    401: {"description": "missing or wrong bearer token"},
+    404: {"description": "no such session for you: expired, evicted, or never made (or made by someone else)"},
+    413: {"description": "upload too large"}, 415: {"description": "not a form, or the mask is not a picture"},
+    429: {"description": "rate limit (Retry-After)"},
     503: {"description": "queue full or shutting down (Retry-After)"}, 504: {"description": "timed out"},
 }
 CSP = ("default-src 'self'; img-src 'self' data: blob:; style-src 'self' 'unsafe-inline'; script-src 'self'; "
@@ -563,8 +792,9 @@ def create_app(engine_or_model, config: ServeConfig | None = None, *, device=Non
     metrics = Metrics()
     batcher = Batcher(engines, max_batch=cfg.max_batch, window_s=cfg.batch_window_ms / 1000, max_queue=cfg.max_queue,
                       max_queue_bytes=int(cfg.max_queue_mb * 2**20), metrics=metrics)
+    sessions = SessionStore(cfg.max_sessions, int(cfg.session_mb * 2**20), cfg.session_ttl_s)
     svc = Service(cfg, engines, name, batcher, metrics, _limits(engines[0], cfg), importlib.util.find_spec("cuml") is not None,
-                  RateLimiter(cfg.rate_limit))
+                  RateLimiter(cfg.rate_limit), sessions)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -573,6 +803,7 @@ def create_app(engine_or_model, config: ServeConfig | None = None, *, device=Non
             yield
         finally:  # lime_fast.serve.server has already given running edits their grace period
             await run_in_threadpool(batcher.stop, cfg.grace_s)
+            sessions.clear()
 
     # docs_url=None, redoc_url=None: FastAPI's pages load Swagger UI / ReDoc from a CDN (blank offline);
     # /docs is ours (lime_fast.serve.docs_page), rendered from the same OpenAPI description
@@ -610,6 +841,18 @@ def create_app(engine_or_model, config: ServeConfig | None = None, *, device=Non
             raise
         finally:
             metrics.observe_request(status, time.monotonic() - t0)
+
+    @app.post("/v1/refine", openapi_extra=_openapi_refine_body(),
+              summary="Correct the region of an edit: rerun only its edit pass", responses=REFINE_RESPONSES)
+    async def refine(request: Request, format: str | None = Query(None, description="png (the default) or json (its "
+                                                                   "answer has a new session id)"),
+                     credentials: HTTPAuthorizationCredentials | None = Depends(bearer)):
+        try:
+            return await svc.refine(request, format, credentials)
+        except BadRequest as e:
+            return _error(e.status, e.message, e.headers)
+        except ClientDisconnect:
+            return Response(status_code=499)
 
     _read_routes(app, svc, bearer)
     app.add_middleware(Guard, max_bytes=cfg.max_upload_bytes, metrics=metrics, body_timeout_s=cfg.body_timeout_s)

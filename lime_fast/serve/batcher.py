@@ -14,6 +14,17 @@ A request becomes a ``Job`` (an image already decoded and checked, its instructi
 While a worker is busy, new jobs queue; when it comes back, the oldest job has already waited longer
 than the window, so whatever queued meanwhile with its key goes at once (no extra wait under load).
 
+A refinement (``POST /v1/refine``) is a job of another kind: a call (``submit_call``) bound to the
+engine that made the edit it refines, since its cached tensors live on that engine's device. It
+waits in the same queue, in arrival order, and only that engine's worker takes it, alone (it never
+shares a batch). Why a job kind and not a lock the refine would take in the thread pool (the
+engine's own lock already keeps its passes from overlapping, so this is not about memory safety):
+queued like an edit, a refine is bounded by the same ``max_queue`` (503), counted in ``depth`` and
+Retry-After, dropped when its client leaves before it starts, answered ``ShuttingDown`` by ``drain``,
+and its warnings are captured in the worker's thread like an edit's; every pass on an engine runs
+in its one worker, in arrival order. A lock would keep a refine outside all of that, hold a
+thread-pool thread while it waits, and let it overtake queued edits or wait behind later ones.
+
 Edits never run concurrently on one engine: each engine has exactly one worker. The queue is
 bounded in jobs and in bytes of decoded pictures (``QueueFull`` when full; the app answers 503 with
 Retry-After). A job whose client gave up (timeout, disconnect) is cancelled: still queued, it is
@@ -37,7 +48,7 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -77,12 +88,15 @@ class Job:
     warnings: the text of the ``LimeWarning`` s its edit raised (``attribute_warnings``), set before
     the future resolves.
     abandoned: its caller gave up (set by ``Batcher.cancel`` / ``abandon_running``; read by the worker).
+    task / engine: a call job (``Batcher.submit_call``: image and config None, instruction a label): the
+    function its worker calls with the engine, and the engine whose worker must run it.
+    ran_on: the engine that ran it (set when it starts): a refinement of its result must run there.
     """
 
-    image: PIL.Image.Image
+    image: PIL.Image.Image | None
     instruction: str
     mask: np.ndarray | None
-    config: EditConfig
+    config: EditConfig | None
     key: tuple
     id: int = field(default_factory=lambda: next(_IDS))
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
@@ -91,11 +105,15 @@ class Job:
     batch_size: int = 0
     warnings: list[str] = field(default_factory=list)
     abandoned: bool = False
+    task: Callable | None = None
+    engine: object | None = None
+    ran_on: object | None = None
 
     @property
     def nbytes(self) -> int:
-        """Bytes the queued job holds: the decoded RGB picture and the mask (one byte per pixel)."""
-        w, h = self.image.size
+        """Bytes the queued job holds: the decoded RGB picture and the mask (one byte per pixel). A call
+        job's picture is kept elsewhere (the session): only its mask counts."""
+        w, h = (0, 0) if self.image is None else self.image.size
         return w * h * 3 + (0 if self.mask is None else self.mask.size)
 
 
@@ -201,7 +219,19 @@ class Batcher:
     # --- the client side ------------------------------------------------------------------------
     def submit(self, image: PIL.Image.Image, instruction: str, mask: np.ndarray | None, config: EditConfig) -> Job:
         """Queue one edit; returns its ``Job`` (``job.future`` resolves to the ``EditResult``)."""
-        job = Job(image, instruction, mask, config, batch_key(image, config, self.multiple))
+        return self._enqueue(Job(image, instruction, mask, config, batch_key(image, config, self.multiple)))
+
+    def submit_call(self, engine, task: Callable, label: str = "refine", mask: np.ndarray | None = None) -> Job:
+        """Queue ``task(engine)`` to run alone on ``engine``'s worker, in arrival order with the edits (a
+        refinement: its tensors live on that engine). label: what logs call it; mask: a bool array it
+        holds, counted in the queue's bytes. ``job.future`` resolves to what ``task`` returns."""
+        if not any(engine is e for e in self.engines):
+            raise ValueError("this engine has no worker here: the result was made by another server's engine")
+        job = Job(None, label, mask, None, (), task=task, engine=engine)
+        job.key = ("call", job.id)  # never equal to another job's: a call runs alone
+        return self._enqueue(job)
+
+    def _enqueue(self, job: Job) -> Job:
         with self._cond:
             if self._stopping:
                 raise ShuttingDown("the server is shutting down")
@@ -229,25 +259,30 @@ class Batcher:
         return max(1, round((len(self._pending) + self._running) * per_edit / len(self.engines)))
 
     # --- the worker side ------------------------------------------------------------------------
-    def _next_batch(self) -> list[Job] | None:
-        """Block until a batch is ready (see the module docstring); None when stopping."""
+    def _eligible(self, engine) -> list[Job]:
+        """The queued jobs ``engine``'s worker may take, oldest first: edits, and calls bound to it."""
+        return [j for j in self._pending if j.engine is None or j.engine is engine]
+
+    def _next_batch(self, engine=None) -> list[Job] | None:
+        """Block until a batch for ``engine``'s worker is ready (see the module docstring); None when
+        stopping. A call job is a batch of its own, taken at once (no window)."""
         with self._cond:
             while True:
-                while not self._pending and not self._stopping:
+                while not self._eligible(engine) and not self._stopping:
                     self._cond.wait()
                 if self._stopping:
                     return None
-                first = self._pending[0]
-                close_at = first.submitted + self.window_s
+                first = self._eligible(engine)[0]
+                close_at = first.submitted + (0 if first.task is not None else self.window_s)
                 while True:
-                    same = [j for j in self._pending if j.key == first.key]
+                    same = [j for j in self._eligible(engine) if j.key == first.key]
                     left = close_at - time.monotonic()
                     if len(same) >= self.max_batch or left <= 0 or self._stopping or not same or same[0] is not first:
                         break
                     self._cond.wait(left)
                 if self._stopping:
                     return None
-                if not self._pending or self._pending[0] is not first:
+                if self._eligible(engine)[:1] != [first]:
                     continue  # the oldest job was cancelled (or taken by another worker): start over
                 group = same[: self.max_batch]
                 taken = set(map(id, group))
@@ -261,7 +296,7 @@ class Batcher:
 
     def _worker(self, engine) -> None:
         while True:
-            group = self._next_batch()
+            group = self._next_batch(engine)
             if group is None:
                 return
             try:
@@ -272,9 +307,11 @@ class Batcher:
                     self._active = [j for j in self._active if j not in group]
 
     def _run(self, engine, group: list[Job]) -> None:
+        if group[0].task is not None:
+            return self._run_call(engine, group[0])
         t0 = time.monotonic()
         for job in group:
-            job.started, job.batch_size = t0, len(group)
+            job.started, job.batch_size, job.ran_on = t0, len(group), engine
         masks = [j.mask for j in group]
         try:
             # the warnings raised in this thread during this batch only (capture_warnings is per thread:
@@ -312,6 +349,23 @@ class Batcher:
         for job, result, mine in zip(group, results, attribute_warnings(caught, group)):
             job.warnings = mine
             _settle(job, result=result)
+
+
+    def _run_call(self, engine, job: Job) -> None:
+        """Run a call job (``submit_call``) and settle its future with what it returns or raises."""
+        t0 = job.started = time.monotonic()
+        job.batch_size, job.ran_on = 1, engine
+        try:
+            with capture_warnings() as caught:
+                result = job.task(engine)
+        except Exception as e:  # the caller turns it into an answer (a RefineError is the client's, a 400)
+            log.info("%s failed: %s: %s", job.instruction, type(e).__name__, e)
+            _settle(job, error=e)
+            return
+        if self.metrics is not None:
+            self.metrics.observe_refine(time.monotonic() - t0, getattr(result, "unet_evals", 0))
+        job.warnings = list(dict.fromkeys(caught))
+        _settle(job, result=result)
 
 
 def attribute_warnings(messages: list[str], group: list[Job]) -> list[list[str]]:

@@ -17,7 +17,8 @@ def add_parser(subparsers) -> None:
     s = subparsers.add_parser(
         "serve", help="an HTTP editing service with dynamic batching, and a page at / (needs the serve extra)",
         description="Serve LIME edits over HTTP: POST /v1/edit (multipart: image, instruction, optional mask and "
-        "EditConfig fields), GET /healthz, /v1/models, /metrics, the page at / and the API docs at /docs. "
+        "EditConfig fields), POST /v1/refine (correct an edit's region: only its edit pass runs again), "
+        "GET /healthz, /v1/models, /metrics, the page at / and the API docs at /docs. "
         "Requests that arrive within --batch-window-ms and share the working size and settings run as one UNet batch.")
     s.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"hub id, local diffusers folder, or shapes-ip2p (ships with lime_fast, offline); default {DEFAULT_MODEL}")
@@ -45,6 +46,13 @@ def add_parser(subparsers) -> None:
                    help="close a connection whose request headers have not arrived in this many seconds (default 10)")
     s.add_argument("--body-timeout", type=float, default=30.0,
                    help="answer 408 when the request body stalls this many seconds (default 30)")
+    s.add_argument("--sessions", type=int, default=16,
+                   help="most edits kept for POST /v1/refine (each JSON answer keeps its edit's encoding and noise on "
+                        "the device; the least recently used goes first; 0 keeps none; default 16)")
+    s.add_argument("--session-mb", type=float, default=256.0,
+                   help="most MiB of device memory the kept edits may hold together (default 256)")
+    s.add_argument("--session-ttl", type=float, default=600.0,
+                   help="seconds a kept edit lives after its last use (default 600)")
     s.add_argument("--token", help=f"require 'Authorization: Bearer TOKEN' on /v1/* and /metrics (or set {TOKEN_ENV}, "
                                    "which, unlike an argument, other users of the machine cannot see)")
     s.add_argument("--device", help="cuda, cpu, cuda:1, ...; several comma-separated (cuda:0,cuda:1) run one engine "
@@ -70,7 +78,8 @@ def run(args) -> int:
                       max_pixels=args.max_pixels, max_steps=args.max_steps, token=token, model_name=args.model,
                       max_queue_mb=args.max_queue_mb, rate_limit=args.rate_limit, grace_s=args.grace,
                       max_connections=args.max_connections, header_timeout_s=args.header_timeout,
-                      body_timeout_s=args.body_timeout)
+                      body_timeout_s=args.body_timeout, max_sessions=args.sessions, session_mb=args.session_mb,
+                      session_ttl_s=args.session_ttl)
     try:
         import fastapi  # noqa: F401
         import python_multipart  # noqa: F401

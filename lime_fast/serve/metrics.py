@@ -11,6 +11,8 @@ global registry). Written out by hand: the format is a few lines per metric and 
     lime_fast_batch_seconds                 seconds per edit_batch (histogram)
     lime_fast_unet_evaluations_total        UNet evaluations (a batch's shared evaluations once)
     lime_fast_edits_total                   edits finished by the engine (including ones whose client left)
+    lime_fast_refines_total                 refinements finished (POST /v1/refine: the edit pass again)
+    lime_fast_refine_seconds                seconds per refinement (histogram)
 """
 
 from __future__ import annotations
@@ -60,6 +62,8 @@ class Metrics:
         self.batch_seconds = Histogram(LATENCY_BUCKETS)
         self.unet_evals = 0
         self.edits = 0
+        self.refines = 0
+        self.refine_seconds = Histogram(LATENCY_BUCKETS)
 
     def observe_request(self, status: int, seconds: float) -> None:
         with self._lock:
@@ -72,6 +76,12 @@ class Metrics:
             self.batch_seconds.observe(seconds)
             self.unet_evals += int(unet_evals)
             self.edits += size
+
+    def observe_refine(self, seconds: float, unet_evals: int) -> None:
+        with self._lock:
+            self.refine_seconds.observe(seconds)
+            self.unet_evals += int(unet_evals)
+            self.refines += 1
 
     def render(self, queue_depth: int, running: int) -> str:
         with self._lock:
@@ -100,5 +110,11 @@ class Metrics:
                 "# HELP lime_fast_edits_total Edits the engine finished.",
                 "# TYPE lime_fast_edits_total counter",
                 f"lime_fast_edits_total {self.edits}",
+                "# HELP lime_fast_refines_total Refinements (POST /v1/refine) the engine finished.",
+                "# TYPE lime_fast_refines_total counter",
+                f"lime_fast_refines_total {self.refines}",
+                "# HELP lime_fast_refine_seconds Seconds per refinement (the edit pass and the decode).",
+                "# TYPE lime_fast_refine_seconds histogram",
+                *self.refine_seconds.lines("lime_fast_refine_seconds"),
             ]
         return "\n".join(lines) + "\n"

@@ -1,5 +1,6 @@
 // The page at /: pick a picture, optionally draw or upload a mask, POST /v1/edit (JSON answer), show
-// input, RoI overlay, heatmap and result. No framework, no build step, nothing loaded from elsewhere.
+// input, RoI overlay, heatmap and result; then fix the region (click segments, brush) and POST
+// /v1/refine with the answer's session. No framework, no build step, nothing loaded from elsewhere.
 "use strict";
 const $ = (id) => document.getElementById(id);
 let secondsPerBatch = null;  // the server's recent seconds per batch (/healthz), for the progress estimate
@@ -19,7 +20,7 @@ function showWarnings(messages) {
 
 // A picture is shown only once it has loaded: one with no source, or one that fails to load (a file
 // the browser cannot read), stays hidden and its grey frame shows instead of a broken-image icon.
-const PICS = ["input", "overlay", "heatmap", "result"];
+const PICS = ["input", "overlay", "heatmap", "result", "fixinput", "segids", "before", "refined"];
 for (const id of PICS) {
   $(id).addEventListener("load", () => { $(id).hidden = false; });
   $(id).addEventListener("error", () => { $(id).hidden = true; });
@@ -31,10 +32,13 @@ function setPic(id, src) {
   if (src) img.src = src; else img.removeAttribute("src");
 }
 
+const png = (b64) => (b64 ? "data:image/png;base64," + b64 : "");
+
 function clearResults() {
   for (const id of ["overlay", "heatmap", "result"]) setPic(id, "");
   showWarnings([]);
   $("info").textContent = "";
+  $("fix").hidden = true;
 }
 
 function authHeaders() {
@@ -80,9 +84,9 @@ $("image").addEventListener("change", () => {
   clearResults();
 });
 
-function canvasPoint(ev) {
-  // the canvas is shown 'contain'-fitted in a square: map the pointer to picture pixels
-  const c = $("maskcanvas"), r = c.getBoundingClientRect();
+function canvasPoint(ev, c = $("maskcanvas")) {
+  // the canvas is shown 'contain'-fitted in a square: map the pointer to its pixels
+  const r = c.getBoundingClientRect();
   const scale = Math.min(r.width / c.width, r.height / c.height);
   const ox = (r.width - c.width * scale) / 2, oy = (r.height - c.height * scale) / 2;
   return [(ev.clientX - r.left - ox) / scale, (ev.clientY - r.top - oy) / scale];
@@ -91,13 +95,7 @@ function canvasPoint(ev) {
 let drawing = false;
 function paint(ev) {
   if (!drawing || !$("draw").checked) return;
-  const c = $("maskcanvas"), ctx = c.getContext("2d");
-  const [x, y] = canvasPoint(ev);
-  const radius = Number($("brush").value) * Math.max(c.width, c.height) / 256;
-  ctx.fillStyle = "rgb(255, 40, 40)";
-  ctx.beginPath();
-  ctx.arc(x, y, Math.max(0.5, radius), 0, 2 * Math.PI);
-  ctx.fill();
+  dot($("maskcanvas"), ev, Number($("brush").value), "rgb(255, 40, 40)");
   maskDrawn = true;
 }
 $("maskcanvas").addEventListener("pointerdown", (ev) => { drawing = true; paint(ev); });
@@ -110,9 +108,18 @@ $("clearmask").addEventListener("click", () => {
   $("maskfile").value = "";
 });
 
-function drawnMaskBlob() {
-  // painted pixels -> white, the rest black, as a PNG of the picture's size
-  const c = $("maskcanvas");
+function dot(c, ev, radiusSetting, colour) {
+  // one brush dot at the pointer; the radius is in 256ths of the picture's long side
+  const ctx = c.getContext("2d");
+  const [x, y] = canvasPoint(ev, c);
+  ctx.fillStyle = colour;
+  ctx.beginPath();
+  ctx.arc(x, y, Math.max(0.5, radiusSetting * Math.max(c.width, c.height) / 256), 0, 2 * Math.PI);
+  ctx.fill();
+}
+
+function drawnMaskBlob(c = $("maskcanvas")) {
+  // painted pixels -> white, the rest black, as a PNG of the canvas's (the picture's) size
   const src = c.getContext("2d").getImageData(0, 0, c.width, c.height);
   const out = document.createElement("canvas");
   out.width = c.width;
@@ -179,7 +186,6 @@ $("form").addEventListener("submit", async (ev) => {
     const xhr = await post(form);
     const body = xhr.response || {};
     if (xhr.status !== 200) throw new Error(`${xhr.status}: ${body.error || xhr.statusText}`);
-    const png = (b64) => (b64 ? "data:image/png;base64," + b64 : "");
     setPic("overlay", png(body.overlay_png));
     setPic("heatmap", png(body.heatmap_png));
     setPic("result", png(body.image_png));
@@ -189,6 +195,7 @@ $("form").addEventListener("submit", async (ev) => {
       `RoI ${(100 * body.roi_area).toFixed(1)}% of the picture; batch of ${body.batch_size}; ` +
       `waited ${body.queue_seconds.toFixed(2)} s, edit ${body.timings.total.toFixed(2)} s; ${body.unet_evals} UNet evaluations`;
     setProgress(1, `done in ${((performance.now() - t0) / 1000).toFixed(1)} s`);
+    startFix(body, true);
   } catch (e) {
     setProgress(0, "failed");
     clearResults();
@@ -197,6 +204,160 @@ $("form").addEventListener("submit", async (ev) => {
     clearInterval(timer);
     $("submit").disabled = false;
     refreshHealth();
+  }
+});
+
+// --- fixing the region: POST /v1/refine with the last answer's session ---
+// fix: the last answer (its session, segment grid [gh][gw] of ids, RoI grid [gh][gw] of 0/1 and RoI
+// segments) and the changes made here: `selected` starts as the RoI's segments; a click toggles one.
+// What is sent is the difference: add = selected - base, remove = base - selected, as refine takes it.
+// window.limePage shows it (the tests and the console read it).
+const fix = { session: null, grid: null, roi: null, base: new Set(), selected: new Set(), brushed: null,
+              imagePng: null, first: null, last: null };
+window.limePage = fix;
+
+function fixTool() {
+  return document.querySelector('input[name="fixtool"]:checked').value;  // click, add or cut
+}
+
+function cellAt(c, x, y) {
+  // canvas pixel -> [row, col] of the grid: cell (floor(y * gh / H), floor(x * gw / W)), as the server says
+  const gh = fix.roi.length, gw = fix.roi[0].length;
+  return [Math.min(gh - 1, Math.floor(y * gh / c.height)), Math.min(gw - 1, Math.floor(x * gw / c.width))];
+}
+
+function inRegion(gy, gx) {
+  // the region after this page's changes: a toggled segment is wholly in or out, the rest as the RoI says
+  if (fix.grid) {
+    const s = fix.grid[gy][gx];
+    if (fix.selected.has(s) && !fix.base.has(s)) return true;
+    if (!fix.selected.has(s) && fix.base.has(s)) return false;
+  }
+  return fix.roi[gy][gx] === 1;
+}
+
+function drawRegion() {
+  // the region tinted red, the segments' borders as thin dark lines
+  const c = $("regioncanvas"), ctx = c.getContext("2d");
+  const img = ctx.createImageData(c.width, c.height);
+  const seg = (gy, gx) => (fix.grid ? fix.grid[gy][gx] : 0);
+  for (let y = 0; y < c.height; y++) {
+    for (let x = 0; x < c.width; x++) {
+      const [gy, gx] = cellAt(c, x, y), i = 4 * (y * c.width + x);
+      const [ry, rx] = cellAt(c, Math.min(c.width - 1, x + 1), Math.min(c.height - 1, y + 1));
+      if (seg(gy, rx) !== seg(gy, gx) || seg(ry, gx) !== seg(gy, gx)) img.data.set([20, 20, 20, 210], i);
+      else if (inRegion(gy, gx)) img.data.set([255, 30, 30, 150], i);
+    }
+  }
+  ctx.putImageData(img, 0, 0);
+}
+
+function describeFix() {
+  const added = [...fix.selected].filter((s) => !fix.base.has(s)).sort((a, b) => a - b);
+  const removed = [...fix.base].filter((s) => !fix.selected.has(s)).sort((a, b) => a - b);
+  const parts = [fix.grid ? `region segments: ${[...fix.selected].sort((a, b) => a - b).join(", ") || "none"}`
+                          : "this edit used a painted mask, so nothing was segmented: use the brush"];
+  if (added.length) parts.push(`adding ${added.join(", ")}`);
+  if (removed.length) parts.push(`removing ${removed.join(", ")}`);
+  if (fix.brushed) parts.push(`the brush ${fix.brushed === "add" ? "adds" : "cuts"} what it painted`);
+  $("fixinfo").textContent = parts.join("; ");
+  return { added, removed };
+}
+
+function clearBrush() {
+  const c = $("fixbrush");
+  c.getContext("2d").clearRect(0, 0, c.width, c.height);
+  fix.brushed = null;
+}
+
+function startFix(body, first) {
+  // a new answer to fix: its session, grids and picture; the first answer also sizes the canvases
+  Object.assign(fix, { session: body.session, grid: body.segment_grid, roi: body.roi_grid, imagePng: body.image_png,
+                       base: new Set(body.roi_segments || []), last: body });
+  fix.selected = new Set(fix.base);
+  if (first) {
+    fix.first = body;
+    const long = Math.max(body.width, body.height), k = Math.min(512, Math.max(256, long)) / long;
+    Object.assign($("regioncanvas"), { width: Math.round(body.width * k), height: Math.round(body.height * k) });
+    Object.assign($("fixbrush"), { width: body.width, height: body.height });  // the mask sent: the input's size
+    setPic("fixinput", $("input").src);
+    setPic("before", "");
+    setPic("refined", "");
+  }
+  setPic("segids", png(body.segment_ids_png));
+  $("toolclick").disabled = !fix.grid;
+  if (!fix.grid && fixTool() === "click") $("tooladd").checked = true;
+  $("fixstage").classList.toggle("brushing", fixTool() !== "click");
+  clearBrush();
+  drawRegion();
+  describeFix();
+  $("fix").hidden = !body.session;
+}
+
+$("regioncanvas").addEventListener("click", (ev) => {
+  if (!fix.grid || fixTool() !== "click") return;
+  const c = $("regioncanvas"), [x, y] = canvasPoint(ev, c);
+  if (x < 0 || y < 0 || x >= c.width || y >= c.height) return;  // the frame's margin, not the picture
+  const [gy, gx] = cellAt(c, x, y), s = fix.grid[gy][gx];
+  if (fix.selected.has(s)) fix.selected.delete(s); else fix.selected.add(s);
+  drawRegion();
+  describeFix();
+});
+
+let fixPainting = false;
+function paintFix(ev) {
+  if (!fixPainting || fixTool() === "click") return;
+  dot($("fixbrush"), ev, Number($("fixsize").value), fixTool() === "add" ? "rgb(40, 200, 80)" : "rgb(30, 60, 220)");
+  fix.brushed = fixTool();
+  describeFix();
+}
+$("fixbrush").addEventListener("pointerdown", (ev) => { fixPainting = true; paintFix(ev); });
+$("fixbrush").addEventListener("pointermove", paintFix);
+window.addEventListener("pointerup", () => { fixPainting = false; });
+for (const id of ["toolclick", "tooladd", "toolcut"]) {
+  $(id).addEventListener("change", () => {
+    const tool = fixTool();
+    $("fixstage").classList.toggle("brushing", tool !== "click");
+    // one painted mask per apply, which either adds or cuts: strokes of the other kind are dropped
+    if (tool !== "click" && fix.brushed && fix.brushed !== tool) clearBrush();
+    describeFix();
+  });
+}
+$("fixreset").addEventListener("click", () => {
+  fix.selected = new Set(fix.base);
+  clearBrush();
+  drawRegion();
+  describeFix();
+});
+
+$("apply").addEventListener("click", async () => {
+  showError("");
+  const { added, removed } = describeFix();
+  const form = new FormData();
+  form.append("session", fix.session);
+  if (added.length) form.append("add", added.join(","));
+  if (removed.length) form.append("remove", removed.join(","));
+  if (fix.brushed) {
+    form.append("mask", await drawnMaskBlob($("fixbrush")), "region.png");
+    form.append("mask_mode", fix.brushed);
+  }
+  $("apply").disabled = true;
+  setProgress(0.5, "refining…");
+  const t0 = performance.now();
+  try {
+    const r = await fetch("/v1/refine?format=json", { method: "POST", body: form, headers: authHeaders() });
+    const body = await r.json().catch(() => ({}));
+    if (!r.ok) throw new Error(`${r.status}: ${body.error || r.statusText}`);
+    setPic("before", png(fix.imagePng));  // what this refinement started from, next to what it made
+    setPic("refined", png(body.image_png));
+    showWarnings(body.warnings || []);
+    startFix(body, false);
+    setProgress(1, `refined in ${((performance.now() - t0) / 1000).toFixed(1)} s (${body.unet_evals} UNet evaluations)`);
+  } catch (e) {
+    setProgress(0, "refine failed");
+    showError(e.message);
+  } finally {
+    $("apply").disabled = false;
   }
 });
 
