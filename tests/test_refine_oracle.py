@@ -1,15 +1,10 @@
 """benchmarks/refine_oracle.py: the oracle picks the segments its rule names (a hand-built map), and the
 study runs end to end on two edits with the tiny model."""
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-
-import refine_oracle  # noqa: E402
+import refine_oracle
 
 # A 6 x 6 map of four segments (ids 0-3):
 #   0 0 1 1 1 1
