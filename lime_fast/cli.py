@@ -86,12 +86,25 @@ def model_config(model, overrides: dict) -> EditConfig:
 # --- the parser ----------------------------------------------------------------------------------
 
 
+_MODEL_HELP = (f"hub id, local diffusers folder, or a shipped model's name (shapes-ip2p: offline, 64 x 64 "
+               f"pictures); default {DEFAULT_MODEL}")
+
+
 def _parser() -> argparse.ArgumentParser:
+    from .evaluate.cli import add_parser as add_eval_parser
+    from .serve import cli as serve_cli
+
     p = argparse.ArgumentParser(prog="lime-fast", description="Localized image editing (LIME) for InstructPix2Pix models.")
     sub = p.add_subparsers(dest="command", required=True)
-    model_help = (f"hub id, local diffusers folder, or a shipped model's name (shapes-ip2p: offline, 64 x 64 "
-                  f"pictures); default {DEFAULT_MODEL}")
+    _add_edit_parser(sub)
+    _add_batch_parser(sub)
+    add_eval_parser(sub)
+    _add_demo_parser(sub)
+    serve_cli.add_parser(sub)
+    return p
 
+
+def _add_edit_parser(sub) -> None:
     e = sub.add_parser("edit", help="edit one image")
     e.add_argument("image", help="input image file")
     e.add_argument("instruction", help='the edit, e.g. "make her outfit black"')
@@ -102,7 +115,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--mask", help="mask image of the region to edit (white = edit; see --mask-convention); skips "
                    "localization (first turn only)")
     add_mask_convention_arg(e, what="; default auto")
-    e.add_argument("--model", default=None, help=model_help + " (with --session: the session's)")
+    e.add_argument("--model", default=None, help=_MODEL_HELP + " (with --session: the session's)")
     e.add_argument("--device", help="cuda, cpu, cuda:1, ... (default: cuda when available)")
     e.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), help="default float16 on CUDA, float32 on CPU")
     e.add_argument("--save-roi", metavar="DIR", help="write the RoI mask, overlay, segment map (also with each "
@@ -125,13 +138,15 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--quiet", action="store_true", help="no progress bars")
     add_config_args(e)
 
+
+def _add_batch_parser(sub) -> None:
     b = sub.add_parser("batch", help="edit every row of a JSONL manifest into a folder (resumable; --ray for Ray)",
                        description="Edit every row of a JSONL manifest ({id, image, instruction[, mask][, EditConfig "
                        "fields]} per line) into DIR/images/{id}.png, recording each row in DIR/results.jsonl. "
                        "Re-running skips rows already done. Exit status 1 when rows failed in this run.")
     b.add_argument("manifest", help="JSONL file, one edit per line")
     b.add_argument("--out", required=True, metavar="DIR", help="output folder (images/, roi/, results.jsonl)")
-    b.add_argument("--model", default=DEFAULT_MODEL, help=model_help)
+    b.add_argument("--model", default=DEFAULT_MODEL, help=_MODEL_HELP)
     b.add_argument("--batch-size", type=int, default=1,
                    help="rows per UNet batch (same size and config); >1 is for GPU throughput and may change the last bit")
     b.add_argument("--save-roi", action="store_true", help="also write each RoI mask to DIR/roi/{id}.png")
@@ -149,18 +164,12 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--num-cpus-per-worker", type=float, default=1)
     add_config_args(b)
 
-    from .evaluate.cli import add_parser as add_eval_parser
 
-    add_eval_parser(sub)
-
+def _add_demo_parser(sub) -> None:
     d = sub.add_parser("demo", help="a real edit, offline, with the small shapes model that ships with lime_fast (lime_fast beside plain InstructPix2Pix)")
     d.add_argument("--out", default="lime_fast_demo", help="folder for the pictures (default ./lime_fast_demo)")
     d.add_argument("--force", action="store_true", help="overwrite existing pictures")
     d.add_argument("--quiet", action="store_true")
-    from .serve import cli as serve_cli
-
-    serve_cli.add_parser(sub)
-    return p
 
 
 # --- commands ------------------------------------------------------------------------------------
@@ -234,16 +243,39 @@ def _check_session_args(args) -> None:
 
 
 def _edit(args) -> int:
-    from .errors import TurnError
-    from .inputs import EditInputs, check_instruction
-    from .io import check_outputs, save_all
-    from .models import config_multiple, local_checkpoint, model_location, resolve_device, shipped
+    """``lime-fast edit``: 1. everything checked and planned (no torch, no model, nothing written); 2. the
+    model; 3. the turns, each turn's outputs written as soon as it finishes."""
+    from .models import resolve_device
 
     _check_session_args(args)
     if args.session is not None:
         return _edit_session(args)
     args.model = args.model or DEFAULT_MODEL
-    # 1. arguments, output locations, inputs: no torch, no model, nothing written
+    outs, planned, roi_dirs, cfg, job = _plan_edit(args)
+    device = resolve_device(args.device)
+    from .models import quiet_libraries
+
+    quiet_libraries()
+    import lime_fast
+
+    engine = lime_fast.get_engine(args.model, device=device, torch_dtype=_dtype(args.dtype))
+    results = _run_turns(args, engine, job, cfg, outs, planned, roi_dirs)
+    if isinstance(results, int):  # an exit status: a later turn failed or was interrupted
+        return results
+    if roi_dirs:
+        print("pictures: " + ", ".join(str(p) for p, (_, n) in planned.items() if n != "image"))
+    if args.save_session:
+        _save_session(args, results[0], engine, cfg)
+    return 0
+
+
+def _plan_edit(args) -> tuple:
+    """(turn outputs, planned {path: (turn, picture)}, RoI folders, EditConfig, EditInputs), every output
+    location and input checked; raises before torch or the model is imported."""
+    from .inputs import EditInputs, check_instruction
+    from .io import check_outputs
+    from .models import config_multiple, local_checkpoint, model_location, shipped
+
     out = Path(args.output)
     instructions = [check_instruction(t) for t in [args.instruction, *(args.then or [])]]
     outs = [out.with_name(f"{out.stem}.turn{k}{out.suffix}") for k in range(1, len(instructions))] + [out]
@@ -266,16 +298,17 @@ def _edit(args) -> int:
                                multiple=config_multiple(args.model) or 64, cfg=cfg,
                                trained_size=info.image_size if info else None, mask_convention=args.mask_convention)
     local_checkpoint(model_location(args.model))  # a mistyped folder fails here, before torch loads
-    # 2. the device and the model (torch and diffusers import here)
-    device = resolve_device(args.device)
-    from .models import quiet_libraries
+    return outs, planned, roi_dirs, cfg, job
 
-    quiet_libraries()
+
+def _run_turns(args, engine, job, cfg, outs, planned, roi_dirs):
+    """The turns' results; each turn's planned outputs are written (all or nothing) as soon as it
+    finishes, so a failing later turn or a Ctrl-C keeps every finished one (then: the exit status)."""
     import lime_fast
 
-    engine = lime_fast.get_engine(args.model, device=device, torch_dtype=_dtype(args.dtype))
-    # 3. the edit, turn by turn; each turn's outputs are written (all or nothing) as soon as it finishes,
-    # so a failing turn or a Ctrl-C keeps every finished one
+    from .errors import TurnError
+    from .io import save_all
+
     written = []
 
     def save_turn(t: int, result) -> None:
@@ -290,25 +323,23 @@ def _edit(args) -> int:
               f"of the image; {result.unet_evals} UNet evaluations, {result.timings['total']:.1f} s)")
 
     try:
-        results = lime_fast.edit_turns(job.images[0], job.instructions, masks=job.masks, model=engine,
-                                       progress=not args.quiet, on_turn=save_turn, config=cfg)
+        return lime_fast.edit_turns(job.images[0], job.instructions, masks=job.masks, model=engine,
+                                    progress=not args.quiet, on_turn=save_turn, config=cfg)
     except (TurnError, KeyboardInterrupt) as e:
         if not written:
             raise
         what = "interrupted" if isinstance(e, KeyboardInterrupt) else f"error: {e}"
         print(f"lime-fast: {what}; turns 1-{written[-1]} of {len(outs)} were written", file=sys.stderr)
         return 130 if isinstance(e, KeyboardInterrupt) else 2
-    if roi_dirs:
-        print("pictures: " + ", ".join(str(p) for p, (_, n) in planned.items() if n != "image"))
-    if args.save_session:
-        from .batch.keys import model_pin
-        from .session import write
 
-        write(args.save_session, results[0], model=args.model, pin=model_pin(args.model), dtype=str(engine.dtype),
-              config=cfg)
-        print(f"session: {args.save_session} (segment ids: {Path(args.save_session) / 'segment_ids.png'}; correct the "
-              f"region with --session {args.save_session} --add IDS --drop IDS)")
-    return 0
+
+def _save_session(args, result, engine, cfg) -> None:
+    from .batch.keys import model_pin
+    from .session import write
+
+    write(args.save_session, result, model=args.model, pin=model_pin(args.model), dtype=str(engine.dtype), config=cfg)
+    print(f"session: {args.save_session} (segment ids: {Path(args.save_session) / 'segment_ids.png'}; correct the "
+          f"region with --session {args.save_session} --add IDS --drop IDS)")
 
 
 def _edit_session(args) -> int:

@@ -581,8 +581,7 @@ class Service:
     async def edit(self, request, fmt: str | None, credentials):
         """Authorize, parse and check the request, queue the edit, wait for it (or the client leaving, or the
         timeout) and answer the PNG or JSON; every refusal is a ``BadRequest``."""
-        from starlette.concurrency import run_in_threadpool
-        from starlette.responses import JSONResponse, Response
+        from starlette.responses import Response
 
         authorize(self.cfg.token, credentials)
         check_origin(self.cfg.token, request.headers.get("origin"), request.headers.get("host"))
@@ -777,86 +776,95 @@ def create_app(engine_or_model, config: ServeConfig | None = None, *, device=Non
     or a model (hub id, folder, ``shapes-ip2p``; loaded now, once per ``device``). The batcher's
     workers start and stop with the app's lifespan (uvicorn runs it; with Starlette's TestClient use
     ``with TestClient(app)``). The routes are thin: the work is ``Service``'s and the module's functions."""
-    from fastapi import Depends, FastAPI, Query, Request
-    from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+    from fastapi import FastAPI
+    from fastapi.security import HTTPBearer
     from starlette.concurrency import run_in_threadpool
-    from starlette.exceptions import HTTPException
-    from starlette.requests import ClientDisconnect
-    from starlette.responses import Response
 
     from .. import __version__
 
     cfg = config or ServeConfig()
-    engines = _load_engines(engine_or_model, device, torch_dtype)
-    name = cfg.model_name or (str(engine_or_model) if isinstance(engine_or_model, (str, Path)) else type(engines[0]).__name__)
-    metrics = Metrics()
-    batcher = Batcher(engines, max_batch=cfg.max_batch, window_s=cfg.batch_window_ms / 1000, max_queue=cfg.max_queue,
-                      max_queue_bytes=int(cfg.max_queue_mb * 2**20), metrics=metrics)
-    sessions = SessionStore(cfg.max_sessions, int(cfg.session_mb * 2**20), cfg.session_ttl_s)
-    svc = Service(cfg, engines, name, batcher, metrics, _limits(engines[0], cfg), importlib.util.find_spec("cuml") is not None,
-                  RateLimiter(cfg.rate_limit), sessions)
+    svc = _service(engine_or_model, cfg, device, torch_dtype)
 
     @asynccontextmanager
     async def lifespan(app):
-        batcher.start()
+        svc.batcher.start()
         try:
             yield
         finally:  # lime_fast.serve.server has already given running edits their grace period
-            await run_in_threadpool(batcher.stop, cfg.grace_s)
-            sessions.clear()
+            await run_in_threadpool(svc.batcher.stop, cfg.grace_s)
+            svc.sessions.clear()
 
     # docs_url=None, redoc_url=None: FastAPI's pages load Swagger UI / ReDoc from a CDN (blank offline);
     # /docs is ours (lime_fast.serve.docs_page), rendered from the same OpenAPI description
     app = FastAPI(title="lime-fast", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="LIME localized image editing as a service, with dynamic batching. "
                               "POST /v1/edit with multipart form data; see docs/service.md.")
-    app.state.batcher, app.state.metrics, app.state.config, app.state.service = batcher, metrics, cfg, svc
+    app.state.batcher, app.state.metrics, app.state.config, app.state.service = svc.batcher, svc.metrics, cfg, svc
     bearer = HTTPBearer(auto_error=False, description="only when the server was started with --token")
     _error_handlers(app)
+    _edit_routes(app, svc, bearer)
+    _read_routes(app, svc, bearer)
+    app.add_middleware(Guard, max_bytes=cfg.max_upload_bytes, metrics=svc.metrics, body_timeout_s=cfg.body_timeout_s)
+    return app
+
+
+def _service(engine_or_model, cfg: ServeConfig, device, torch_dtype) -> Service:
+    """The engines (loaded now), the batcher, the session store and the rest the routes share."""
+    engines = _load_engines(engine_or_model, device, torch_dtype)
+    name = cfg.model_name or (str(engine_or_model) if isinstance(engine_or_model, (str, Path)) else type(engines[0]).__name__)
+    metrics = Metrics()
+    batcher = Batcher(engines, max_batch=cfg.max_batch, window_s=cfg.batch_window_ms / 1000, max_queue=cfg.max_queue,
+                      max_queue_bytes=int(cfg.max_queue_mb * 2**20), metrics=metrics)
+    sessions = SessionStore(cfg.max_sessions, int(cfg.session_mb * 2**20), cfg.session_ttl_s)
+    return Service(cfg, engines, name, batcher, metrics, _limits(engines[0], cfg), importlib.util.find_spec("cuml") is not None,
+                   RateLimiter(cfg.rate_limit), sessions)
+
+
+async def respond(handler, metrics: Metrics | None = None):
+    """Run a route's ``handler()``: a ``BadRequest`` becomes its JSON error and a client that left 499;
+    413 / 408 / malformed multipart go on to their exception handlers. With ``metrics``, the outcome
+    and the seconds are recorded (Guard records the 413s it answers before any route runs)."""
+    from starlette.exceptions import HTTPException
+    from starlette.requests import ClientDisconnect
+    from starlette.responses import Response
+
+    t0, status = time.monotonic(), 500
+    try:
+        response = await handler()
+        status = response.status_code
+        return response
+    except BadRequest as e:
+        status = e.status
+        return _error(e.status, e.message, e.headers)
+    except ClientDisconnect:
+        status = 499
+        return Response(status_code=499)
+    except (BodyTooLarge, BodyStalled, HTTPException) as e:
+        status = 413 if isinstance(e, BodyTooLarge) else 408 if isinstance(e, BodyStalled) else e.status_code
+        raise
+    finally:
+        if metrics is not None:
+            metrics.observe_request(status, time.monotonic() - t0)
+
+
+def _edit_routes(app, svc: Service, bearer) -> None:
+    """POST /v1/edit and POST /v1/refine."""
+    from fastapi import Depends, Query, Request
+    from fastapi.security import HTTPAuthorizationCredentials
 
     @app.post("/v1/edit", openapi_extra=_openapi_body(svc.base), summary="Edit a picture as an instruction says",
               responses=EDIT_RESPONSES)
     async def edit(request: Request, format: str | None = Query(None, description="png (the default) or json; "
                                                                  "without it, Accept: application/json asks for JSON"),
                    credentials: HTTPAuthorizationCredentials | None = Depends(bearer)):
-        t0, status = time.monotonic(), 500
-        try:
-            response = await svc.edit(request, format, credentials)
-            status = response.status_code
-            return response
-        except BadRequest as e:
-            status = e.status
-            return _error(e.status, e.message, e.headers)
-        except ClientDisconnect:
-            status = 499
-            return Response(status_code=499)
-        except BodyTooLarge:
-            status = 413
-            raise
-        except BodyStalled:
-            status = 408
-            raise
-        except HTTPException as e:  # a malformed multipart body (400)
-            status = e.status_code
-            raise
-        finally:
-            metrics.observe_request(status, time.monotonic() - t0)
+        return await respond(lambda: svc.edit(request, format, credentials), svc.metrics)
 
     @app.post("/v1/refine", openapi_extra=_openapi_refine_body(),
               summary="Correct the region of an edit: rerun only its edit pass", responses=REFINE_RESPONSES)
     async def refine(request: Request, format: str | None = Query(None, description="png (the default) or json (its "
                                                                    "answer has a new session id)"),
                      credentials: HTTPAuthorizationCredentials | None = Depends(bearer)):
-        try:
-            return await svc.refine(request, format, credentials)
-        except BadRequest as e:
-            return _error(e.status, e.message, e.headers)
-        except ClientDisconnect:
-            return Response(status_code=499)
-
-    _read_routes(app, svc, bearer)
-    app.add_middleware(Guard, max_bytes=cfg.max_upload_bytes, metrics=metrics, body_timeout_s=cfg.body_timeout_s)
-    return app
+        return await respond(lambda: svc.refine(request, format, credentials))
 
 
 def _read_routes(app, svc: Service, bearer) -> None:
