@@ -35,11 +35,20 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT / "scripts") not in sys.path:  # train_shapes.py, a script beside the package
-    sys.path.insert(0, str(ROOT / "scripts"))
 
 FIRST_SEED = 6_100_000
 ROLES = ("BOS", "content", "other kept", "stop", "EOS", "padding")
+
+
+def _train_shapes():
+    """scripts/train_shapes.py as a module (a script beside the package, loaded by its path)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_shapes", ROOT / "scripts" / "train_shapes.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("train_shapes", module)  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
 
 
 def role_index(tokenizer, instruction: str) -> np.ndarray:
@@ -63,7 +72,9 @@ def shares(model, n: int = 32, timesteps=(300, 700), levels=(0, 1), first_seed: 
     """Mean share of the true region's cross-attention per token role -> {role: share} (sums to 1)."""
     from lime_fast.clip_bpe import clip_tokenizer
     from lime_fast.testing.shapes import make_batch
-    from train_shapes import SIZE, install_grounding, load_models, training_alphas_cumprod
+    train = _train_shapes()
+    SIZE, install_grounding, load_models, training_alphas_cumprod = (
+        train.SIZE, train.install_grounding, train.load_models, train.training_alphas_cumprod)
 
     vae, unet, text_encoder = load_models(model)
     tok = clip_tokenizer()

@@ -509,6 +509,7 @@ def _cases():
         "capture beyond steps": (cfg(steps="4", capture_step="9"), 400, "capture_step"),
         "guidance nan": (cfg(text_guidance="nan"), 400, "finite"),
         "guidance negative": (cfg(image_guidance="-1"), 400, "cannot be negative"),
+        "guidance 1e308": (cfg(text_guidance="1e308"), 400, "text_guidance must be <= 100"),
         "reg_steps one value": (cfg(reg_steps="1"), 400, "reg_steps takes 2 values"),
         "levels not ints": (cfg(feature_levels="a,b"), 400, "feature_levels must be an integer"),
         "level beyond the UNet": (cfg(feature_levels="0,9"), 400, "over this server's limit"),
