@@ -970,3 +970,18 @@ def test_cli_session_flags_reach_the_config(capsys):
 
     assert main(["serve", "--sessions", "-1"]) == 2
     assert "max_sessions >= 0" in capsys.readouterr().err
+
+
+def test_request_limits_follow_the_model():
+    """A request cannot ask a model for more than twice its own grid, its own working size, or k-means
+    work past 32 clusters x 4 restarts x 500 iterations (the reported 15-minute request asked 512² x 64 x 16)."""
+    from lime_fast.config import EditConfig
+    from lime_fast.serve.app import _limits
+
+    fake = FakeEngine()
+    fake.default_config = EditConfig(grid_size=64, max_side=64)  # as the shipped shapes model
+    limits = _limits(fake, ServeConfig(max_steps=50))
+    assert limits == {"steps": 50, "grid_size": 128, "clusters": 32, "kmeans_n_init": 4, "kmeans_max_iter": 500,
+                      "max_side": 64}
+    fake.default_config = EditConfig()  # SD 1.5's defaults
+    assert _limits(fake, ServeConfig())["grid_size"] == 256 and _limits(fake, ServeConfig())["max_side"] == 1024

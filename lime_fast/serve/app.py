@@ -233,9 +233,14 @@ def _load_engines(engine_or_model, device, torch_dtype) -> list:
 
 def _limits(engine, config: ServeConfig) -> dict[str, int]:
     """Largest value a request may set per EditConfig field: a request must not be able to make the
-    server do unbounded work (steps, k-means iterations, the grid) or ask for levels the UNet lacks."""
-    limits = {"steps": config.max_steps, "grid_size": 512, "clusters": 64, "kmeans_n_init": 16,
-              "kmeans_max_iter": 1000, "max_side": engine.default_config.max_side}
+    server do unbounded work (steps, k-means iterations, the grid) or ask for levels the UNet lacks.
+    Per model: the working size at most the model's own ``max_side``, the grid at most twice its own
+    (the k-means costs grow with the grid's cells: 512 x 512 at 64 clusters and 16 restarts ran past
+    15 minutes on a CPU), at most 32 clusters, 4 restarts, 500 iterations."""
+    base = engine.default_config
+    limits = {"steps": config.max_steps, "grid_size": max(64, 2 * base.grid_size), "clusters": max(32, base.clusters),
+              "kmeans_n_init": max(4, base.kmeans_n_init), "kmeans_max_iter": max(500, base.kmeans_max_iter),
+              "max_side": base.max_side}
     unet = getattr(engine, "unet", None)
     if unet is not None:
         limits["feature_levels"] = limits["reg_levels"] = len(unet.config.block_out_channels) - 1
