@@ -61,16 +61,13 @@ class EditConfig:
     )})
     clusters: int = field(default=8, metadata={"help": 'k of the k-means segmentation.'})
     kmeans_n_init: int = field(default=1, metadata={"help": (
-        "k-means restarts, iteration cap and tolerance (scikit-learn's rule: tol relative to the mean "
-        'per- dimension variance).'
+        'k-means restarts; the run with the lowest inertia is kept.'
     )})
     kmeans_max_iter: int = field(default=300, metadata={"help": (
-        "k-means restarts, iteration cap and tolerance (scikit-learn's rule: tol relative to the mean "
-        'per- dimension variance).'
+        'most Lloyd iterations of each k-means run.'
     )})
     kmeans_tol: float = field(default=1e-4, metadata={"help": (
-        "k-means restarts, iteration cap and tolerance (scikit-learn's rule: tol relative to the mean "
-        'per- dimension variance).'
+        "k-means convergence tolerance (scikit-learn's rule: relative to the mean per-dimension variance)."
     )})
     kmeans_check_every: int = field(default=16, metadata={"help": (
         "on a GPU, Lloyd iterations between two reads of k-means' on-device convergence flag (one host "
