@@ -559,8 +559,7 @@ class LimeEngine:
     @torch.no_grad()
     def _edit_locked(self, job: EditInputs, cfg: EditConfig, progress: bool, seeds: list[int],
                      stop=None) -> list[EditResult]:
-        if getattr(self._probe.processor, "ctl", None) is not self.controller:  # another engine of this pipe ran
-            install(self.unet, self.controller)
+        self._own_processors()
         clock, evals0 = _Clock(self.device), self.unet_evals
         user_rois = job.mask_grids()  # host: the user masks on the output grid (None where automatic)
         auto = [b for b, m in enumerate(user_rois) if m is None]
@@ -588,7 +587,7 @@ class LimeEngine:
         latents, checks["edit"] = self._edit_pass(enc, roi_grid if regularized else None, cfg, seeds, progress, noise, stop)
         _stop_if(stop)
         clock("edit")
-        pixels = (self.decode(latents) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+        pixels = self._pixels(latents)
         clock("decode")
         host.update(pixels=pixels, roi=roi_grid, **{f"finite_{k}": v for k, v in checks.items()})
         got = _to_host(host)  # the one device-to-host copy (and sync) of the edit
@@ -625,14 +624,22 @@ class LimeEngine:
         return [RefineCache(me, enc.one(b), (init[b : b + 1].clone(), steps[:, b : b + 1].clone()), seeds[b], cfg,
                             working_size) for b in range(enc.batch)]
 
+    def _own_processors(self) -> None:
+        """Put this engine's attention processors back when another engine of the same pipe ran last."""
+        if getattr(self._probe.processor, "ctl", None) is not self.controller:
+            install(self.unet, self.controller)
+
+    def _pixels(self, latents: torch.Tensor) -> torch.Tensor:
+        """latents [B, c, h, w] -> uint8 pixels [B, H, W, 3] on the device."""
+        return (self.decode(latents) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+
     def refine_pass(self, cache: RefineCache, roi_grid: np.ndarray, progress: bool = True):
         """Stage 2 and the decode of one cached edit with the region ``roi_grid`` (bool [gh, gw]; all False:
         plain InstructPix2Pix, as an empty user mask): (pixels uint8 [h, w, 3] at the working size, seconds
         per stage 'edit', 'decode', UNet evaluations). The same calls, inputs and noise as the edit's own
         pass, so the same region gives the same pixels."""
         with self._lock:
-            if getattr(self._probe.processor, "ctl", None) is not self.controller:
-                install(self.unet, self.controller)
+            self._own_processors()
             return self._refine_locked(cache, roi_grid, progress)
 
     @torch.no_grad()
@@ -643,7 +650,7 @@ class LimeEngine:
         latents, finite = self._edit_pass(cache.enc, roi if regularized else None, cache.cfg, [cache.seed], progress,
                                           cache.noise)
         clock("edit")
-        pixels = (self.decode(latents) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+        pixels = self._pixels(latents)
         clock("decode")
         got = _to_host({"pixels": pixels, "finite": finite})
         self._check_finite(got["finite"], "edit", self.dtype)

@@ -128,21 +128,27 @@ def _is_number(v) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
+def _is_id(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_point(v, kinds=(tuple, list)) -> bool:
+    return isinstance(v, kinds) and len(v) == 2 and all(_is_number(x) for x in v)
+
+
 def _items(targets, what: str) -> list:
     """``targets`` as a list of ids (int) and points ((x, y) floats); RefineError for anything else."""
     if targets is None:
         return []
-    if isinstance(targets, numbers.Integral) and not isinstance(targets, bool):
-        return [int(targets)]
-    if isinstance(targets, tuple) and len(targets) == 2 and all(_is_number(v) for v in targets):
-        return [tuple(float(v) for v in targets)]  # a bare (x, y) is one point
-    if isinstance(targets, (str, bytes)) or not hasattr(targets, "__iter__"):
+    if _is_id(targets) or _is_point(targets, tuple):  # a bare id, a bare (x, y) point
+        targets = [targets]
+    elif isinstance(targets, (str, bytes)) or not hasattr(targets, "__iter__"):
         raise RefineError(f"{what}: expected segment ids (ints) and/or points (x, y), got {targets!r}")
     out = []
     for t in targets:
-        if isinstance(t, numbers.Integral) and not isinstance(t, bool):
+        if _is_id(t):
             out.append(int(t))
-        elif isinstance(t, (tuple, list)) and len(t) == 2 and all(_is_number(v) for v in t):
+        elif _is_point(t):
             out.append(tuple(float(v) for v in t))
         else:
             raise RefineError(f"{what}: {t!r} is neither a segment id (int) nor a point (x, y) in pixels")
