@@ -588,13 +588,9 @@ class Service:
         timeout) and answer the PNG or JSON; every refusal is a ``BadRequest``."""
         from starlette.responses import Response
 
-        authorize(self.cfg.token, credentials)
-        check_origin(self.cfg.token, request.headers.get("origin"), request.headers.get("host"))
-        self.limiter.take(request.client.host if request.client else "?")
-        rid = request_id(request.headers.get("x-request-id", ""))
-        want_json = wants_json(fmt, request.headers.get("accept", ""))
+        rid, want_json = self._admit(request, fmt, credentials)
         image, mask, text, edit_cfg, warned = await self._inputs(request)
-        job = self._submit(image, text, mask, edit_cfg)
+        job = self._submit(self.batcher.submit, image, text, mask, edit_cfg)
         result = await self._wait(request, job)
         if result is None:
             return Response(status_code=499)  # the client left; nobody reads it ('disconnected')
@@ -625,11 +621,7 @@ class Service:
         worker, never beside an edit on it), wait, answer like ``edit``."""
         from starlette.responses import Response
 
-        authorize(self.cfg.token, credentials)
-        check_origin(self.cfg.token, request.headers.get("origin"), request.headers.get("host"))
-        self.limiter.take(request.client.host if request.client else "?")
-        rid = request_id(request.headers.get("x-request-id", ""))
-        want_json = wants_json(fmt, request.headers.get("accept", ""))
+        rid, want_json = self._admit(request, fmt, credentials)
         owner = self._owner(request, credentials)
         form, session, mask, warned = await self._refine_inputs(request, owner)
         result = session.result
@@ -638,12 +630,7 @@ class Service:
             return result.refine(add=form.add, remove=form.remove, segments=form.segments, mask=mask,
                                  mask_mode=form.mask_mode)
 
-        try:
-            job = self.batcher.submit_call(session.engine or self.engines[0], task, mask=mask)
-        except QueueFull as e:
-            raise BadRequest(503, f"{e}: try again in {e.retry_after} s", {"Retry-After": str(e.retry_after)}) from None
-        except ShuttingDown as e:
-            raise BadRequest(503, str(e), {"Retry-After": "5"}) from None
+        job = self._submit(self.batcher.submit_call, session.engine or self.engines[0], task, mask=mask)
         refined = await self._wait(request, job)
         if refined is None:
             return Response(status_code=499)
@@ -695,9 +682,18 @@ class Service:
             await form.close()
         return image, mask, text, edit_cfg, warned
 
-    def _submit(self, image, text, mask, edit_cfg):
+    def _admit(self, request, fmt: str | None, credentials) -> tuple[str, bool]:
+        """Authorize the request, check its origin and the client's rate; (request id, JSON wanted)."""
+        authorize(self.cfg.token, credentials)
+        check_origin(self.cfg.token, request.headers.get("origin"), request.headers.get("host"))
+        self.limiter.take(request.client.host if request.client else "?")
+        return request_id(request.headers.get("x-request-id", "")), wants_json(fmt, request.headers.get("accept", ""))
+
+    @staticmethod
+    def _submit(submit, *args, **kwargs):
+        """``submit(*args, **kwargs)`` (a batcher's submit or submit_call); a full queue or a shutdown as 503."""
         try:
-            return self.batcher.submit(image, text, mask, edit_cfg)
+            return submit(*args, **kwargs)
         except QueueFull as e:
             raise BadRequest(503, f"{e}: try again in {e.retry_after} s", {"Retry-After": str(e.retry_after)}) from None
         except ShuttingDown as e:
