@@ -37,7 +37,6 @@ rather than mixing outputs. Metrics are recomputed on every run (they take secon
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 import os
@@ -50,7 +49,7 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 
-from ..batch.keys import WEIGHT_SUFFIXES, model_identity, model_pin, resume_key, weights_digest  # noqa: F401
+from ..batch.keys import WEIGHT_SUFFIXES, config_dict, model_identity, model_pin, resume_key, weights_digest  # noqa: F401
 from ..config import DEFAULT_MODEL, EditConfig
 from ..errors import BatchError
 from .datasets import Dataset, Session, Turn, read_mask
@@ -218,11 +217,6 @@ def base_config(model, config) -> EditConfig:
     return base.replace(**(config or {}))
 
 
-def _identity(model) -> str:
-    """The model as reports and method.json name it (``keys.model_identity``)."""
-    return model_identity(model)
-
-
 def check_methods(cfg: EditConfig, methods: list[Method], data: Dataset | None = None) -> None:
     """EvalError, before anything is written, when a method's overrides (on ``cfg``, and on each turn's own
     fields in ``data``) make an invalid config, e.g. ``lime:capture_step=25`` on a 20-step model."""
@@ -245,7 +239,7 @@ def _pin(method_dir: Path, pin: tuple[str, str | None], cfg: EditConfig, method:
     """Write or check DIR/{method}/method.json: the model's ``model_pin`` (its identity and, where it is a
     local folder, its weights' digest) and the config its outputs were made with."""
     want = {"method": method.spec, "model": pin[0], "weights": pin[1],
-            "config": json.loads(json.dumps(dataclasses.asdict(cfg.replace(**dict(method.overrides)))))}
+            "config": config_dict(cfg.replace(**dict(method.overrides)))}
     path = method_dir / "method.json"
     if path.is_file():
         have = json.loads(path.read_text())
@@ -689,7 +683,7 @@ def evaluate(
     if out.exists() and not out.is_dir():
         raise EvalError(f"--out {out} exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
-    ev = Evaluation(out, data, specs, settings, _identity(model), json.loads(json.dumps(dataclasses.asdict(cfg))),
+    ev = Evaluation(out, data, specs, settings, model_identity(model), config_dict(cfg),
                     models={"clip": getattr(clip, "folder", None), "dino": getattr(dino, "folder", None)})
     with contextlib.ExitStack() as stack:
         try:
