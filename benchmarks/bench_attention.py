@@ -15,6 +15,9 @@ Candidates (all produce out [B, H, N, D] fp16; (b)'s and (c)'s masks are prebuil
                calls outside torch.compile; the custom op adds dispatch cost in eager mode only),
                penalty on: roi [B, N] and keep [B, T] bool, the penalty built in-kernel; block shapes
                autotuned on the first call (listed under the table)
+    split      the kernel with the head dim as two power-of-two slices (160 = 128 + 32, 80 = 64 + 16,
+               40 = 32 + 16) at the default block shapes, not autotuned: side by side with the tuned
+               kernel (whose candidates include split shapes) it shows what the split alone does
     sdpa       (a) torch SDPA with no mask: what plain InstructPix2Pix pays (diffusers' AttnProcessor2_0)
     sdpa_mask  (b) torch SDPA with the equivalent additive fp16 mask [B, 1, N, T] (0 / -inf): the
                straightforward port (whatever SDPA does with a T = 77 mask per call, e.g. padding
@@ -69,8 +72,8 @@ CPU_ONLY = pytest.mark.skipif(CUDA, reason="CUDA available: the SD 1.5 shapes ar
 # --- GPU configuration ----------------------------------------------------------------------------
 B, H, T = 3, 8, 77
 SHAPES = [(4096, 40), (1024, 80), (256, 160), (64, 160)]
-IMPLS = ["kernel", "sdpa", "sdpa_mask", "flex", "fp32_bmm"]
-LABELS = {"kernel": "kernel", "sdpa": "(a) sdpa", "sdpa_mask": "(b) sdpa+mask", "flex": "(c) flex",
+IMPLS = ["kernel", "split", "sdpa", "sdpa_mask", "flex", "fp32_bmm"]
+LABELS = {"kernel": "kernel", "split": "split (untuned)", "sdpa": "(a) sdpa", "sdpa_mask": "(b) sdpa+mask", "flex": "(c) flex",
           "fp32_bmm": "(d) fp32 bmm"}
 MODES = ["graph", "eager"]
 ROI_FRACTION = 0.3
@@ -186,6 +189,10 @@ def _new_fn(impl: str, st: dict):
         from lime_fast.kernels.regularized_attention import regularized_attention_launch
 
         return lambda q, k, v: regularized_attention_launch(q, k, v, roi, keep)[0]
+    if impl == "split":
+        from lime_fast.kernels.regularized_attention import regularized_attention_launch
+
+        return lambda q, k, v: regularized_attention_launch(q, k, v, roi, keep, split_head_dim=True)[0]
     if impl == "sdpa":
         return lambda q, k, v: _sdpa(q, k, v)
     if impl == "sdpa_mask":
@@ -331,7 +338,8 @@ def _gpu_lines() -> list[str]:
 
     for key, cfg in tuned_configs().items():
         lines.append(f"autotuned {key[:4]} {str(key[4]).replace('torch.', '')}: BLOCK_M {cfg['BLOCK_M']} BLOCK_N {cfg['BLOCK_N']} "
-                     f"warps {cfg['num_warps']} stages {cfg['num_stages']} heads/program {cfg.get('HEADS', 1)}")
+                     f"warps {cfg['num_warps']} stages {cfg['num_stages']} heads/program {cfg.get('HEADS', 1)} "
+                     f"head-dim slices {cfg['BLOCK_D']}" + (f"+{cfg['BLOCK_D2']}" if cfg.get("BLOCK_D2") else ""))
     return lines
 
 
@@ -388,7 +396,7 @@ def test_attention(benchmark, N, D, impl, mode):
     except Exception as e:  # noqa: BLE001 - flex may fail to import, compile or run: record it, don't crash
         row[impl] = f"failed ({_short(e)})"
         pytest.skip(f"{impl} unavailable on this setup: {_short(e)}")
-    if impl in ("sdpa_mask", "flex", "fp32_bmm") and mode == MODES[0]:
+    if impl in ("split", "sdpa_mask", "flex", "fp32_bmm") and mode == MODES[0]:
         err = (out.float() - st["ref"]).abs().max().item()
         if not err <= 1e-2:  # fp16 vs fp32 is ~1e-3 here; a wrong mask is off by O(0.1)
             _FLAGS.setdefault((N, D), {})[impl] = f" WRONG(err {err:.2g})"

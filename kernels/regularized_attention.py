@@ -36,6 +36,10 @@ Design
 * Head dims that are not a power of two (40, 80, 160 in SD 1.5) are padded to BLOCK_D =
   next_pow2(D) in registers only, with masked loads/stores (EVEN_HEADDIM constexpr); likewise
   EVEN_M for N % BLOCK_M and EVEN_T for the key tail, so the common case pays no masking cost.
+  Or (BLOCK_D2 > 0, an autotuning candidate) the head dim runs as two power-of-two slices, each
+  with its own q tile, dots and accumulator: 160 = 128 + 32 computes 160 columns instead of 256
+  (``_split_head_dim``). ptxas for sm_90a: at N 256 / D 160 it removes the default's spills (260
+  -> 8 bytes per thread); with capture it spills more, so capture keeps one slice.
 * All-silenced elements (keep row all False) get no penalty: each program reduces its keep row (T
   bytes) before the main loop and gates its roi row with it. Fully masked key blocks are guarded
   against the ``-inf - (-inf)`` NaN of the online-softmax rescale.
@@ -125,21 +129,31 @@ def _store_tile(ptrs, value, offs_r, offs_c, n_rows, N_COLS: tl.constexpr, EVEN_
 
 @triton.jit
 def _masked_logits(
-    q, k_base, keep_base, roi_eff, start_n, zero, T, scale_log2,
+    q, q2, k_base, keep_base, roi_eff, start_n, zero, T, scale_log2,
     stride_kn, stride_kk, stride_en,
     HAS_MASK: tl.constexpr, MASK_T: tl.constexpr, EVEN_D: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """fp32 logits (in log2 units) of one key block, with the RoI penalty and key-range mask applied.
 
-    ``zero`` is 0 at run time (see ``_one_head``)."""
+    ``zero`` is 0 at run time (see ``_one_head``); ``q2`` is the second head-dim slice of the
+    queries when BLOCK_D2 > 0 (see ``_split_head_dim``), unused otherwise."""
     offs_n = start_n + zero + tl.arange(0, BLOCK_N)
     offs_d = zero + tl.arange(0, BLOCK_D)
     k = _load_tile(
         k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kk,
-        offs_n, offs_d, T, HEAD_DIM, not MASK_T, EVEN_D,
+        offs_n, offs_d, T, HEAD_DIM, not MASK_T, EVEN_D or BLOCK_D2 > 0,
     )
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    if BLOCK_D2 > 0:
+        offs_d2 = zero + BLOCK_D + tl.arange(0, BLOCK_D2)
+        k2 = _load_tile(
+            k_base + offs_n[:, None] * stride_kn + offs_d2[None, :] * stride_kk,
+            offs_n, offs_d2, T, HEAD_DIM, not MASK_T, EVEN_D,
+        )
+        s = tl.dot(q2, tl.trans(k2), s, input_precision=DOT_PRECISION)
+    s = s * scale_log2
     if MASK_T:
         s = tl.where(offs_n[None, :] < T, s, float("-inf"))
     if HAS_MASK:
@@ -153,15 +167,17 @@ def _masked_logits(
 
 @triton.jit
 def _online_step(
-    q, acc, m_i, l_i, k_base, v_base, keep_base, roi_eff, start_n, T, scale_log2,
+    q, q2, acc, acc2, m_i, l_i, k_base, v_base, keep_base, roi_eff, start_n, T, scale_log2,
     stride_kn, stride_kk, stride_vn, stride_vk, stride_en,
     HAS_MASK: tl.constexpr, MASK_T: tl.constexpr, EVEN_D: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
-    """One key block of the online softmax: rescale the running (acc, m, l) and add this block."""
+    """One key block of the online softmax: rescale the running (acc, acc2, m, l) and add this block
+    (acc2: the second head-dim slice's accumulator when BLOCK_D2 > 0, passed through otherwise)."""
     s = _masked_logits(
-        q, k_base, keep_base, roi_eff, start_n, 0, T, scale_log2, stride_kn, stride_kk, stride_en,
-        HAS_MASK, MASK_T, EVEN_D, HEAD_DIM, BLOCK_N, BLOCK_D, DOT_PRECISION,
+        q, q2, k_base, keep_base, roi_eff, start_n, 0, T, scale_log2, stride_kn, stride_kk, stride_en,
+        HAS_MASK, MASK_T, EVEN_D, HEAD_DIM, BLOCK_N, BLOCK_D, BLOCK_D2, DOT_PRECISION,
     )
     m_new = tl.maximum(m_i, tl.max(s, 1))
     # A row whose keys so far are all masked has m_new == -inf; exp2(-inf - -inf) would be NaN.
@@ -174,11 +190,19 @@ def _online_step(
     offs_d = tl.arange(0, BLOCK_D)
     v = _load_tile(
         v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vk,
-        offs_n, offs_d, T, HEAD_DIM, not MASK_T, EVEN_D,
+        offs_n, offs_d, T, HEAD_DIM, not MASK_T, EVEN_D or BLOCK_D2 > 0,
     )
     acc = acc * alpha[:, None]
     acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
-    return acc, m_new, l_i
+    if BLOCK_D2 > 0:
+        offs_d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
+        v2 = _load_tile(
+            v_base + offs_n[:, None] * stride_vn + offs_d2[None, :] * stride_vk,
+            offs_n, offs_d2, T, HEAD_DIM, not MASK_T, EVEN_D,
+        )
+        acc2 = acc2 * alpha[:, None]
+        acc2 = tl.dot(p.to(v2.dtype), v2, acc2, input_precision=DOT_PRECISION)
+    return acc, acc2, m_new, l_i
 
 
 @triton.jit
@@ -187,9 +211,13 @@ def _one_head(
     stride_qm, stride_qk, stride_kn, stride_kk, stride_vn, stride_vk, stride_om, stride_ok, stride_en,
     HAS_MASK: tl.constexpr, SINGLE_BLOCK: tl.constexpr, EVEN_M: tl.constexpr, EVEN_T: tl.constexpr,
     EVEN_D: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_N_TAIL: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N_TAIL: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Attention of one (b, h) for BLOCK_M queries; stores the output tile.
+
+    The head dim is one slice of BLOCK_D columns (masked to HEAD_DIM unless EVEN_D), or, when
+    BLOCK_D2 > 0, two: BLOCK_D full columns and BLOCK_D2 more (masked unless EVEN_D), each with its
+    own q tile, dots and accumulator (``_split_head_dim``: 160 = 128 + 32 instead of padding to 256).
 
     Returns the normalized fp32 probabilities [BLOCK_M, BLOCK_N] when SINGLE_BLOCK (all keys in one
     block), else a dummy scalar.
@@ -205,13 +233,19 @@ def _one_head(
     offs_d = zero + tl.arange(0, BLOCK_D)
     offs_m = offs_m + zero
     q = _load_tile(
-        q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qk, offs_m, offs_d, N, HEAD_DIM, EVEN_M, EVEN_D
+        q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qk, offs_m, offs_d, N, HEAD_DIM, EVEN_M,
+        EVEN_D or BLOCK_D2 > 0,
     )
+    q2 = q  # (a stand-in when the head dim is one slice; never read then)
+    if BLOCK_D2 > 0:
+        offs_d2 = zero + BLOCK_D + tl.arange(0, BLOCK_D2)
+        q2 = _load_tile(q_base + offs_m[:, None] * stride_qm + offs_d2[None, :] * stride_qk, offs_m, offs_d2, N,
+                        HEAD_DIM, EVEN_M, EVEN_D)
     if SINGLE_BLOCK:
         # All T keys in one block: plain softmax, probabilities are final immediately.
         s = _masked_logits(
-            q, k_base, keep_base, roi_eff, 0, zero, T, scale_log2, stride_kn, stride_kk, stride_en,
-            HAS_MASK, not EVEN_T, EVEN_D, HEAD_DIM, BLOCK_N, BLOCK_D, DOT_PRECISION,
+            q, q2, k_base, keep_base, roi_eff, 0, zero, T, scale_log2, stride_kn, stride_kk, stride_en,
+            HAS_MASK, not EVEN_T, EVEN_D, HEAD_DIM, BLOCK_N, BLOCK_D, BLOCK_D2, DOT_PRECISION,
         )
         m = tl.max(s, 1)
         m = tl.where(m == float("-inf"), 0.0, m)  # unreachable by construction; never NaN anyway
@@ -222,36 +256,53 @@ def _one_head(
         offs_n = zero + tl.arange(0, BLOCK_N)
         v = _load_tile(
             v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vk,
-            offs_n, offs_d, T, HEAD_DIM, EVEN_T, EVEN_D,
+            offs_n, offs_d, T, HEAD_DIM, EVEN_T, EVEN_D or BLOCK_D2 > 0,
         )
         acc = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        acc2 = acc
+        if BLOCK_D2 > 0:
+            v2 = _load_tile(
+                v_base + offs_n[:, None] * stride_vn + offs_d2[None, :] * stride_vk,
+                offs_n, offs_d2, T, HEAD_DIM, EVEN_T, EVEN_D,
+            )
+            acc2 = tl.dot(p.to(v2.dtype), v2, input_precision=DOT_PRECISION)
         result = p
     else:
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        acc2 = acc  # a stand-in (passed through the loop unchanged) unless split
+        if BLOCK_D2 > 0:
+            acc2 = tl.zeros([BLOCK_M, BLOCK_D2], dtype=tl.float32)
         t_full = (T // BLOCK_N) * BLOCK_N
         for start_n in range(0, t_full, BLOCK_N):
-            acc, m_i, l_i = _online_step(
-                q, acc, m_i, l_i, k_base, v_base, keep_base, roi_eff, start_n, T, scale_log2,
+            acc, acc2, m_i, l_i = _online_step(
+                q, q2, acc, acc2, m_i, l_i, k_base, v_base, keep_base, roi_eff, start_n, T, scale_log2,
                 stride_kn, stride_kk, stride_vn, stride_vk, stride_en,
-                HAS_MASK, False, EVEN_D, HEAD_DIM, BLOCK_N, BLOCK_D, DOT_PRECISION,
+                HAS_MASK, False, EVEN_D, HEAD_DIM, BLOCK_N, BLOCK_D, BLOCK_D2, DOT_PRECISION,
             )
         if not EVEN_T:
             # The tail block is only as wide as the remainder needs (T = 77 with 64-key blocks: a
             # 16-key tail, 80 keys computed instead of 128).
-            acc, m_i, l_i = _online_step(
-                q, acc, m_i, l_i, k_base, v_base, keep_base, roi_eff, t_full, T, scale_log2,
+            acc, acc2, m_i, l_i = _online_step(
+                q, q2, acc, acc2, m_i, l_i, k_base, v_base, keep_base, roi_eff, t_full, T, scale_log2,
                 stride_kn, stride_kk, stride_vn, stride_vk, stride_en,
-                HAS_MASK, True, EVEN_D, HEAD_DIM, BLOCK_N_TAIL, BLOCK_D, DOT_PRECISION,
+                HAS_MASK, True, EVEN_D, HEAD_DIM, BLOCK_N_TAIL, BLOCK_D, BLOCK_D2, DOT_PRECISION,
             )
         l_i = tl.where(l_i == 0.0, 1.0, l_i)  # unreachable by construction; never NaN anyway
         acc = acc * (1.0 / l_i)[:, None]
+        if BLOCK_D2 > 0:
+            acc2 = acc2 * (1.0 / l_i)[:, None]
         result = 0.0
     _store_tile(
         o_base + offs_m[:, None] * stride_om + offs_d[None, :] * stride_ok,
-        acc.to(o_base.dtype.element_ty), offs_m, offs_d, N, HEAD_DIM, EVEN_M, EVEN_D,
+        acc.to(o_base.dtype.element_ty), offs_m, offs_d, N, HEAD_DIM, EVEN_M, EVEN_D or BLOCK_D2 > 0,
     )
+    if BLOCK_D2 > 0:
+        _store_tile(
+            o_base + offs_m[:, None] * stride_om + offs_d2[None, :] * stride_ok,
+            acc2.to(o_base.dtype.element_ty), offs_m, offs_d2, N, HEAD_DIM, EVEN_M, EVEN_D,
+        )
     return result
 
 
@@ -335,6 +386,7 @@ def _regularized_attention_fwd(
     BLOCK_N: tl.constexpr,
     BLOCK_N_TAIL: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    BLOCK_D2: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     HEADS: tl.constexpr,
 ):
@@ -359,7 +411,7 @@ def _regularized_attention_fwd(
             keep_base, roi_eff, offs_m, 0, N, T, scale_log2,
             stride_qm, stride_qk, stride_kn, stride_kk, stride_vn, stride_vk, stride_om, stride_ok, stride_en,
             HAS_MASK, SINGLE_BLOCK, EVEN_M, EVEN_T, EVEN_HEADDIM, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_N_TAIL, BLOCK_D,
-            DOT_PRECISION,
+            BLOCK_D2, DOT_PRECISION,
         )
     else:
         if CAPTURE_ON:
@@ -386,7 +438,7 @@ def _regularized_attention_fwd(
                 keep_base, roi_eff, offs_m, h // H, N, T, scale_log2,
                 stride_qm, stride_qk, stride_kn, stride_kk, stride_vn, stride_vk, stride_om, stride_ok, stride_en,
                 HAS_MASK, SINGLE_BLOCK, EVEN_M, EVEN_T, EVEN_HEADDIM, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_N_TAIL,
-                BLOCK_D, DOT_PRECISION,
+                BLOCK_D, BLOCK_D2, DOT_PRECISION,
             )
             if CAPTURE_ON:
                 probs_sum += p
@@ -473,6 +525,17 @@ def _next_pow2(x: int) -> int:
     return 1 << max(0, (int(x) - 1).bit_length())
 
 
+def _split_head_dim(D: int) -> tuple[int, int] | None:
+    """(BLOCK_D, BLOCK_D2) covering D with two power-of-two slices when that computes fewer columns
+    than one padded slice, else None: 40 -> 32 + 16 (48 columns, not 64), 80 -> 64 + 16 (80, not 128),
+    160 -> 128 + 32 (160, not 256). tl.arange needs power-of-two lengths and tl.dot K >= 16."""
+    d1 = max(16, 1 << (int(D).bit_length() - 1))
+    if d1 >= D:
+        return None
+    d2 = max(16, _next_pow2(D - d1))
+    return (d1, d2) if d1 + d2 < _next_pow2(D) else None
+
+
 def _pick_config(
     N: int, T: int, D: int, capture: bool, dtype: torch.dtype, block_m: int | None = None, block_n: int | None = None
 ) -> dict:
@@ -549,7 +612,8 @@ def _tune_key(BH: int, N: int, T: int, D: int, dtype: torch.dtype, capture: bool
 
 def _candidates(T: int, D: int, heuristic: dict) -> list[dict]:
     """Block shapes worth timing for fp16/bf16 without capture (about 10 per key, each also with 2 and
-    4 heads per program: ~30 launches of ~25 ms of timing each, once per key)."""
+    4 heads per program and, where the head dim splits, with two head-dim slices: ~30-50 launches of
+    ~25 ms of timing each, once per key)."""
     BLOCK_D = max(16, _next_pow2(D))
     T2 = max(16, _next_pow2(T))
     out = [heuristic]
@@ -562,9 +626,13 @@ def _candidates(T: int, D: int, heuristic: dict) -> list[dict]:
                 cfg = dict(BLOCK_M=m, BLOCK_N=bn, BLOCK_D=BLOCK_D, num_warps=w, num_stages=1 if bn >= T else 2)
                 if cfg not in out:
                     out.append(cfg)
-    # Several heads per program (issue 12's "all heads of a query tile in one program"; unmeasured on a
-    # GPU when written, 2026-12-02, so only a candidate): each shape above with 2 and 4 heads.
-    return out + [dict(c, HEADS=h) for h in (2, 4) for c in out]
+    # Several heads per program (all heads of a query tile in one program; unmeasured on a GPU when
+    # written, 2026-12-02, so only a candidate): each shape above with 2 and 4 heads. A split head dim
+    # (fewer columns and registers: ptxas spills at D = 160 vanish, RESULTS; untimed, so a candidate too):
+    # each shape above with one head per program.
+    split = _split_head_dim(D)
+    splits = [dict(c, BLOCK_D=split[0], BLOCK_D2=split[1]) for c in out] if split else []
+    return out + [dict(c, HEADS=h) for h in (2, 4) for c in out] + splits
 
 
 def _tuned_config(BH: int, N: int, T: int, D: int, dtype: torch.dtype, capture: bool, heuristic: dict, launch) -> dict:
@@ -606,18 +674,20 @@ def kernel_constexprs(cfg: dict, N: int, T: int, D: int, dtype: torch.dtype, has
     """The kernel's compile-time arguments for a block config (``_pick_config``'s dict) and a shape;
     shared by the launcher and ahead-of-time compilation (``scripts/kernel_codegen.py``)."""
     BLOCK_M, BLOCK_N, BLOCK_D = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"]
+    BLOCK_D2 = cfg.get("BLOCK_D2", 0)
     return dict(
         HAS_MASK=has_mask,
         CAPTURE_ON=capture_on,
         SINGLE_BLOCK=BLOCK_N >= T,
         EVEN_M=N % BLOCK_M == 0,
         EVEN_T=T % BLOCK_N == 0,
-        EVEN_HEADDIM=D == BLOCK_D,
+        EVEN_HEADDIM=D == BLOCK_D + BLOCK_D2,  # with a split: the second slice is full
         HEAD_DIM=D,
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
         BLOCK_N_TAIL=min(BLOCK_N, max(16, _next_pow2(T % BLOCK_N))),
         BLOCK_D=BLOCK_D,
+        BLOCK_D2=BLOCK_D2,
         DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
         HEADS=1 if capture_on else cfg.get("HEADS", 1),
     )
@@ -656,6 +726,7 @@ def regularized_attention_launch(
     block_m: int | None = None,
     block_n: int | None = None,
     heads_per_program: int | None = None,
+    split_head_dim: bool | None = None,
     check_capture_values: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Run the kernel directly (no custom-op dispatch). Same semantics as the reference.
@@ -665,6 +736,8 @@ def regularized_attention_launch(
         probs_out: [S, N, T] fp32 buffer for the captured maps.
         block_m, block_n: override the heuristic block sizes (powers of two >= 16).
         heads_per_program: heads of one query block per program (>= 1; ignored with capture).
+        split_head_dim: True runs the head dim as two power-of-two slices where that computes fewer
+            columns (``_split_head_dim``: 40, 80, 160 in SD 1.5), False as one padded slice.
         check_capture_values: validate capture indices when they live on the CPU (free there);
             device-resident indices are never checked on the host (no sync): a bad one gives NaN rows.
     """
@@ -714,7 +787,9 @@ def regularized_attention_launch(
         if int(heads_per_program) < 1:
             raise ValueError(f"regularized_attention: heads_per_program must be >= 1, got {heads_per_program}")
         cfg["HEADS"] = int(heads_per_program)
-    if block_m is None and block_n is None and heads_per_program is None:
+    if split_head_dim and _split_head_dim(D):
+        cfg["BLOCK_D"], cfg["BLOCK_D2"] = _split_head_dim(D)
+    if block_m is None and block_n is None and heads_per_program is None and split_head_dim is None:
         cfg = _tuned_config(B * H, N, T, D, q.dtype, capture_on, cfg, launch)
     launch(cfg)
     return out, probs

@@ -1,7 +1,7 @@
 """Compile the fused attention kernel ahead of time for a GPU architecture, without a GPU.
 
 For each SD 1.5 cross-attention shape (with and without the RoI penalty, with and without the
-head-mean capture, and the heads-per-program variants) this prints the registers and spill bytes
+head-mean capture, the heads-per-program variants and the split head dim) this prints the registers and spill bytes
 ptxas reports, and a digest of the kernel's Triton GPU IR with names, source locations and layout
 numbering taken out. Two uses:
 
@@ -46,6 +46,7 @@ class Variant:
     mask: bool
     capture: bool
     heads: int
+    split: bool = False  # the head dim as two slices (ra._split_head_dim)
     registers: int = -1
     spill_bytes: int = -1
     digest: str = ""
@@ -97,6 +98,8 @@ def compile_variant(v: Variant, arch: int = 90, dtype: torch.dtype = torch.float
     cfg = ra._pick_config(v.N, v.T, v.D, v.capture, dtype)
     if v.heads > 1:
         cfg["HEADS"] = v.heads
+    if v.split:
+        cfg["BLOCK_D"], cfg["BLOCK_D2"] = ra._split_head_dim(v.D)
     meta = ra.kernel_constexprs(cfg, v.N, v.T, v.D, dtype, v.mask, v.capture)
     src = triton.compiler.ASTSource(fn=ra._regularized_attention_fwd,
                                     signature=_signature({torch.float16: "fp16", torch.bfloat16: "bf16",
@@ -115,6 +118,8 @@ def variants(shapes=SHAPES) -> list[Variant]:
     for N, D in shapes:
         out += [Variant(N, D, T_TEXT, mask, capture, 1) for mask in (False, True) for capture in (False, True)]
         out += [Variant(N, D, T_TEXT, True, False, heads) for heads in (2, 4)]
+        if ra._split_head_dim(D):
+            out += [Variant(N, D, T_TEXT, True, capture, 1, split=True) for capture in (False, True)]
     return out
 
 
@@ -132,11 +137,11 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, AssertionError):
         parser.error(f"--shapes: expected N:D pairs like 4096:40,1024:80, got {args.shapes!r}")
     rows = []
-    print(f"{'N':>5} {'D':>4} {'T':>3} {'mask':>5} {'capture':>7} {'heads':>5} {'regs':>5} {'spill B':>7}  digest")
+    print(f"{'N':>5} {'D':>4} {'T':>3} {'mask':>5} {'capture':>7} {'heads':>5} {'split':>5} {'regs':>5} {'spill B':>7}  digest")
     for v in variants(shapes):
         compile_variant(v, args.arch, digest_only=args.digest_only)
         rows.append(asdict(v))
-        print(f"{v.N:>5} {v.D:>4} {v.T:>3} {v.mask!s:>5} {v.capture!s:>7} {v.heads:>5} {v.registers:>5} "
+        print(f"{v.N:>5} {v.D:>4} {v.T:>3} {v.mask!s:>5} {v.capture!s:>7} {v.heads:>5} {v.split!s:>5} {v.registers:>5} "
               f"{v.spill_bytes:>7}  {v.digest}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"arch": args.arch, "triton": triton.__version__, "rows": rows}, indent=1))

@@ -266,10 +266,50 @@ def test_every_autotune_candidate_is_correct(D):
     cands = _candidates(T, D, _pick_config(N, T, D, False, torch.float16))
     assert len(cands) >= 4 and {c["BLOCK_N"] for c in cands} >= {32, 64, 128}
     assert {c.get("HEADS", 1) for c in cands} == {1, 2, 4}
+    assert {c.get("BLOCK_D2", 0) for c in cands} == {0, 16 if D == 40 else 32}
     for cfg in cands:
         out, _ = run(q, k, v, roi, keep, block_m=cfg["BLOCK_M"], block_n=cfg["BLOCK_N"],
-                     heads_per_program=cfg.get("HEADS", 1))
+                     heads_per_program=cfg.get("HEADS", 1), split_head_dim="BLOCK_D2" in cfg)
         check_out(out, q, k, v, roi, keep)
+
+
+@pytest.mark.parametrize("N,T,D", [(37, 77, 40), (20, 77, 80), (33, 77, 160), (19, 50, 72), (17, 300, 96)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_split_head_dim(N, T, D, dtype):
+    """Two head-dim slices (40 = 32 + 16 with 8 masked columns, 80 = 64 + 16, 160 = 128 + 32, 72 =
+    64 + 16 masked, 96 = 64 + 32) give the padded kernel's result: one key block and the online
+    softmax with a key tail, the penalty with an early all-masked block, capture, and diffusers'
+    transposed memory (the output's columns interleave with other heads')."""
+    from lime_fast.kernels.regularized_attention import _split_head_dim
+
+    assert _split_head_dim(D) is not None
+    q, k, v = make_qkv(2, 3, N, T, D, dtype, layout="diffusers")
+    roi, keep = make_masks(N, T, ["random", "keep_last"])
+    for block_n in (32, 128):
+        out, _ = run(q, k, v, roi, keep, block_n=block_n, split_head_dim=True)
+        check_out(out, q, k, v, roi, keep)
+    out, _ = run(q, k, v, split_head_dim=True)
+    check_out(out, q, k, v)
+    if T <= 128:
+        capture = torch.tensor([0, -1])
+        out, probs = run(q, k, v, roi, keep, capture=capture, split_head_dim=True)
+        check_out(out, q, k, v, roi, keep)
+        check_probs(probs, q, k, v, roi, keep, None, capture)
+
+
+def test_split_head_dim_slices():
+    """Each slice is a power of two >= 16 (tl.arange, tl.dot), the first is full, the two cover D,
+    and a split is offered only where it computes fewer columns than padding D to a power of two."""
+    from lime_fast.kernels.regularized_attention import _next_pow2, _split_head_dim
+
+    for D in range(1, MAX_HEAD_DIM + 1):
+        split = _split_head_dim(D)
+        if split is None:
+            continue
+        d1, d2 = split
+        assert d1 < D <= d1 + d2 < _next_pow2(D), D
+        assert all(x >= 16 and x & (x - 1) == 0 for x in split), D
+    assert [_split_head_dim(D) for D in (40, 64, 80, 128, 160)] == [(32, 16), None, (64, 16), None, (128, 32)]
 
 
 @pytest.mark.parametrize("heads", [1, 2, 3, 8])
@@ -514,7 +554,8 @@ def test_fake_impl_on_meta_tensors():
 
 def test_kernel_compiles_for_hopper_without_a_gpu(tmp_path):
     """The interpreter never compiles the kernel; this does, for sm_90a, through ptxas (every
-    variant at SD 1.5's deepest shape: penalty on/off, capture on/off, 2 and 4 heads per program).
+    variant at SD 1.5's deepest shape: penalty on/off, capture on/off, 2 and 4 heads per program, the
+    split head dim with and without capture).
     A source change that only compiles in the interpreter fails here, on a CPU machine."""
     import json
     import subprocess
@@ -528,9 +569,9 @@ def test_kernel_compiles_for_hopper_without_a_gpu(tmp_path):
                            "--json", str(out)], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
-    assert len(rows) == 6 and all(0 < r["registers"] <= 255 and r["spill_bytes"] >= 0 for r in rows)
-    digests = {(r["mask"], r["capture"], r["heads"]): r["digest"] for r in rows}
-    assert len(set(digests.values())) == 6  # every variant is its own program
+    assert len(rows) == 8 and all(0 < r["registers"] <= 255 and r["spill_bytes"] >= 0 for r in rows)
+    digests = {(r["mask"], r["capture"], r["heads"], r["split"]): r["digest"] for r in rows}
+    assert len(set(digests.values())) == 8  # every variant is its own program
 
 
 def test_ir_digest_ignores_names_locations_and_layout_numbers(monkeypatch):
