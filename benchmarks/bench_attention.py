@@ -183,15 +183,13 @@ def _make_fn(impl: str, st: dict):
 
 
 def _new_fn(impl: str, st: dict):
+    from lime_fast.kernels.regularized_attention import regularized_attention_launch
+
     roi, keep = st["roi"], st["keep"]
     if impl == "kernel":
         # The launcher, as the engine calls it outside torch.compile (no custom-op dispatch).
-        from lime_fast.kernels.regularized_attention import regularized_attention_launch
-
         return lambda q, k, v: regularized_attention_launch(q, k, v, roi, keep)[0]
     if impl == "split":
-        from lime_fast.kernels.regularized_attention import regularized_attention_launch
-
         return lambda q, k, v: regularized_attention_launch(q, k, v, roi, keep, split_head_dim=True)[0]
     if impl == "sdpa":
         return lambda q, k, v: _sdpa(q, k, v)
