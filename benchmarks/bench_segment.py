@@ -10,7 +10,10 @@ the fused matrix the materialized path builds is 16,384 x 21,760 fp32 = 1.43 GB.
 Backends: ``native`` (default of ``segment``), ``materialized`` (the reference), scikit-learn's
 ``KMeans(algorithm="lloyd", init="k-means++", n_init=1, max_iter=300, tol=1e-4, copy_x=False)`` on the
 materialized row-major matrix (CPU anchor; its time includes building the matrix), and cuML where it
-imports (GPU). Everything runs on CUDA when available, else on the CPU.
+imports (GPU). Everything runs on CUDA when available, else on the CPU. On CUDA two more rows run the
+native backend as the engine does (the host reads the convergence flag every 16 iterations): eager
+(``engine_eager``) and with the Lloyd iterations as CUDA-graph replays (``engine_graphed``, the
+engine's ``LoopGraphs``; its warm-up round records the graph).
 
 Time: wall clock per call (``torch.cuda.synchronize`` around it on CUDA). The native path gets one warm-up
 round and 5 timed rounds; the materialized path and scikit-learn take minutes on a small CPU, so they are
@@ -82,8 +85,17 @@ def have_cuml():
     return True
 
 
+ENGINE_ROWS = {"engine_eager": None, "engine_graphed": None}  # name -> LoopGraphs (made on first use)
+
+
 def run_backend(name, maps, **kw):
     """Run one backend to completion; returns flat labels (on the CPU)."""
+    if name in ENGINE_ROWS:
+        from lime_fast.graphs import LoopGraphs
+
+        if name == "engine_graphed" and ENGINE_ROWS[name] is None:
+            ENGINE_ROWS[name] = LoopGraphs()
+        return seg._segment(maps, GRID, k=K, seed=SEED, check_every=16, graphs=ENGINE_ROWS[name], **kw).labels.cpu()
     if name in ("native", "materialized", "cuml"):
         return seg._segment(maps, GRID, k=K, seed=SEED, backend=name, **kw).labels.cpu()
     if name == "sklearn":
@@ -167,7 +179,8 @@ def peak_memory(name, maps):
 # ----------------------------------------------------------------------------------------------------
 
 RESULTS: dict[str, dict] = {}
-ROUNDS = {"native": (5, 1), "cuml": (5, 1), "materialized": (1, 0), "sklearn": (1, 0)}
+ROUNDS = {"native": (5, 1), "cuml": (5, 1), "materialized": (1, 0), "sklearn": (1, 0), "engine_eager": (5, 1),
+          "engine_graphed": (5, 1)}
 
 
 @pytest.fixture(scope="module")
@@ -194,7 +207,7 @@ def summary(request):
         "(identical / adjusted Rand index)",
     ]
     ref = RESULTS.get("materialized", {}).get("labels")
-    for name in ("native", "materialized", "sklearn", "cuml"):
+    for name in ("native", "materialized", "sklearn", "cuml", *ENGINE_ROWS):
         r = RESULTS.get(name)
         if not r:
             continue
@@ -202,7 +215,7 @@ def summary(request):
         if ref is not None and name != "materialized":
             n_diff = int((r["labels"] != ref).sum())
             agree = "identical" if n_diff == 0 else f"{n_diff} pixels differ, ARI {adjusted_rand_index(r['labels'], ref):.4f}"
-            if n_diff and name != "native":
+            if n_diff and name in ("sklearn", "cuml"):
                 agree += " (own init / RNG)"
         lines.append(f"{name:<14}{r['mean']:>12.4f}{r['min']:>12.4f}{r['peak'] / 2**20:>16.1f}   {agree}")
     if "native" in RESULTS and "materialized" in RESULTS:
@@ -212,8 +225,12 @@ def summary(request):
     if "native" in RESULTS and "sklearn" in RESULTS:
         n, s = RESULTS["native"], RESULTS["sklearn"]
         lines.append(f"native / sklearn:      time {n['mean'] / s['mean']:.4f}, peak memory {n['peak'] / s['peak']:.4f}")
+    if "engine_eager" in RESULTS and "engine_graphed" in RESULTS:
+        e, g = RESULTS["engine_eager"], RESULTS["engine_graphed"]
+        lines.append(f"engine_graphed / engine_eager: time {g['mean'] / e['mean']:.4f} ({e['mean'] / g['mean']:.2f}x faster), "
+                     f"min {g['min'] * 1e3:.1f} vs {e['min'] * 1e3:.1f} ms")
     if sink is not None:
-        sink.extend(line for line in lines if line.startswith("native /"))
+        sink.extend(line for line in lines if line.startswith(("native /", "engine_graphed /")))
     text = "\n".join(lines)
     capman = request.config.pluginmanager.getplugin("capturemanager")
     if capman is not None:
@@ -226,8 +243,10 @@ def summary(request):
     (out / "segment_summary.txt").write_text(text + "\n")
 
 
-@pytest.mark.parametrize("name", ["native", "materialized", "sklearn", "cuml"])
+@pytest.mark.parametrize("name", ["native", "engine_eager", "engine_graphed", "materialized", "sklearn", "cuml"])
 def test_segment_backend(benchmark, maps, name):
+    if name in ENGINE_ROWS and DEVICE != "cuda":
+        pytest.skip("the engine's rows compare CUDA-graph replays with eager launches: CUDA only")
     if name == "sklearn" and not have_sklearn():
         pytest.skip("scikit-learn not installed (pip install lime-fast[dev])")
     if name == "cuml" and not have_cuml():

@@ -37,7 +37,7 @@ from . import families
 from .attention import AttentionController, Capture, install, pick_backend
 from .config import DEFAULT_MODEL, EditConfig, EngineOptions
 from .errors import ConfigError, EditCancelled, LimeWarning, ModelLoadError, NonFiniteLatentsError
-from .graphs import PassGraphs, compiled, graphed_forward
+from .graphs import LoopGraphs, PassGraphs, compiled, graphed_forward
 from .inputs import EditInputs
 from .localize import heatmaps, normalized, roi_from_segments
 from .refine import RefineCache
@@ -231,6 +231,9 @@ class LimeEngine:
         # runs with the deep blocks reused (lime_fast.stepcache).
         self.stepcache = StepCache(unet, self.controller, self._unet, opts.compile)
         self.graphs = PassGraphs(enabled=self.use_cuda_graphs)
+        # The segmentation's Lloyd iterations, kmeans_check_every of them per replay: they are launch-bound
+        # (~85 small kernels per iteration; bench_segment's k-means took 68 ms on an H200, RESULTS).
+        self.kmeans_graphs = LoopGraphs(enabled=self.use_cuda_graphs)
         # Results keep their edit's latents, embeddings and noise for EditResult.refine (lime_fast/refine.py:
         # ~1.3 MB per result for SD 1.5 at 512 x 512 in fp16); False: results keep nothing and cannot refine.
         self.keep_for_refine = True
@@ -447,7 +450,7 @@ class LimeEngine:
             seed = cfg.seed if seeds is None else seeds[b]
             res = _segment([f[b] for f in capture.features], grid, k=cfg.clusters, seed=seed, n_init=cfg.kmeans_n_init,
                            max_iter=cfg.kmeans_max_iter, tol=cfg.kmeans_tol, backend=cfg.segment_backend, sync=sync,
-                           check_every=check_every)
+                           check_every=check_every, graphs=self.kmeans_graphs)
             labels.append(res.labels.reshape(grid))
             if converged is not None:
                 converged.append(torch.as_tensor(res.converged, device=res.labels.device))

@@ -17,6 +17,11 @@ before the next replay). A plan whose capture fails runs eagerly from then on (w
 ``GraphedUNet`` is the per-call variant for ``accelerate(pipe)``, where lime_fast does not own the
 sampling loop: one graph per UNet input signature, called exactly like ``unet(...)``.
 
+``LoopGraphs`` graphs a chunk of a loop whose body updates its state in place (the segmentation's
+Lloyd iterations): recorded once per key and shape, replayed until the loop is done. Launch-bound
+loops of small kernels are what graphs are for: one Lloyd iteration issues ~85 kernels through ~180
+dispatched operators, and each kernel is a few microseconds of device work.
+
 Both fall back to eager code (same results): on the CPU (unless ``emulate``), with autograd on, while
 torch.compile traces. ``emulate=True`` runs the same static-buffer path on any device with the eager
 code standing in for the replay: how the CPU tests check the buffer and key logic the GPU relies on.
@@ -29,7 +34,7 @@ import warnings
 from dataclasses import dataclass, field
 
 import torch
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_flatten, tree_leaves, tree_map
 
 from .errors import LimeWarning
 
@@ -163,6 +168,81 @@ class PassGraphs(_GraphCache):
                 entry.graph.replay()
             self.stats.replays += 1
             return _clone(entry.out)
+
+
+def tree_signature(tree) -> tuple:
+    """A hashable description of a pytree: each tensor leaf's shape, dtype and device, other leaves as is."""
+    return tuple((tuple(x.shape), x.dtype, x.device) if isinstance(x, torch.Tensor) else x for x in tree_leaves(tree))
+
+
+def _copy_into(dst_tree, src_tree) -> None:
+    dst, dst_spec = tree_flatten(dst_tree)
+    src, src_spec = tree_flatten(src_tree)
+    if dst_spec != src_spec:  # (a dict's keys in another order would pair the wrong tensors)
+        raise ValueError(f"LoopGraphs: the state's structure changed: {src_spec} vs {dst_spec}")
+    for d, t in zip(dst, src):
+        if isinstance(d, torch.Tensor):
+            d.copy_(t)
+
+
+def _loop(body, data, state, repeats: int, stop):
+    for _ in range(repeats):
+        state = body(data, state)
+        if stop is not None and stop(state):
+            break
+    return state
+
+
+@dataclass
+class _LoopEntry:
+    graph: "torch.cuda.CUDAGraph | None"
+    data: object  # static copies of the loop's inputs (a pytree)
+    state: object  # static copies of its state, updated in place by every replay
+    out: object = None
+
+
+class LoopGraphs(_GraphCache):
+    """One CUDA graph per (key, shapes) for a chunk of a loop: ``body(data, state)`` runs some iterations
+    and returns the new state (the same structure); the graph copies it into the static state, so
+    replays chain.
+
+    ``run(key, body, data, state, device, repeats=n, stop=f)`` copies ``data`` and ``state`` (pytrees of
+    tensors, any other leaves are part of the key) into the key's static buffers, replays up to ``n``
+    times, after each replay asks ``stop(static state)`` (a host read: the only sync), and returns a copy
+    of the static state. ``key`` names what else the body's code depends on (constants it closes over).
+    Eager (graphs off, the CPU without ``emulate``, a tensor that requires grad, a failed capture): the
+    bodies chain on the caller's tensors, ``state = body(data, state)``, and the last state is returned.
+    """
+
+    def __init__(self, *, enabled: bool = True, emulate: bool = False, warmup: int = 1):
+        super().__init__(enabled=enabled, emulate=emulate, warmup=warmup)
+
+    def run(self, key, body, data, state, device, *, repeats: int, stop=None):
+        needs_grad = any(isinstance(t, torch.Tensor) and t.requires_grad for t in tree_leaves((data, state)))
+        if not self.replays_on(device) or needs_grad or torch.compiler.is_compiling():
+            self.stats.eager_calls += 1
+            return _loop(body, data, state, repeats, stop)
+        key = (key, tree_signature(data), tree_signature(state))
+        with self._lock:
+            entry = self._graphs.get(key)
+            if entry is None and key not in self.stats.failed:
+                new = _LoopEntry(None, _clone(data), _clone(state))
+                entry = self._record(key, new, lambda: _copy_into(new.state, body(new.data, new.state)), device,
+                                     f"a loop chunk ({key[0]})")
+            if entry is None:  # this key's capture failed: eager
+                self.stats.eager_calls += 1
+                return _loop(body, data, state, repeats, stop)
+            _copy_into(entry.data, data)
+            _copy_into(entry.state, state)  # (also undoes the recording's warm-up runs)
+            for _ in range(repeats):
+                if entry.graph is None:  # emulation: the eager body on the static buffers
+                    _copy_into(entry.state, body(entry.data, entry.state))
+                else:
+                    entry.graph.replay()
+                self.stats.replays += 1
+                if stop is not None and stop(entry.state):
+                    break
+            return _clone(entry.state)
 
 
 @dataclass

@@ -73,6 +73,7 @@ cost is kernel-launch and host-sync latency (one host sync per Lloyd iteration),
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Sequence
@@ -434,12 +435,13 @@ def _tolerance(space, tol: float) -> torch.Tensor:
 
 
 def _lloyd(space, k: int, *, seed: int, n_init: int, max_iter: int, tol: float, sync: bool = True,
-           check_every: int = 1):
+           check_every: int = 1, graphs=None):
     """Seeded k-means++ + Lloyd on a point space -> (labels [P], centres [k, D], inertia, n_iter, converged).
 
     sync: read the on-device convergence flag on the host every ``check_every`` iterations and stop
     early (free on the CPU); ``sync=False`` never reads it: exactly ``max_iter`` iterations run, those after
-    convergence change nothing, and the results stay on the device (the engine's path on CUDA)."""
+    convergence change nothing, and the results stay on the device (the engine's path on CUDA).
+    graphs: a ``lime_fast.graphs.LoopGraphs`` to run the Lloyd iterations as CUDA-graph replays."""
     if k < 1 or k > space.n:
         raise ValueError(f"k must be in [1, {space.n}] (number of points), got {k}")
     if n_init < 1 or max_iter < 1:
@@ -450,7 +452,7 @@ def _lloyd(space, k: int, *, seed: int, n_init: int, max_iter: int, tol: float, 
     best = None
     for r in range(n_init):
         c0 = _kmeans_pp(space, k, firsts[r], uniforms[r])
-        labels, dist, centres, n_iter, done = _lloyd_single(space, c0, k, max_iter, tol_abs, sync, check_every)
+        labels, dist, centres, n_iter, done = _lloyd_single(space, c0, k, max_iter, tol_abs, sync, check_every, graphs)
         inertia = dist.double().sum()
         if best is None:
             best = (labels, centres, inertia, n_iter, done)
@@ -463,48 +465,91 @@ def _lloyd(space, k: int, *, seed: int, n_init: int, max_iter: int, tol: float, 
     return labels, centres, inertia, n_iter, done
 
 
-def _lloyd_single(space, c, k: int, max_iter: int, tol_abs: torch.Tensor, sync: bool = True, check_every: int = 1):
+# Lloyd iterations per graph replay when the host never reads the convergence flag (sync=False).
+_CHUNK = 16
+
+
+def _lloyd_single(space, c, k: int, max_iter: int, tol_abs: torch.Tensor, sync: bool = True, check_every: int = 1,
+                  graphs=None):
     """Lloyd iterations from initial centres ``c`` ``[k, D]`` as device work with an on-device stop flag.
 
     Iteration ``i`` is: assign -> stop if the centre shift of iteration ``i-1`` was ``<= tol_abs`` (the
     current labels are final) -> recompute centres -> stop if the labels equal those of iteration ``i-1``
     (strict convergence: keep these labels, distances to the new centres) -> next assignment. Once the
-    flag is set every later iteration keeps the state as it is (``torch.where``), so running more
-    iterations than needed changes nothing: the host reads the flag only every ``check_every``
-    iterations (``sync``), or never. Returns (labels [P], squared distance of each point to its centre
-    [P], centres [k, D], n_iter, done) with n_iter and done 0-dim device tensors.
+    flag is set, or ``max_iter`` iterations ran, every later iteration keeps the state as it is
+    (``torch.where``), so running more iterations than needed changes nothing: the host reads the flag
+    only every ``check_every`` iterations (``sync``), or never. The iterations run in chunks of that many
+    (``_CHUNK`` without sync), each one replay of a CUDA graph when ``graphs`` (a
+    ``lime_fast.graphs.LoopGraphs``) replays on this device. Returns (labels [P], squared distance of each
+    point to its centre [P], centres [k, D], n_iter, done) with n_iter and done 0-dim device tensors.
     """
-    dev = space.device
-    cols = torch.arange(space.n, device=dev)
+    chunk = max(1, check_every) if sync else min(_CHUNK, max_iter)
+    data = {"space": _space_tree(space), "cols": torch.arange(space.n, device=space.device), "tol": tol_abs,
+            "limit": torch.full((), max_iter, device=space.device)}  # (a fill kernel: no host-to-device copy)
+
+    def body(d, st):
+        space_ = _space_from(d["space"])
+        for _ in range(chunk):
+            st = _lloyd_step(space_, st, k, d["cols"], d["tol"], d["limit"])
+        return st
+
+    stop = (lambda st: bool(st["done"])) if sync else None
+    state, repeats = _lloyd_start(space, c), -(-max_iter // chunk)
+    if graphs is None:
+        from .graphs import _loop
+
+        state = _loop(body, data, state, repeats, stop)
+    else:
+        state = graphs.run(("lloyd", k, chunk), body, data, state, space.device, repeats=repeats, stop=stop)
+    done = state["done"] | (state["shift"] <= tol_abs) if max_iter > 0 else state["done"]
+    return state["labels"], state["dist"], state["c"], state["n_iter"], done
+
+
+def _lloyd_start(space, c) -> dict:
+    """The Lloyd loop's state before its first iteration."""
     labels, dist = _assign(space, c)
-    labels_old = labels
-    shift = torch.zeros((), dtype=torch.float64, device=dev)
-    n_iter = torch.zeros((), dtype=torch.long, device=dev)
-    done = torch.zeros((), dtype=torch.bool, device=dev)
-    for it in range(max_iter):
-        if it > 0:
-            done = done | (shift <= tol_abs)
-        onehot = torch.zeros(k, space.n, device=dev)
-        onehot[labels, cols] = 1.0
-        counts = onehot.sum(1)  # (torch.bincount would synchronise on CUDA)
-        new = _update(space, onehot, labels, dist, counts)
-        scores = _scores(space, new)
-        strict = (labels == labels_old).all() if it > 0 else torch.zeros((), dtype=torch.bool, device=dev)
-        step = ~done  # this iteration counts
-        moves = step & ~strict  # labels changed: move on to the new centres' assignment
-        best, new_labels = scores.min(dim=0)
-        kept_dist = (scores.gather(0, labels[None, :])[0] + space.sqnorms).clamp_min_(0)
-        shift = torch.where(moves, (new - c).double().square().sum(), shift)
-        c = torch.where(step, new, c)
-        labels_old = torch.where(moves, labels, labels_old)
-        dist = torch.where(moves, (best + space.sqnorms).clamp_min_(0), torch.where(step, kept_dist, dist))
-        labels = torch.where(moves, new_labels, labels)
-        n_iter = n_iter + step.long()
-        done = done | (step & strict)
-        if sync and (it + 1) % check_every == 0 and bool(done):
-            break
-    done = done | (shift <= tol_abs) if max_iter > 0 else done
-    return labels, dist, c, n_iter, done
+    zero = functools.partial(torch.zeros, (), device=space.device)
+    return {"c": c, "labels": labels, "labels_old": labels, "dist": dist,
+            "shift": zero(dtype=torch.float64), "n_iter": zero(dtype=torch.long), "it": zero(dtype=torch.long),
+            "done": zero(dtype=torch.bool)}
+
+
+def _lloyd_step(space, st: dict, k: int, cols, tol_abs, limit) -> dict:
+    """One Lloyd iteration (see ``_lloyd_single``) -> the new state; a no-op once done or past ``limit``."""
+    labels, labels_old, c, dist, shift = st["labels"], st["labels_old"], st["c"], st["dist"], st["shift"]
+    started = st["it"] > 0
+    done = st["done"] | (started & (shift <= tol_abs))
+    onehot = torch.zeros(k, space.n, device=space.device)
+    onehot[labels, cols] = 1.0
+    counts = onehot.sum(1)  # (torch.bincount would synchronise on CUDA)
+    new = _update(space, onehot, labels, dist, counts)
+    scores = _scores(space, new)
+    strict = (labels == labels_old).all() & started
+    step = ~done & (st["it"] < limit)  # this iteration counts
+    moves = step & ~strict  # labels changed: move on to the new centres' assignment
+    best, new_labels = scores.min(dim=0)
+    kept_dist = (scores.gather(0, labels[None, :])[0] + space.sqnorms).clamp_min_(0)
+    return {
+        "c": torch.where(step, new, c),
+        "labels": torch.where(moves, new_labels, labels),
+        "labels_old": torch.where(moves, labels, labels_old),
+        "dist": torch.where(moves, (best + space.sqnorms).clamp_min_(0), torch.where(step, kept_dist, dist)),
+        "shift": torch.where(moves, (new - c).double().square().sum(), shift),
+        "n_iter": st["n_iter"] + step.long(),
+        "it": st["it"] + 1,
+        "done": done | (step & strict),
+    }
+
+
+def _space_tree(space) -> dict:
+    """A point space as a pytree (its attributes and its class), for ``LoopGraphs``' static copies."""
+    return {"type": type(space), **vars(space)}
+
+
+def _space_from(tree: dict):
+    space = object.__new__(tree["type"])
+    space.__dict__.update({name: v for name, v in tree.items() if name != "type"})
+    return space
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -603,14 +648,18 @@ def _segment(
     backend: str = "native",
     sync: bool = True,
     check_every: int = 1,
+    graphs=None,
 ) -> KMeansResult:
-    """Like :func:`segment` but returns the full result (flat labels, centroids in layer order)."""
+    """Like :func:`segment` but returns the full result (flat labels, centroids in layer order).
+
+    graphs: a ``lime_fast.graphs.LoopGraphs`` (the engine's) to replay the native backend's Lloyd
+    iterations as CUDA graphs (the materialized backend would need a second copy of its matrix)."""
     feats = _check_features(features)
     grid = _check_grid(grid)
     opts = dict(seed=seed, n_init=n_init, max_iter=max_iter, tol=tol, sync=sync, check_every=check_every)
     if backend == "native":
         space = _NativeSpace(feats, grid)
-        labels, cents, inertia, n_iter, done = _lloyd(space, k, **opts)
+        labels, cents, inertia, n_iter, done = _lloyd(space, k, **opts, graphs=graphs)
         return KMeansResult(labels, space.layer_order(cents) if sync else cents, inertia, n_iter, done)
     if backend == "materialized":
         space = _DenseSpace(_materialize(feats, grid))

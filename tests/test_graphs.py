@@ -27,6 +27,7 @@ def _emulated(tiny_dir) -> LimeEngine:
     eng = LimeEngine.from_pretrained(tiny_dir, device="cpu")
     assert not eng.use_cuda_graphs  # default off on the CPU
     eng.graphs.enabled = eng.graphs.emulate = True
+    eng.kmeans_graphs.enabled = eng.kmeans_graphs.emulate = True
     return eng
 
 
@@ -47,6 +48,10 @@ def test_emulated_graphs_match_eager_edit(tiny_dir):
     assert kinds == ["edit", "localize"]
     # Replays: the automatic edit's two passes, the masked edit's edit pass: whole passes, not UNet calls.
     assert st.eager_calls == 0 and st.replays == 3 and graphed.unet_evals == MICRO["capture_step"] + 1 + 2 * MICRO["steps"]
+    # the automatic edit's k-means: one graph of Lloyd iterations (one per replay on the CPU: it stops
+    # as soon as it converges there), replayed until converged
+    km = graphed.kmeans_graphs
+    assert km.num_graphs == 1 and km.stats.eager_calls == 0 and km.stats.replays >= 1
 
 
 def test_plan_keys_the_graphs_and_drives_the_controller():

@@ -458,3 +458,75 @@ def test_sync_free_lloyd_gives_the_same_clusters(backend, k, n_init, max_iter, t
         assert torch.equal(a.labels, b.labels) and a.n_iter == int(b.n_iter) and a.inertia == float(b.inertia)
         assert a.converged == bool(b.converged) and (a.converged or a.n_iter == max_iter)
         assert torch.equal(a.labels, c.labels) and a.n_iter == c.n_iter
+
+
+@pytest.mark.parametrize("sync, check_every, max_iter", [(True, 1, 300), (True, 4, 300), (True, 16, 7), (False, 1, 300),
+                                                         (False, 1, 21)])
+def test_lloyd_chunks_through_loop_graphs(sync, check_every, max_iter):
+    """The engine's graphed Lloyd loop (``LoopGraphs``, its static buffers exercised on the CPU with
+    ``emulate=True``) gives the eager loop's clusters: the same labels, iteration count and flag,
+    including a max_iter that is not a multiple of the chunk (7 with chunks of 16, 21 with 16) and
+    two restarts. Features of the same shapes reuse one graph; another grid records another."""
+    from lime_fast.graphs import LoopGraphs
+
+    graphs = LoopGraphs(emulate=True)
+    grids = [(32, 32), (32, 32), (17, 23)]
+    layouts = [[(40, 8, 8), (64, 4, 4)], [(40, 8, 8), (64, 4, 4)], [(30, 9, 11), (20, 5, 6)]]
+    for seed, (grid, layout) in enumerate(zip(grids, layouts)):
+        feats = clustered_features(grid, layout, seed=seed, n_regions=5, noise=0.4)
+        opts = dict(k=8, seed=seed, n_init=2, max_iter=max_iter, tol=0.0, sync=sync, check_every=check_every)
+        eager = seg._segment(feats, grid, **opts)
+        graphed = seg._segment(feats, grid, **opts, graphs=graphs)
+        assert torch.equal(eager.labels, graphed.labels)
+        assert int(eager.n_iter) == int(graphed.n_iter) <= max_iter
+        assert bool(eager.converged) == bool(graphed.converged)
+        # the same operations on static copies of the same values: centres equal up to rounding
+        torch.testing.assert_close(graphed.centroids, eager.centroids, atol=1e-6, rtol=1e-5)
+    assert graphs.num_graphs == 2 and graphs.stats.eager_calls == 0
+    chunk = check_every if sync else min(seg._CHUNK, max_iter)
+    if not sync:  # every chunk runs: ceil(max_iter / chunk) replays per restart, 2 restarts, 3 runs
+        assert graphs.stats.replays == 3 * 2 * -(-max_iter // chunk)
+
+
+def test_loop_graphs_copy_in_chain_and_stop():
+    """LoopGraphs' own contract, on a counting loop: replays chain through the static state, stop() ends
+    the run, the caller's tensors are copied in (never aliased) and a copy comes back; eager chains the
+    bodies' states."""
+    from lime_fast.graphs import LoopGraphs
+
+    def body(data, st):
+        return {"x": st["x"] + data["step"]}
+
+    def run(graphs, start, repeats, stop=None):
+        state = {"x": torch.tensor([start])}
+        out = graphs.run("count", body, {"step": torch.tensor([2])}, state, "cpu", repeats=repeats, stop=stop)
+        return state, out
+
+    graphed = LoopGraphs(emulate=True)
+    state, out = run(graphed, 1, 5)
+    static = next(iter(graphed._graphs.values())).state
+    assert int(out["x"]) == 11 and int(state["x"]) == 1 and out["x"] is not static["x"] and graphed.num_graphs == 1
+    state, out = run(graphed, 0, 100, stop=lambda st: int(st["x"]) >= 6)
+    assert int(out["x"]) == 6 and graphed.stats.replays == 5 + 3
+    state, out = run(LoopGraphs(enabled=False), 1, 5)
+    assert int(out["x"]) == 11 and int(state["x"]) == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("sync", [True, False])
+def test_lloyd_cuda_graphs_match_eager_on_the_device(sync):
+    """Real capture: the Lloyd chunk records as one CUDA graph (no op in it syncs or fails to capture),
+    its replays give the eager loop's clusters, and a second image of the same layout replays the same
+    graph."""
+    from lime_fast.graphs import LoopGraphs
+
+    graphs = LoopGraphs()
+    grid = (64, 64)
+    for seed in (0, 1):
+        feats = [m.cuda() for m in clustered_features(grid, SD_LIKE, seed=seed, n_regions=6, noise=0.4)]
+        opts = dict(k=8, seed=seed, max_iter=300, tol=1e-4, sync=sync, check_every=16)
+        eager = seg._segment(feats, grid, **opts)
+        graphed = seg._segment(feats, grid, **opts, graphs=graphs)
+        assert not graphs.stats.failed, graphs.stats.failed
+        assert torch.equal(eager.labels, graphed.labels) and int(eager.n_iter) == int(graphed.n_iter)
+    assert graphs.stats.captures == 1 and graphs.stats.replays >= 2
