@@ -40,6 +40,7 @@ import json
 import os
 import platform
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -84,7 +85,8 @@ STEPS = {
 # a machine start (1-2 minutes), a first call of the "first" plan and a shorter second one.
 PLANS = {
     "first": ["profile", "edit", "sdxl1024", "segment", "attention", "tests"],
-    "second": ["profile", "edit", "attention", "sdxl1024", "tests"],  # the first plan again, after fixes
+    # the first plan again after fixes; the segment step times the graphed k-means beside the eager one
+    "second": ["profile", "edit", "segment", "attention", "sdxl1024", "tests"],
     "modes": ["modes_eager", "tests_modes"],
     "compiled": ["compile_cost", "modes_compiled"],
     "all": ["tests", "profile", "attention", "edit", "edit_slow", "sdxl", "segment", "batch_runner", "refine", "tests_modes",
@@ -124,22 +126,29 @@ def ratio_lines(output: str) -> list[str]:
 
 
 def run_step(args: list[str], limit: int, env: dict | None = None) -> tuple[str, float, str]:
-    """Run a pytest step, or a script step (a benchmarks/*.py that is not a bench_ suite)."""
+    """Run a pytest step, or a script step (a benchmarks/*.py that is not a bench_ suite).
+
+    A step that outlasts ``limit`` gets SIGABRT first: the child's faulthandler (PYTHONFAULTHANDLER, and
+    pytest's own) prints every thread's Python stack to stderr, which lands in the log, so a stall shows
+    where it stalled (profile_edit outlasted its step twice on 2026-12-04 with nothing to show why)."""
     t0 = time.perf_counter()
     script = not Path(args[0]).name.startswith(("bench_", "test_"))
     cmd = [sys.executable, *args] if script else [sys.executable, "-m", "pytest", *args, "-p", "no:cacheprovider"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1", **(env or {})})
     try:
-        done = subprocess.run(
-            cmd,
-            cwd=ROOT, capture_output=True, text=True, timeout=limit,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
-        )
-        out = done.stdout + done.stderr
-        status = "ok" if done.returncode == 0 else f"FAILED (exit {done.returncode})"
-    except subprocess.TimeoutExpired as e:
-        out = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        out, err = proc.communicate(timeout=limit)
+        status = "ok" if proc.returncode == 0 else f"FAILED (exit {proc.returncode})"
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)
+        try:  # (retrying communicate loses no output)
+            out, err = proc.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
         status = f"TIMEOUT after {limit} s"
-    return status, time.perf_counter() - t0, out
+        err += f"\n[device_check: SIGABRT at the {limit} s limit; the stacks above show where each thread was]\n"
+    return status, time.perf_counter() - t0, out + err
 
 
 def step_lines(out: str) -> list[str]:

@@ -121,7 +121,10 @@ def _say(what: str, t0: float) -> None:
     print(f"  [{time.perf_counter() - t0:6.1f} s] {what}", flush=True)
 
 
-def measure(engine, image, mask, repeats: int = 3, phases=("syncs", "kernels")) -> dict:
+def measure(engine, image, mask, repeats: int = 3, phases=("syncs", "kernels"), out: dict | None = None,
+            save=lambda: None) -> dict:
+    """Fills ``out`` (returned) phase by phase, calling ``save()`` after each: a run stopped in a later
+    phase keeps the earlier ones."""
     kw = dict(progress=False, mask=mask)
     began = time.perf_counter()
     engine.edit(image, INSTRUCTION, **kw)  # warm-up: graphs, autotuning, caches
@@ -137,19 +140,18 @@ def measure(engine, image, mask, repeats: int = 3, phases=("syncs", "kernels")) 
     r, evals = results[best]
     stages = {k: round(v, 5) for k, v in r.timings.items() if k != "total"}
     wall = walls[best]
-    out = {
-        "wall_s": round(wall, 5),
-        "stages_s": stages,
-        "host_s": round(wall - sum(stages.values()), 5),
-        "unet_evals": evals,
-    }
+    out = {} if out is None else out
+    out.update(wall_s=round(wall, 5), stages_s=stages, host_s=round(wall - sum(stages.values()), 5),
+               unet_evals=evals, syncs={}, profile={})
+    save()
     _say(f"{repeats} timed edits: best {wall * 1e3:.1f} ms", began)
-    out["syncs"], out["profile"] = {}, {}
     if "syncs" in phases:
         out["syncs"] = _syncs(_Phases(engine), lambda: engine.edit(image, INSTRUCTION, **kw))
+        save()
         _say(f"host syncs counted: {out['syncs']}", began)
     if "kernels" in phases:
         out["profile"] = _profile(lambda: engine.edit(image, INSTRUCTION, **kw))
+        save()
         _say("kernel profile", began)
     return out
 
@@ -187,12 +189,14 @@ def main(argv=None) -> int:
         "size": size,
         "edits": {},
     }
-    for name, m in (("automatic RoI", None), ("user mask", mask)):
-        report["edits"][name] = measure(engine, image, m, args.repeats,
-                                        phases=[p for p in ("syncs", "kernels") if p not in args.skip])
-        print(table({"edits": {name: report["edits"][name]}})[-1], flush=True)  # as soon as it is measured
+    def save():
         if args.json:
             Path(args.json).write_text(json.dumps(report, indent=1))
+
+    for name, m in (("automatic RoI", None), ("user mask", mask)):
+        measure(engine, image, m, args.repeats, phases=[p for p in ("syncs", "kernels") if p not in args.skip],
+                out=report["edits"].setdefault(name, {}), save=save)
+        print(table({"edits": {name: report["edits"][name]}})[-1], flush=True)  # as soon as it is measured
     print("\n".join(table(report)))
     for name, m in report["edits"].items():
         for k in m["profile"].get("top_kernels", [])[:15]:
