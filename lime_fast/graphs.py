@@ -212,10 +212,15 @@ class LoopGraphs(_GraphCache):
     of the static state. ``key`` names what else the body's code depends on (constants it closes over).
     Eager (graphs off, the CPU without ``emulate``, a tensor that requires grad, a failed capture): the
     bodies chain on the caller's tensors, ``state = body(data, state)``, and the last state is returned.
+
+    Each entry keeps static copies of its data (the k-means' features: ~100 MB for SD 1.5 at 512 x 512),
+    so at most ``max_entries`` are kept, the least recently used dropped first: a service that sees many
+    picture sizes re-records (one warm-up and one capture) instead of holding a copy per size.
     """
 
-    def __init__(self, *, enabled: bool = True, emulate: bool = False, warmup: int = 1):
+    def __init__(self, *, enabled: bool = True, emulate: bool = False, warmup: int = 1, max_entries: int = 4):
         super().__init__(enabled=enabled, emulate=emulate, warmup=warmup)
+        self.max_entries = max_entries
 
     def run(self, key, body, data, state, device, *, repeats: int, stop=None):
         needs_grad = any(isinstance(t, torch.Tensor) and t.requires_grad for t in tree_leaves((data, state)))
@@ -224,8 +229,12 @@ class LoopGraphs(_GraphCache):
             return _loop(body, data, state, repeats, stop)
         key = (key, tree_signature(data), tree_signature(state))
         with self._lock:
-            entry = self._graphs.get(key)
-            if entry is None and key not in self.stats.failed:
+            entry = self._graphs.pop(key, None)  # (re-inserted below: the dict's order is the LRU order)
+            if entry is not None:
+                self._graphs[key] = entry
+            elif key not in self.stats.failed:
+                while len(self._graphs) >= self.max_entries:
+                    self._graphs.pop(next(iter(self._graphs)))
                 new = _LoopEntry(None, _clone(data), _clone(state))
                 entry = self._record(key, new, lambda: _copy_into(new.state, body(new.data, new.state)), device,
                                      f"a loop chunk ({key[0]})")

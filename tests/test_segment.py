@@ -508,6 +508,13 @@ def test_loop_graphs_copy_in_chain_and_stop():
     assert int(out["x"]) == 11 and int(state["x"]) == 1 and out["x"] is not static["x"] and graphed.num_graphs == 1
     state, out = run(graphed, 0, 100, stop=lambda st: int(st["x"]) >= 6)
     assert int(out["x"]) == 6 and graphed.stats.replays == 5 + 3
+    # at most max_entries kept, least recently used dropped first
+    small = LoopGraphs(emulate=True, max_entries=2)
+    for shape in [(1,), (2,), (1,), (3,), (1,)]:
+        out = small.run("count", body, {"step": torch.full(shape, 2)}, {"x": torch.zeros(shape, dtype=torch.long)}, "cpu",
+                        repeats=3)
+        assert out["x"].shape == shape and bool((out["x"] == 6).all())
+    assert [k[1][0][0] for k in small._graphs] == [(3,), (1,)]
     state, out = run(LoopGraphs(enabled=False), 1, 5)
     assert int(out["x"]) == 11 and int(state["x"]) == 1
 
