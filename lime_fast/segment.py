@@ -408,7 +408,7 @@ def _assign(space, c):
     return labels, (best + space.sqnorms).clamp_min_(0)
 
 
-def _update(space, onehot, labels, dist, counts):
+def _update(space, onehot, dist, counts):
     """Centres as means of their members, after relocating points into empty clusters (see module doc).
 
     Without a host sync: the j-th empty cluster (ascending) takes the j-th farthest point (descending
@@ -417,10 +417,11 @@ def _update(space, onehot, labels, dist, counts):
     empty = counts == 0
     far = torch.sort(dist, descending=True, stable=True).indices[:k]
     src = far.gather(0, (torch.cumsum(empty.long(), 0) - 1).clamp_min(0))  # [k]: the point cluster j would take
-    w = empty.to(onehot.dtype)
-    onehot = onehot.clone()
-    onehot.index_put_((labels[src], src), -w, accumulate=True)
-    onehot.index_put_((torch.arange(k, device=onehot.device), src), w, accumulate=True)
+    # moves[j, p] = 1 where empty cluster j takes point p (distinct points, as they are distinct ranks):
+    # that point's column becomes moves' column. Dense arithmetic on [k, P] rather than two accumulating
+    # index_put_ calls, each a sort of its indices on CUDA: fewer kernels, the same 0 / 1 values.
+    moves = torch.zeros_like(onehot).scatter_(1, src[:, None], empty.to(onehot.dtype)[:, None])
+    onehot = onehot * (1.0 - moves.sum(0)) + moves
     counts = onehot.sum(1)
     return space.combine(onehot / counts.clamp_min(1)[:, None])
 
@@ -522,7 +523,7 @@ def _lloyd_step(space, st: dict, k: int, cols, tol_abs, limit) -> dict:
     onehot = torch.zeros(k, space.n, device=space.device)
     onehot[labels, cols] = 1.0
     counts = onehot.sum(1)  # (torch.bincount would synchronise on CUDA)
-    new = _update(space, onehot, labels, dist, counts)
+    new = _update(space, onehot, dist, counts)
     scores = _scores(space, new)
     strict = (labels == labels_old).all() & started
     step = ~done & (st["it"] < limit)  # this iteration counts
