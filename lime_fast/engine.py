@@ -41,7 +41,7 @@ from .graphs import LoopGraphs, PassGraphs, compiled, graphed_forward
 from .inputs import EditInputs
 from .localize import heatmaps, normalized, roi_from_segments
 from .refine import RefineCache
-from .models import load_error, local_checkpoint, model_location, pixel_multiple, resolve_device, shipped
+from .models import load_error, local_checkpoint, model_location, pixel_multiple, resolve_device, shipped, to_device
 from .results import EditResult
 from .sampling import PassPlan, draw_noise, is_ancestral, make_scheduler, run_pass, stepper_of
 from .segment import _segment
@@ -357,9 +357,7 @@ class LimeEngine:
         shape = (enc.batch, self.vae.config.latent_channels, int(h), int(w))
         count = cfg.steps if is_ancestral(self.scheduler) else 0
         init, noise = draw_noise(gens, shape, count, self.dtype)
-        if self.device.type == "cuda":
-            init, noise = init.pin_memory(), noise.pin_memory()
-        return init.to(self.device, non_blocking=True), noise.to(self.device, non_blocking=True)
+        return to_device(init, self.device), to_device(noise, self.device)
 
     def _run(self, plan: PassPlan, enc: Encoded, noise, roi_grid=None, seeds=None, cfg=None, progress=True,
              stop=None) -> dict:
@@ -489,8 +487,8 @@ class LimeEngine:
         cfg = self.vae.config
         latents = latents.to(self.vae.dtype)
         if getattr(cfg, "latents_mean", None) is not None and getattr(cfg, "latents_std", None) is not None:
-            mean = torch.tensor(cfg.latents_mean).view(1, -1, 1, 1).to(latents.device, latents.dtype)
-            std = torch.tensor(cfg.latents_std).view(1, -1, 1, 1).to(latents.device, latents.dtype)
+            mean = to_device(torch.tensor(cfg.latents_mean, dtype=latents.dtype).view(1, -1, 1, 1), latents.device)
+            std = to_device(torch.tensor(cfg.latents_std, dtype=latents.dtype).view(1, -1, 1, 1), latents.device)
             latents = latents * std / cfg.scaling_factor + mean
         else:
             latents = latents / cfg.scaling_factor

@@ -313,3 +313,16 @@ def resolve_device(device=None):
     elif dev.type not in ("cpu", "mps", "xpu"):
         raise ValueError(f"device {device!r}: lime_fast runs on cpu or cuda")
     return dev
+
+
+def to_device(t, device):
+    """CPU tensor ``t`` on ``device`` without waiting for the GPU: on CUDA through pinned memory and an
+    asynchronous copy. A copy from pageable memory first waits for all queued GPU work, so one made behind
+    a queued pass (the k-means' random draws, SDXL's latent statistics before the decode) would hold the
+    host until that pass ends instead of letting it queue the next stage."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)

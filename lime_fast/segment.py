@@ -81,6 +81,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from .models import to_device
+
 __all__ = ["KMeansResult", "kmeans", "segment", "upsample", "BACKENDS"]
 
 BACKENDS = ("native", "materialized", "cuml")
@@ -360,16 +362,17 @@ class KMeansResult:
 
 
 def _draws(gen: torch.Generator, n: int, k: int, n_init: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every random number k-means++ uses, drawn up front on the CPU and copied to ``device`` at once:
-    (first centre index [n_init] long, candidate uniforms [n_init, k - 1, trials] fp64), in the order the
-    draws are consumed (per restart: the first centre, then each later centre's trials)."""
+    """Every random number k-means++ uses, drawn up front on the CPU and copied to ``device`` at once,
+    without waiting for queued GPU work (``to_device``): (first centre index [n_init] long, candidate
+    uniforms [n_init, k - 1, trials] fp64), in the order the draws are consumed (per restart: the first
+    centre, then each later centre's trials)."""
     trials = 2 + int(math.log(k))
     firsts, unis = [], []
     for _ in range(n_init):
         firsts.append(torch.randint(n, (1,), generator=gen))
         unis.append(torch.stack([torch.rand(trials, generator=gen, dtype=torch.float64) for _ in range(k - 1)])
                     if k > 1 else torch.zeros(0, trials, dtype=torch.float64))
-    return torch.cat(firsts).to(device), torch.stack(unis).to(device)
+    return to_device(torch.cat(firsts), device), to_device(torch.stack(unis), device)
 
 
 def _pick(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

@@ -419,3 +419,25 @@ def test_every_bounded_field_accepts_its_bound_and_refuses_past_it(field, at, pa
         EditConfig(**{field: past})
     with pytest.raises(ValueError, match="top_k=17 exceeds"):
         EditConfig(grid_size=4, top_k=17)
+
+
+def test_decode_applies_a_vaes_latent_statistics(engine):
+    """A VAE whose config carries per-channel latent statistics (latents_mean / latents_std) decodes
+    latents * std / scaling_factor + mean (the statistics reach the device through ``to_device``);
+    without them, latents / scaling_factor."""
+    vae = engine.vae
+    c = vae.config.latent_channels
+    lat = torch.randn(2, c, 8, 8, generator=torch.Generator().manual_seed(3))
+    plain = engine.decode(lat)
+    expected = (vae.decode(lat / vae.config.scaling_factor, return_dict=False)[0].float() / 2 + 0.5).clamp(0, 1)
+    torch.testing.assert_close(plain, expected)
+    mean, std = [0.1 * (i + 1) for i in range(c)], [1.0 + 0.5 * i for i in range(c)]
+    vae.register_to_config(latents_mean=mean, latents_std=std)
+    try:
+        shifted = engine.decode(lat)
+    finally:
+        vae.register_to_config(latents_mean=None, latents_std=None)
+    z = lat * torch.tensor(std).view(1, -1, 1, 1) / vae.config.scaling_factor + torch.tensor(mean).view(1, -1, 1, 1)
+    expected = (vae.decode(z, return_dict=False)[0].float() / 2 + 0.5).clamp(0, 1)
+    torch.testing.assert_close(shifted, expected)
+    assert (shifted - plain).abs().max() > 1e-3  # the statistics changed the picture
