@@ -221,7 +221,8 @@ class EngineOptions:
         signature of ``lime_fast.kernels.reference.regularized_attention_ref`` that replaces
         cross-attention (``benchmarks/release.py`` passes the reference release's pattern this way).
     use_cuda_graphs: run each denoising pass as one CUDA graph, recorded once per ``PassPlan`` and
-        replayed after (``lime_fast.graphs``); None: on for CUDA. Ignored on the CPU.
+        replayed after, and the k-means' Lloyd iterations as replays of one graph per layout
+        (``lime_fast.graphs``); None: on for CUDA. Ignored on the CPU.
     compile: ``torch.compile`` the UNet's forward (True: inductor, default mode; an inductor mode name
         such as "max-autotune-no-cudagraphs"; another string names a dynamo backend, e.g. "aot_eager";
         ``lime_fast.graphs.compile_options``). The first edit per shape pays the compilation.
