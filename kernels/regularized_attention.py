@@ -17,8 +17,9 @@ Design
 ------
 * Grid ``(cdiv(N, BLOCK_M), B * cdiv(H, HEADS))``: axis 0 walks query blocks so that consecutive
   programs share one (b, h) and its keys/values stay hot in L2. HEADS (heads per program) is 1 by
-  default; 2 and 4 are autotuning candidates (all heads of a query tile in fewer programs; not yet
-  timed on a GPU, 2026-12-02) and capture always uses 1.
+  default; more (all heads of a query tile in fewer programs) is a launcher option
+  (``heads_per_program``) that lost to one head at every SD 1.5 shape on an H200 (RESULTS), so the
+  autotuner no longer times it; capture always uses 1.
 * Without capture, each program runs one head: an online softmax over key blocks of BLOCK_N (full
   blocks unmasked, one masked tail block only when ``T % BLOCK_N != 0``), or a plain one-shot softmax
   when all keys fit in one block (T <= BLOCK_N, e.g. CLIP's 77 keys in a 128 block).
@@ -422,8 +423,8 @@ def _regularized_attention_fwd(
             h_hi = tl.where(captured, H, off_h + 1)
             probs_sum = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         else:
-            # Several heads of one query block per program (an autotuning candidate, not the
-            # default): fewer programs, the RoI row and keep reduction shared, and in diffusers'
+            # Several heads of one query block per program (a launcher option, not the default):
+            # fewer programs, the RoI row and keep reduction shared, and in diffusers'
             # [B, N, H, D] memory the heads' rows of a query lie side by side, so later heads find
             # them in cache.
             h_lo = off_h
@@ -611,9 +612,9 @@ def _tune_key(BH: int, N: int, T: int, D: int, dtype: torch.dtype, capture: bool
 
 
 def _candidates(T: int, D: int, heuristic: dict) -> list[dict]:
-    """Block shapes worth timing for fp16/bf16 without capture (about 10 per key, each also with 2 and
-    4 heads per program and, where the head dim splits, with two head-dim slices: ~30-50 launches of
-    ~25 ms of timing each, once per key)."""
+    """Block shapes worth timing for fp16/bf16 without capture (about 10 per key, each also with two
+    head-dim slices where the head dim splits: ~12-24 compilations, and launches of ~25 ms of timing
+    each, once per key)."""
     BLOCK_D = max(16, _next_pow2(D))
     T2 = max(16, _next_pow2(T))
     out = [heuristic]
@@ -626,13 +627,11 @@ def _candidates(T: int, D: int, heuristic: dict) -> list[dict]:
                 cfg = dict(BLOCK_M=m, BLOCK_N=bn, BLOCK_D=BLOCK_D, num_warps=w, num_stages=1 if bn >= T else 2)
                 if cfg not in out:
                     out.append(cfg)
-    # Several heads per program (all heads of a query tile in one program; unmeasured on a GPU when
-    # written, 2026-12-02, so only a candidate): each shape above with 2 and 4 heads. A split head dim
-    # (fewer columns and registers: ptxas spills at D = 160 vanish, RESULTS; untimed, so a candidate too):
-    # each shape above with one head per program.
+    # Not timed: 2 and 4 heads per program (they never won at SD 1.5's shapes on an H200, 2026-12-04, and
+    # each one is another compilation on a fresh machine). Timed: a split head dim (fewer columns and
+    # registers; ptxas's spills at D = 160 vanish, RESULTS; untimed on a GPU yet), each shape above.
     split = _split_head_dim(D)
-    splits = [dict(c, BLOCK_D=split[0], BLOCK_D2=split[1]) for c in out] if split else []
-    return out + [dict(c, HEADS=h) for h in (2, 4) for c in out] + splits
+    return out + ([dict(c, BLOCK_D=split[0], BLOCK_D2=split[1]) for c in out] if split else [])
 
 
 def _tuned_config(BH: int, N: int, T: int, D: int, dtype: torch.dtype, capture: bool, heuristic: dict, launch) -> dict:

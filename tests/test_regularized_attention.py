@@ -265,7 +265,7 @@ def test_every_autotune_candidate_is_correct(D):
     roi, keep = make_masks(N, T, ["random", "keep_last"])
     cands = _candidates(T, D, _pick_config(N, T, D, False, torch.float16))
     assert len(cands) >= 4 and {c["BLOCK_N"] for c in cands} >= {32, 64, 128}
-    assert {c.get("HEADS", 1) for c in cands} == {1, 2, 4}
+    assert {c.get("HEADS", 1) for c in cands} == {1}  # several heads per program: an option, not timed
     assert {c.get("BLOCK_D2", 0) for c in cands} == {0, 16 if D == 40 else 32}
     for cfg in cands:
         out, _ = run(q, k, v, roi, keep, block_m=cfg["BLOCK_M"], block_n=cfg["BLOCK_N"],
