@@ -111,6 +111,20 @@ def run_backend(name, maps, **kw):
     raise ValueError(name)
 
 
+def kernels_per_lloyd_iteration(maps) -> float:
+    """CUDA kernels one eager Lloyd iteration launches (torch.profiler): the difference between 24 and 8
+    iterations run without early exit (``sync=False``), over 16, so setup and k-means++ cancel out."""
+    from torch.profiler import ProfilerActivity, profile
+
+    counts = []
+    for iters in (8, 24):
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            seg._segment(maps, GRID, k=K, seed=SEED, sync=False, max_iter=iters)
+            sync()
+        counts.append(sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA))
+    return (counts[1] - counts[0]) / 16
+
+
 def adjusted_rand_index(a: torch.Tensor, b: torch.Tensor) -> float:
     """Agreement of two labelings up to relabelling (1 = same partition)."""
     ka, kb = int(a.max()) + 1, int(b.max()) + 1
@@ -228,7 +242,8 @@ def summary(request):
     if "engine_eager" in RESULTS and "engine_graphed" in RESULTS:
         e, g = RESULTS["engine_eager"], RESULTS["engine_graphed"]
         lines.append(f"engine_graphed / engine_eager: time {g['mean'] / e['mean']:.4f} ({e['mean'] / g['mean']:.2f}x faster), "
-                     f"min {g['min'] * 1e3:.1f} vs {e['min'] * 1e3:.1f} ms")
+                     f"min {g['min'] * 1e3:.1f} vs {e['min'] * 1e3:.1f} ms; one eager Lloyd iteration launches "
+                     f"{e['kernels_per_iteration']:.1f} CUDA kernels (torch.profiler)")
     if sink is not None:
         sink.extend(line for line in lines if line.startswith(("native /", "engine_graphed /")))
     text = "\n".join(lines)
@@ -265,6 +280,8 @@ def test_segment_backend(benchmark, maps, name):
     benchmark.pedantic(target, rounds=rounds, iterations=1, warmup_rounds=warmup)
     timed = times[warmup:]
     RESULTS[name] = dict(mean=sum(timed) / len(timed), min=min(timed), peak=peak, labels=labels[-1])
+    if name == "engine_eager":
+        RESULTS[name]["kernels_per_iteration"] = kernels_per_lloyd_iteration(maps)
     benchmark.extra_info.update(peak_memory_bytes=peak, device=DEVICE)
 
 
