@@ -786,8 +786,8 @@ def regularized_attention_launch(
         if int(heads_per_program) < 1:
             raise ValueError(f"regularized_attention: heads_per_program must be >= 1, got {heads_per_program}")
         cfg["HEADS"] = int(heads_per_program)
-    if split_head_dim and _split_head_dim(D):
-        cfg["BLOCK_D"], cfg["BLOCK_D2"] = _split_head_dim(D)
+    if split_head_dim and (split := _split_head_dim(D)):
+        cfg["BLOCK_D"], cfg["BLOCK_D2"] = split
     if block_m is None and block_n is None and heads_per_program is None and split_head_dim is None:
         cfg = _tuned_config(B * H, N, T, D, q.dtype, capture_on, cfg, launch)
     launch(cfg)

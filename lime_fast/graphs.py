@@ -17,8 +17,9 @@ before the next replay). A plan whose capture fails runs eagerly from then on (w
 ``GraphedUNet`` is the per-call variant for ``accelerate(pipe)``, where lime_fast does not own the
 sampling loop: one graph per UNet input signature, called exactly like ``unet(...)``.
 
-``LoopGraphs`` graphs a chunk of a loop whose body updates its state in place (the segmentation's
-Lloyd iterations): recorded once per key and shape, replayed until the loop is done. Launch-bound
+``LoopGraphs`` graphs a chunk of a loop whose body returns its new state (the segmentation's Lloyd
+iterations): recorded once per key and shape, the state copied back into the graph's own buffers, and
+replayed until the loop is done. Launch-bound
 loops of small kernels are what graphs are for: one Lloyd iteration issues ~85 kernels through ~180
 dispatched operators, and each kernel is a few microseconds of device work.
 

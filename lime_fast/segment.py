@@ -81,6 +81,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from .graphs import LoopGraphs
 from .models import to_device
 
 __all__ = ["KMeansResult", "kmeans", "segment", "upsample", "BACKENDS"]
@@ -471,6 +472,7 @@ def _lloyd(space, k: int, *, seed: int, n_init: int, max_iter: int, tol: float, 
 
 # Lloyd iterations per graph replay when the host never reads the convergence flag (sync=False).
 _CHUNK = 16
+_NO_GRAPHS = LoopGraphs(enabled=False)  # the same loop, run eagerly, when the caller passes no graphs
 
 
 def _lloyd_single(space, c, k: int, max_iter: int, tol_abs: torch.Tensor, sync: bool = True, check_every: int = 1,
@@ -498,13 +500,9 @@ def _lloyd_single(space, c, k: int, max_iter: int, tol_abs: torch.Tensor, sync: 
         return st
 
     stop = (lambda st: bool(st["done"])) if sync else None
-    state, repeats = _lloyd_start(space, c), -(-max_iter // chunk)
-    if graphs is None:
-        from .graphs import _loop
-
-        state = _loop(body, data, state, repeats, stop)
-    else:
-        state = graphs.run(("lloyd", k, chunk), body, data, state, space.device, repeats=repeats, stop=stop)
+    runner = graphs if graphs is not None else _NO_GRAPHS
+    state = runner.run(("lloyd", k, chunk), body, data, _lloyd_start(space, c), space.device,
+                       repeats=-(-max_iter // chunk), stop=stop)
     done = state["done"] | (state["shift"] <= tol_abs) if max_iter > 0 else state["done"]
     return state["labels"], state["dist"], state["c"], state["n_iter"], done
 
